@@ -1,0 +1,1 @@
+"""Flower ClientApp: train the assigned block on this node's data."""

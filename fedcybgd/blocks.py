@@ -1,0 +1,79 @@
+"""Split a causal LM into trainable blocks of consecutive decoder layers.
+
+The decoder layer list is found by structure (a `ModuleList` at a known attribute path), never by
+model name, so any Llama-, GPT-2- or GPT-NeoX-shaped model works. Everything that is not a decoder
+layer (embeddings, final norm, `lm_head`) is the *head*: frozen, or one more block by option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+# Attribute paths of the decoder layer list, by structure family.
+LAYER_PATHS = {
+    "model.layers": "Llama family (Llama, Qwen2, Mistral, SmolLM, ...)",
+    "transformer.h": "GPT-2 family",
+    "gpt_neox.layers": "GPT-NeoX family (Pythia, ...)",
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The model has no decoder layer list at any supported path."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """One unit of training: its index and the parameter names it owns (in model order)."""
+
+    index: int
+    names: tuple[str, ...]
+    layers: tuple[int, ...]  # decoder layer indices; empty for the head block
+
+
+def find_layer_path(model: nn.Module) -> str:
+    """Attribute path of the model's decoder `ModuleList`, e.g. `model.layers`."""
+    for path in LAYER_PATHS:
+        module: object = model
+        for attr in path.split("."):
+            module = getattr(module, attr, None)
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return path
+    supported = "; ".join(f"{p} ({family})" for p, family in LAYER_PATHS.items())
+    raise UnsupportedModelError(
+        f"{type(model).__name__} has no decoder layer list at a supported path. "
+        f"Supported structures: {supported}."
+    )
+
+
+def partition_blocks(model: nn.Module, layers_per_block: int, train_head: bool = False) -> list[Block]:
+    """Group the decoder layers into blocks of `layers_per_block` (the last may be shorter).
+
+    With `train_head`, the non-layer parameters form one extra block at the end.
+    Tied parameters appear once (under their first name), as in `named_parameters()`.
+    """
+    path = find_layer_path(model)
+    num_layers = len(model.get_submodule(path))
+    if layers_per_block < 1:
+        raise ValueError(f"model.layers_per_block must be >= 1, got {layers_per_block}")
+    if layers_per_block > num_layers:
+        raise ValueError(
+            f"model.layers_per_block={layers_per_block} exceeds the model's {num_layers} layers"
+        )
+    by_layer: dict[int, list[str]] = {i: [] for i in range(num_layers)}
+    head: list[str] = []
+    prefix = path + "."
+    for name, _ in model.named_parameters():
+        if name.startswith(prefix):
+            by_layer[int(name[len(prefix):].split(".", 1)[0])].append(name)
+        else:
+            head.append(name)
+    blocks = []
+    for start in range(0, num_layers, layers_per_block):
+        layers = tuple(range(start, min(start + layers_per_block, num_layers)))
+        names = tuple(n for i in layers for n in by_layer[i])
+        blocks.append(Block(index=len(blocks), names=names, layers=layers))
+    if train_head:
+        blocks.append(Block(index=len(blocks), names=tuple(head), layers=()))
+    return blocks

@@ -1,0 +1,158 @@
+"""Every knob of a run: typed, named and documented once, here.
+
+The dataclasses are the schema and the defaults. The YAML tree in `conf/` only selects and
+overrides values per group (model, data, algorithm, train). `compose` merges both with the user's
+Hydra overrides, so an unknown key or a value of the wrong type fails at once, naming the key.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+ALLOCATIONS = ("ascending", "descending", "random")
+PARTITIONERS = ("iid", "dirichlet")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    # `smollm2-135m-instruct` (packaged, offline), `tiny-llama`/`tiny-gpt2`/`tiny-neox`
+    # (random, for tests), a local Hugging Face model directory, or a hub id in the local HF cache.
+    name: str = "smollm2-135m-instruct"
+    # Consecutive decoder layers per block; the last block may be shorter.
+    layers_per_block: int = 1
+    # Train embeddings, final norm and lm_head as one more block (frozen otherwise, as the paper).
+    train_head: bool = False
+
+
+@dataclass
+class DataConfig:
+    # A local .jsonl/.json/.csv/.parquet file (Alpaca-style `instruction`/`input`/`output`, or
+    # chat-style `messages`), or a hub dataset id where reachable. Unset: the packaged English
+    # chatterbot-corpus Q/A pairs.
+    path: str | None = None
+    # Fraction of the examples the server keeps for held-out evaluation; no client trains on it.
+    heldout_fraction: float = 0.1
+    # How the remaining examples are split over clients: `iid` or `dirichlet`.
+    partitioner: str = "iid"
+    # Dirichlet concentration (smaller = more skewed), and the column whose values it skews.
+    dirichlet_alpha: float = 0.5
+    partition_by: str = "category"
+    # Use at most this many examples in all (null: all); applied before the held-out split.
+    max_examples: int | None = None
+    seed: int = 42
+
+
+@dataclass
+class TrainConfig:
+    # Optimizer steps per client visit (one fresh AdamW per visit, on the block only).
+    local_steps: int = 10
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    # Longer examples are truncated (their response tokens past this are not trained on).
+    max_seq_len: int = 128
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "fedcybgd"
+    # Block order over the visits: `ascending`, `descending`, or `random` (a fresh permutation
+    # of all blocks per cycle).
+    allocation: str = "ascending"
+    # Rounds wait until this many nodes are connected.
+    min_nodes: int = 1
+    # Seconds to wait for a round's replies before the round counts as failed.
+    round_timeout: float = 3600.0
+
+
+@dataclass
+class EvalConfig:
+    # Evaluate held-out loss every N rounds (and always at round 0 and at the end).
+    every: int = 10
+    batch_size: int = 8
+    # Cap on held-out examples evaluated (null: all of the held-out split).
+    max_examples: int | None = 200
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    rounds: int = 30
+    seed: int = 0
+    # Where metrics, plots and the final model go (null: outputs/<algorithm>-<time> in the cwd).
+    output_dir: str | None = None
+
+
+def _register_schema() -> None:
+    ConfigStore.instance().store(name="fedcybgd_schema", node=RunConfig)
+
+
+def compose(config_name: str = "config", overrides: str | list[str] = "") -> RunConfig:
+    """Compose `conf/<config_name>.yaml` with Hydra overrides and return the checked config."""
+    if isinstance(overrides, str):
+        overrides = shlex.split(overrides)
+    _register_schema()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+        run_config: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except Exception as err:  # Hydra and OmegaConf raise many types; all mean bad config
+        cause = f" ({err.__cause__})".replace("\n", " ") if err.__cause__ else ""
+        raise ConfigError(f"invalid configuration: {err}{cause}") from err
+    check(run_config)
+    return run_config
+
+
+def check(cfg: RunConfig) -> None:
+    """Range checks that types alone cannot express; raises ConfigError naming the key."""
+    rules = [
+        (cfg.rounds >= 1, "rounds", "must be >= 1"),
+        (cfg.model.layers_per_block >= 1, "model.layers_per_block", "must be >= 1"),
+        (cfg.algorithm.allocation in ALLOCATIONS, "algorithm.allocation", f"must be one of {ALLOCATIONS}"),
+        (cfg.algorithm.name == "fedcybgd", "algorithm.name", "must be 'fedcybgd'"),
+        (cfg.algorithm.min_nodes >= 1, "algorithm.min_nodes", "must be >= 1"),
+        (cfg.algorithm.round_timeout > 0, "algorithm.round_timeout", "must be > 0"),
+        (cfg.data.partitioner in PARTITIONERS, "data.partitioner", f"must be one of {PARTITIONERS}"),
+        (0 < cfg.data.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)"),
+        (cfg.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0"),
+        (cfg.data.max_examples is None or cfg.data.max_examples > 0, "data.max_examples", "must be > 0"),
+        (cfg.train.local_steps >= 1, "train.local_steps", "must be >= 1"),
+        (cfg.train.lr > 0, "train.lr", "must be > 0"),
+        (cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
+        (cfg.train.max_seq_len >= 8, "train.max_seq_len", "must be >= 8"),
+        (cfg.eval.every >= 1, "eval.every", "must be >= 1"),
+        (cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1"),
+    ]
+    bad = [f"{key}={_value(cfg, key)!r} {why}" for ok, key, why in rules if not ok]
+    if bad:
+        raise ConfigError("invalid configuration: " + "; ".join(bad))
+
+
+def _value(cfg: RunConfig, dotted: str) -> object:
+    value: object = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

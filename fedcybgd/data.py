@@ -1,0 +1,235 @@
+"""Instruction data: load, hold out, partition, tokenize, batch.
+
+Every source is normalised to one `datasets.Dataset` with a `messages` column (a chat whose last
+message is the assistant's response) and a `category` column (for non-IID splits). Tokenization
+renders the chat with the tokenizer's own template; only the response tokens carry a loss.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from datasets import Dataset, load_dataset
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+from transformers import PreTrainedTokenizerBase
+
+from fedcybgd.config import DataConfig
+
+IGNORE_INDEX = -100
+_FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """The data cannot be loaded or is unusable (empty, wrong columns, ...)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized training example: the ids and the labels (prompt positions ignored)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def load_examples(cfg: DataConfig, path: str | None = None) -> Dataset:
+    """All examples of the configured source (`path` overrides `cfg.path`, e.g. a node's file)."""
+    source = path if path is not None else cfg.path
+    if source is None:
+        ds = _chatterbot()
+    else:
+        ds = _normalise(_load_source(source), source)
+    if cfg.max_examples is not None and len(ds) > cfg.max_examples:
+        ds = ds.shuffle(seed=cfg.seed).select(range(cfg.max_examples))
+    if len(ds) == 0:
+        raise DataError(f"data source {source or 'chatterbot-corpus'!r} has no usable examples")
+    return ds
+
+
+def split_heldout(ds: Dataset, cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """(train, held-out): the same split on the server and on every client, by seed."""
+    if len(ds) < 2:
+        raise DataError(f"{len(ds)} example(s) cannot be split into train and held-out")
+    parts = ds.train_test_split(test_size=cfg.heldout_fraction, seed=cfg.seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def load_partition(train: Dataset, partition_id: int, num_partitions: int, cfg: DataConfig) -> Dataset:
+    """This client's share of the training examples, through flwr-datasets' partitioners."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    if num_partitions > len(train):
+        raise DataError(
+            f"partition {partition_id} of {num_partitions} is empty: only {len(train)} training "
+            "examples for that many clients"
+        )
+    if cfg.partitioner == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    else:
+        if cfg.partition_by not in train.column_names:
+            raise DataError(
+                f"data.partition_by={cfg.partition_by!r} is not a column of the data "
+                f"(columns: {train.column_names})"
+            )
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions, partition_by=cfg.partition_by,
+            alpha=cfg.dirichlet_alpha, min_partition_size=1, seed=cfg.seed,
+        )
+    partitioner.dataset = train
+    part = partitioner.load_partition(partition_id)
+    if len(part) == 0:
+        raise DataError(f"partition {partition_id} of {num_partitions} is empty")
+    return part
+
+
+def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> list[Example]:
+    """Render each chat with the tokenizer's template; labels only on the response tokens.
+
+    Examples whose response is truncated away entirely are dropped; none left is an error.
+    """
+    examples = []
+    for messages in ds["messages"]:
+        prompt = _template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+        full = _template_ids(tokenizer, messages, add_generation_prompt=False)
+        if full[: len(prompt)] != prompt:
+            raise DataError("the chat template renders the prompt differently inside the full chat")
+        full = full[:max_seq_len]
+        labels = [IGNORE_INDEX] * len(prompt) + full[len(prompt):]
+        labels = labels[: len(full)]
+        if any(label != IGNORE_INDEX for label in labels):
+            examples.append(Example(input_ids=full, labels=labels))
+    if not examples:
+        raise DataError(
+            f"no example keeps a response token within train.max_seq_len={max_seq_len}"
+        )
+    return examples
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (IGNORE_INDEX on padding)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def train_batches(examples: list[Example], batch_size: int, pad_id: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches: a new permutation each pass over the examples."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            yield collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+
+
+def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    return [collate(examples[i:i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
+
+
+def _template_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    rendered = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def _chatterbot() -> Dataset:
+    """English chatterbot-corpus: the first two strings of each conversation as (Q, A).
+
+    The ~80 conversations with more strings mix alternative answers and further turns; we keep
+    only the first answer so every example is a clean single-turn pair.
+    """
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or spec.origin is None:
+        raise DataError("the default data needs the package chatterbot-corpus (pip install chatterbot-corpus)")
+    rows = []
+    for path in sorted(glob.glob(str(Path(spec.origin).parent / "data" / "english" / "*.yml"))):
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+        for conv in doc.get("conversations") or []:
+            if isinstance(conv, list) and len(conv) >= 2 and all(isinstance(s, str) for s in conv[:2]):
+                rows.append({"messages": _pair(conv[0], conv[1]), "category": Path(path).stem})
+    return Dataset.from_list(rows)
+
+
+def _load_source(source: str) -> Dataset:
+    path = Path(source).expanduser()
+    if path.suffix.lower() in _FILE_LOADERS:
+        if not path.is_file():
+            raise DataError(f"data file {source!r} does not exist or is not a file")
+        if path.stat().st_size == 0:
+            raise DataError(f"data file {source!r} is empty")
+        try:
+            return load_dataset(_FILE_LOADERS[path.suffix.lower()], data_files=str(path), split="train")
+        except Exception as err:  # datasets raises many parser-specific types
+            raise DataError(f"cannot read data file {source!r}: {type(err).__name__}: {err}") from err
+    if path.exists():
+        raise DataError(f"data file {source!r} must end in one of {sorted(_FILE_LOADERS)}")
+    try:
+        return load_dataset(source, split="train")
+    except Exception as err:
+        raise DataError(
+            f"data.path={source!r} is neither a local data file nor a dataset reachable "
+            f"offline ({type(err).__name__}: {err})"
+        ) from err
+
+
+def _normalise(ds: Dataset, source: str) -> Dataset:
+    cols = set(ds.column_names)
+    category = ds["category"] if "category" in cols else ["all"] * len(ds)
+    if "messages" in cols:
+        rows = [{"messages": _check_chat(m, source, i), "category": str(c)}
+                for i, (m, c) in enumerate(zip(ds["messages"], category))]
+    elif {"instruction", "output"} <= cols:
+        inputs = ds["input"] if "input" in cols else [""] * len(ds)
+        rows = []
+        for instruction, extra, output, c in zip(ds["instruction"], inputs, ds["output"], category):
+            instruction, extra, output = _text(instruction), _text(extra), _text(output)
+            prompt = instruction if not extra else f"{instruction}\n\n{extra}"
+            if prompt and output:
+                rows.append({"messages": _pair(prompt, output), "category": str(c)})
+    else:
+        raise DataError(
+            f"data {source!r} has columns {sorted(cols)}; expected Alpaca-style "
+            "(instruction, input, output) or chat-style (messages)"
+        )
+    return Dataset.from_list(rows) if rows else Dataset.from_dict({"messages": [], "category": []})
+
+
+def _check_chat(messages: object, source: str, index: int) -> list[dict[str, str]]:
+    ok = (
+        isinstance(messages, list) and len(messages) >= 2
+        and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages)
+        and messages[-1]["role"] == "assistant"
+    )
+    if not ok:
+        raise DataError(
+            f"{source!r} record {index}: `messages` must be a list of >= 2 {{role, content}} "
+            "dicts ending with an assistant message"
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _text(value: object) -> str:
+    """A cell as text: CSV readers turn numbers into ints and empty cells into None or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def _pair(question: str, answer: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]

@@ -1,0 +1,54 @@
+"""Peak memory of a stretch of work, measured (never estimated).
+
+On CUDA: the allocator's peak. On CPU, where torch keeps no allocator statistics: the peak
+resident set size of this process, sampled every few milliseconds while the work runs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import TracebackType
+
+import torch
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+class PeakMemory:
+    """`with PeakMemory(device) as peak: ...` then `peak.bytes`."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.005) -> None:
+        self.device = device
+        self.interval_s = interval_s
+        self.bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.bytes = current_rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.bytes = max(self.bytes, current_rss_bytes())
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.device.type == "cuda":
+            self.bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()
+            self.bytes = max(self.bytes, current_rss_bytes())

@@ -1,0 +1,96 @@
+"""Run outputs: metrics.jsonl (a line per round), summary.json, plots, and a terminal table.
+
+Files are written to a temporary name and renamed, so a crash never leaves half a file behind;
+metrics.jsonl is appended and flushed line by line so a running job can be followed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class RunReport:
+    """Collects one row per round and writes the run's report files into `out_dir`."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+        (out_dir / METRICS_FILE).write_text("", encoding="utf-8")
+
+    def add_round(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def write_summary(self, summary: dict) -> None:
+        write_atomic(self.out_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+
+    def write_plots(self, initial_eval_loss: float) -> list[Path]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [0] + [r["round"] for r in self.rows]
+        evals = [(0, initial_eval_loss)] + [(r["round"], r["eval_loss"]) for r in self.rows
+                                            if r["eval_loss"] is not None]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r for r, _ in evals], [l for _, l in evals], marker="o")
+        ax.set(xlabel="round", ylabel="held-out loss", title="Held-out loss")
+        ax.grid(alpha=0.3)
+        paths = [self._save(fig, "eval_loss.png")]
+
+        down, up, total_down, total_up = [0.0], [0.0], 0, 0
+        for r in self.rows:
+            total_down += r["bytes_down"]
+            total_up += r["bytes_up"]
+            down.append(total_down / 1e6)
+            up.append(total_up / 1e6)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(rounds, down, label="down (server to clients)")
+        ax.plot(rounds, up, label="up (clients to server)")
+        ax.set(xlabel="round", ylabel="cumulative MB", title="Bytes sent")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        paths.append(self._save(fig, "bytes.png"))
+        plt.close("all")
+        return paths
+
+    def _save(self, fig: object, name: str) -> Path:
+        path = self.out_dir / name
+        tmp = path.with_name(f".{name}.tmp.png")
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")  # type: ignore[attr-defined]
+        os.replace(tmp, path)
+        return path
+
+
+def summary_table(summary: dict) -> str:
+    """A short human-readable table of a run's summary."""
+    mb = 1e6
+    rows = [
+        ("algorithm", summary["algorithm"]),
+        ("model", summary["model"]),
+        ("rounds", summary["rounds"]),
+        ("held-out loss", f"{summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}"),
+        ("bytes down / up", f"{summary['total_bytes_down'] / mb:,.1f} MB / {summary['total_bytes_up'] / mb:,.1f} MB"),
+        ("full model / mean block", f"{summary['full_model_bytes'] / mb:,.1f} MB / "
+                                    f"{sum(summary['block_bytes']) / len(summary['block_bytes']) / mb:,.2f} MB"),
+        ("rejected replies", summary["rejected_replies"]),
+        ("wall time", f"{summary['wall_seconds']:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

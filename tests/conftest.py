@@ -1,0 +1,40 @@
+"""Shared fixtures: offline caches per test session, Flower's task identity, a fake Grid."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tiny models are generated into a per-session cache; HF and matplotlib caches too."""
+    root = tmp_path_factory.mktemp("caches")
+    os.environ["FEDCYBGD_CACHE"] = str(root / "fedcybgd")
+    os.environ["HF_HOME"] = str(root / "hf")
+    os.environ["MPLCONFIGDIR"] = str(root / "mpl")
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """flwr 1.42 reads TaskIdentity when building an instruction Message outside a runtime.
+
+    This touches private attributes, so it lives here and nowhere else.
+    """
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture
+def out_dir(tmp_path: Path) -> Path:
+    return tmp_path / "out"

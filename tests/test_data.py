@@ -1,0 +1,114 @@
+import json
+
+import pytest
+
+from fedcybgd import models
+from fedcybgd.config import DataConfig
+from fedcybgd.data import (
+    IGNORE_INDEX, DataError, collate, load_examples, load_partition, split_heldout, tokenize,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return models.load_tokenizer(str(models.resolve_model_dir("tiny-llama")))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_default_data_is_the_packaged_chatterbot_corpus():
+    ds = load_examples(DataConfig())
+    assert len(ds) > 2000
+    assert ds[0]["messages"][-1]["role"] == "assistant"
+    assert len(set(ds["category"])) > 10
+
+
+def test_alpaca_and_chat_style_files(tmp_path):
+    alpaca = write_jsonl(tmp_path / "a.jsonl", [
+        {"instruction": "Add", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say hi", "input": "", "output": "hi"},
+    ])
+    ds = load_examples(DataConfig(path=alpaca))
+    assert ds[0]["messages"] == [{"role": "user", "content": "Add\n\n2 and 3"},
+                                 {"role": "assistant", "content": "5"}]
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"}]}])
+    assert load_examples(DataConfig(path=chat))[0]["messages"][0]["role"] == "system"
+    csv = tmp_path / "a.csv"
+    csv.write_text("instruction,input,output\nAdd,1 and 1,2\n")
+    assert len(load_examples(DataConfig(path=str(csv)))) == 1
+
+
+@pytest.mark.parametrize("content, match", [
+    ("", "is empty"),
+    ('{"instruction": "", "output": ""}\n', "no usable examples"),
+    ('{"question": "q", "answer": "a"}\n', "expected Alpaca-style"),
+    ('{"messages": [{"role": "user", "content": "q"}]}\n', "must be a list of >= 2"),
+])
+def test_bad_files_fail_clearly(tmp_path, content, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=match):
+        load_examples(DataConfig(path=str(path)))
+
+
+def test_missing_file_and_unreachable_hub_id():
+    with pytest.raises(DataError, match="does not exist"):
+        load_examples(DataConfig(path="/nonexistent/data.jsonl"))
+    with pytest.raises(DataError, match="neither a local data file nor a dataset reachable offline"):
+        load_examples(DataConfig(path="nobody/no-such-dataset"))
+
+
+def test_heldout_is_disjoint_and_the_same_everywhere():
+    cfg = DataConfig(max_examples=300)
+    train, heldout = split_heldout(load_examples(cfg), cfg)
+    train2, heldout2 = split_heldout(load_examples(cfg), cfg)
+    assert len(heldout) == 30 and heldout["messages"] == heldout2["messages"]
+    assert train["messages"] == train2["messages"]
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
+def test_partitions_cover_the_training_split(partitioner):
+    cfg = DataConfig(max_examples=400, partitioner=partitioner)
+    train, _ = split_heldout(load_examples(cfg), cfg)
+    sizes = [len(load_partition(train, i, 3, cfg)) for i in range(3)]
+    assert sum(sizes) == len(train) and min(sizes) > 0
+
+
+def test_empty_partition_and_bad_partition_column():
+    cfg = DataConfig(max_examples=4)
+    train, _ = split_heldout(load_examples(cfg), cfg)
+    with pytest.raises(DataError, match="partition 4 of 5 is empty: only 3 training examples"):
+        load_partition(train, 4, 5, cfg)
+    with pytest.raises(DataError, match="data.partition_by='nope'"):
+        load_partition(train, 0, 2, DataConfig(partitioner="dirichlet", partition_by="nope"))
+
+
+def test_loss_only_on_response_tokens(tokenizer):
+    cfg = DataConfig(max_examples=20)
+    ds = load_examples(cfg)
+    examples = tokenize(ds, tokenizer, max_seq_len=512)
+    for example, messages in zip(examples, ds["messages"]):
+        response = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+        assert tokenizer.decode(response) == messages[-1]["content"] + "<|end|>"
+        first = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+        assert all(label == IGNORE_INDEX for label in example.labels[:first])
+
+
+def test_truncation_drops_examples_without_response_and_fails_when_none_left(tokenizer):
+    ds = load_examples(DataConfig(max_examples=50))
+    assert all(len(e.input_ids) <= 40 for e in tokenize(ds, tokenizer, max_seq_len=40))
+    with pytest.raises(DataError, match="no example keeps a response token"):
+        tokenize(ds, tokenizer, max_seq_len=8)
+
+
+def test_collate_pads_right_and_masks_padding(tokenizer):
+    examples = tokenize(load_examples(DataConfig(max_examples=4)), tokenizer, 512)
+    batch = collate(examples, tokenizer.pad_token_id)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert lengths == [len(e.input_ids) for e in examples]
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
