@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP      := $(VENV)/.installed
 DEMO_OUT   ?= $(CURDIR)/outputs/demo
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast bench-comm clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,3 +32,7 @@ test-fast: setup
 
 clean:
 	rm -rf $(VENV) outputs
+
+# Download compression: one full cycle, 3 clients, each policy; table + outputs/bench/comm.json.
+bench-comm: setup
+	$(PY) -m scripts.bench_comm

@@ -1,7 +1,9 @@
-"""ClientApp: unpack the instruction, rebuild the model, train the block, reply with the block.
+"""ClientApp: merge the download into the node's cache, rebuild the model, train the block, reply.
 
 Node-local facts come from `node_config`: `partition-id`/`num-partitions` (simulation),
-`data-path` (a node's own data file), `device` (`auto`, `cpu`, `cuda`, `cuda:1`, ...).
+`data-path` (a node's own data file), `device` (`auto`, `cpu`, `cuda`, `cuda:1`, ...),
+`cache-dir` (where this node keeps its frozen copy; default under ~/.cache/fedcybgd), and
+`base-model` (a local path or hub id of the base model this node already has).
 """
 
 from __future__ import annotations
@@ -9,15 +11,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from functools import lru_cache
+from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcybgd import codec, data, models
+from fedcybgd import codec, data, models, protocol
+from fedcybgd.client_cache import ClientCache, Holding, digest
+from fedcybgd.compression import DENSE
 from fedcybgd.config import DataConfig
-from fedcybgd.protocol import (
-    BLOCK, CONFIG, FROZEN, METRICS, TrainInstruction, VisitMetrics, reply_echo,
-)
+from fedcybgd.protocol import BLOCK, CONFIG, FROZEN, METRICS, TrainInstruction, VisitMetrics
 from fedcybgd.train import pick_device, train_params
 
 app = ClientApp()
@@ -26,11 +29,12 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     instruction = TrainInstruction.from_record(msg.content.config_records[CONFIG])
-    tensors = codec.decode_record(msg.content.array_records[FROZEN])
-    tensors.update(codec.decode_record(msg.content.array_records[BLOCK]))
+    cache = ClientCache(_cache_dir(context))
+    cache.store(_received(msg.content, instruction))
+    tensors = cache.load(list(instruction.manifest))  # CacheMissError: never train on stale weights
 
-    model = _skeleton(instruction.model_spec)
-    models.load_tensors(model, tensors)
+    model, layer_map = models.build_skeleton(instruction.model_spec, instruction.dropped_layers)
+    models.load_tensors(model, {layer_map.to_local(n): t for n, t in tensors.items()})
     del tensors
 
     model_dir = str(models.resolve_model_dir(instruction.model_name))
@@ -40,28 +44,61 @@ def train(msg: Message, context: Context) -> Message:
     batches = data.train_batches(examples, instruction.train.batch_size, tokenizer.pad_token_id,
                                  seed=instruction.seed)
     device = pick_device(str(context.node_config.get("device", "auto")))
-    result = train_params(model, list(instruction.block_names), batches, instruction.train, device)
+    local_names = [layer_map.to_local(n) for n in instruction.block_names]
+    result = train_params(model, local_names, batches, instruction.train, device)
 
     params = dict(model.named_parameters())
-    block = ArrayRecord({name: codec.encode_tensor(params[name].detach().to("cpu"))
-                         for name in instruction.block_names})
+    trained = {name: params[layer_map.to_local(name)].detach().to("cpu") for name in instruction.block_names}
+    new_version = instruction.block_version + 1
+    cache.store({Holding(name, new_version, DENSE.key): {"v": t} for name, t in trained.items()})
     metrics = VisitMetrics(
         train_loss=result.train_loss, num_examples=len(examples), samples_seen=result.samples_seen,
         steps=result.steps, seconds=result.seconds, peak_mem_bytes=result.peak_mem_bytes,
     )
     return Message(RecordDict({
-        BLOCK: block,
+        BLOCK: ArrayRecord({name: codec.encode_tensor(t) for name, t in trained.items()}),
         METRICS: metrics.to_record(),
-        CONFIG: reply_echo(instruction.block, instruction.block_version),
+        CONFIG: protocol.reply_echo(instruction.block, instruction.block_version, digest(cache.holdings())),
     }), reply_to=msg)
 
 
-# Simulation reuses one process for many visits: keep what does not change between them.
-@lru_cache(maxsize=1)
-def _skeleton(model_spec: str):
-    return models.build_skeleton(model_spec)
+@app.query()
+def holdings(msg: Message, context: Context) -> Message:
+    """Tell the server what this node's cache holds (seeding it from a local base model first)."""
+    cache = ClientCache(_cache_dir(context))
+    base = context.node_config.get("base-model")
+    if base:
+        _seed_from_base(cache, str(base), protocol.parse_holdings_query(msg.content))
+    return Message(protocol.holdings_reply(cache.holdings()), reply_to=msg)
 
 
+def _received(content: RecordDict, instruction: TrainInstruction) -> dict[Holding, dict]:
+    """The download as cache entries: frozen parts, and the block's dense tensors."""
+    received = protocol.decode_parts(content.array_records[FROZEN], instruction.manifest)
+    by_name = {h.name: h for h in instruction.manifest}
+    for name, array in content.array_records[BLOCK].items():
+        received[by_name[name]] = {"v": codec.decode_array(array)}
+    return received
+
+
+def _seed_from_base(cache: ClientCache, base: str, base_hashes: dict[str, str]) -> None:
+    """Store, as version 0, every base-model tensor that is bit-identical to the server's."""
+    held = {h.name for h in cache.holdings()}
+    model = models.load_pretrained(models.resolve_model_dir(base))
+    cache.store({
+        Holding(name, 0, DENSE.key): {"v": tensor}
+        for name, tensor in models.named_tensors(model).items()
+        if name not in held and base_hashes.get(name) == protocol.tensor_sha256(tensor)
+    })
+
+
+def _cache_dir(context: Context) -> Path:
+    if "cache-dir" in context.node_config:
+        return Path(str(context.node_config["cache-dir"])).expanduser() / f"run-{context.run_id}"
+    return models.default_cache_dir() / "client-cache" / f"run-{context.run_id}" / f"node-{context.node_id}"
+
+
+# Simulation reuses one process for many visits: keep the tokenized data between them.
 @lru_cache(maxsize=2)
 def _cached_examples(data_json: str, data_path: str | None, partition: tuple[int, int] | None,
                      model_dir: str, max_seq_len: int) -> list[data.Example]:
@@ -69,9 +106,9 @@ def _cached_examples(data_json: str, data_path: str | None, partition: tuple[int
     if data_path is not None:
         ds = data.load_examples(cfg, path=data_path)
     else:
-        train, _ = data.split_heldout(data.load_examples(cfg), cfg)
+        train_split, _ = data.split_heldout(data.load_examples(cfg), cfg)
         assert partition is not None
-        ds = data.load_partition(train, partition[0], partition[1], cfg)
+        ds = data.load_partition(train_split, partition[0], partition[1], cfg)
     return data.tokenize(ds, models.load_tokenizer(model_dir), max_seq_len)
 
 

@@ -47,6 +47,13 @@ def find_layer_path(model: nn.Module) -> str:
     )
 
 
+def layer_index(name: str, prefix: str) -> int | None:
+    """Decoder layer a parameter belongs to (`prefix` like "model.layers."), None for the head."""
+    if not name.startswith(prefix):
+        return None
+    return int(name[len(prefix):].split(".", 1)[0])
+
+
 def partition_blocks(model: nn.Module, layers_per_block: int, train_head: bool = False) -> list[Block]:
     """Group the decoder layers into blocks of `layers_per_block` (the last may be shorter).
 
@@ -63,12 +70,12 @@ def partition_blocks(model: nn.Module, layers_per_block: int, train_head: bool =
         )
     by_layer: dict[int, list[str]] = {i: [] for i in range(num_layers)}
     head: list[str] = []
-    prefix = path + "."
     for name, _ in model.named_parameters():
-        if name.startswith(prefix):
-            by_layer[int(name[len(prefix):].split(".", 1)[0])].append(name)
-        else:
+        index = layer_index(name, path + ".")
+        if index is None:
             head.append(name)
+        else:
+            by_layer[index].append(name)
     blocks = []
     for start in range(0, num_layers, layers_per_block):
         layers = tuple(range(start, min(start + layers_per_block, num_layers)))
@@ -77,3 +84,51 @@ def partition_blocks(model: nn.Module, layers_per_block: int, train_head: bool =
     if train_head:
         blocks.append(Block(index=len(blocks), names=tuple(head), layers=()))
     return blocks
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Parameter names in a model that keeps only some decoder layers, renumbered 0..k-1.
+
+    The wire and the server always use the full model's (global) names; the client's smaller
+    model uses local ones.
+    """
+
+    prefix: str  # e.g. "model.layers."
+    kept: tuple[int, ...]
+
+    def to_local(self, name: str) -> str:
+        return self._renumber(name, {g: l for l, g in enumerate(self.kept)})
+
+    def to_global(self, name: str) -> str:
+        return self._renumber(name, dict(enumerate(self.kept)))
+
+    def _renumber(self, name: str, mapping: dict[int, int]) -> str:
+        index = layer_index(name, self.prefix)
+        if index is None:
+            return name
+        rest = name[len(self.prefix):].split(".", 1)[1]
+        return f"{self.prefix}{mapping[index]}.{rest}"
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What the server needs to know of a model's structure to schedule and package it."""
+
+    blocks: tuple[Block, ...]
+    layer_prefix: str  # e.g. "model.layers."
+    num_layers: int
+    matrices: frozenset[str]  # parameters with >= 2 dims (the only ones compression touches)
+
+    def block_of(self) -> dict[str, int]:
+        return {name: b.index for b in self.blocks for name in b.names}
+
+
+def describe(model: nn.Module, layers_per_block: int, train_head: bool = False) -> ModelLayout:
+    path = find_layer_path(model)
+    return ModelLayout(
+        blocks=tuple(partition_blocks(model, layers_per_block, train_head)),
+        layer_prefix=path + ".",
+        num_layers=len(model.get_submodule(path)),
+        matrices=frozenset(n for n, p in model.named_parameters() if p.dim() >= 2),
+    )

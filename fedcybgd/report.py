@@ -87,6 +87,8 @@ def summary_table(summary: dict) -> str:
         ("rounds", summary["rounds"]),
         ("held-out loss", f"{summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}"),
         ("bytes down / up", f"{summary['total_bytes_down'] / mb:,.1f} MB / {summary['total_bytes_up'] / mb:,.1f} MB"),
+        ("download vs Fed-full", f"{summary['download_ratio_vs_fedfull']:.1%}"
+                                 if summary["download_ratio_vs_fedfull"] is not None else "-"),
         ("full model / mean block", f"{summary['full_model_bytes'] / mb:,.1f} MB / "
                                     f"{sum(summary['block_bytes']) / len(summary['block_bytes']) / mb:,.2f} MB"),
         ("rejected replies", summary["rejected_replies"]),

@@ -19,7 +19,8 @@ from flwr.serverapp import Grid, ServerApp
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedcybgd import codec, data, models
-from fedcybgd.blocks import Block, partition_blocks
+from fedcybgd.blocks import ModelLayout, describe
+from fedcybgd.protocol import tensor_sha256
 from fedcybgd.config import RunConfig, compose, to_yaml
 from fedcybgd.report import RunReport, summary_table, write_atomic
 from fedcybgd.train import evaluate_loss, pick_device
@@ -40,7 +41,7 @@ class ServerSetup:
     model_dir: Path
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    blocks: list[Block]
+    layout: ModelLayout
     train_data: data.Dataset
     eval_batches: list[dict]
 
@@ -50,13 +51,13 @@ def prepare(cfg: RunConfig) -> ServerSetup:
     model_dir = models.resolve_model_dir(cfg.model.name)
     model = models.load_pretrained(model_dir)
     tokenizer = models.load_tokenizer(str(model_dir))
-    blocks = partition_blocks(model, cfg.model.layers_per_block, cfg.model.train_head)
+    layout = describe(model, cfg.model.layers_per_block, cfg.model.train_head)
     train_data, heldout = data.split_heldout(data.load_examples(cfg.data), cfg.data)
     if cfg.eval.max_examples is not None:
         heldout = heldout.select(range(min(cfg.eval.max_examples, len(heldout))))
     eval_examples = data.tokenize(heldout, tokenizer, cfg.train.max_seq_len)
     eval_batches = data.eval_batches(eval_examples, cfg.eval.batch_size, tokenizer.pad_token_id)
-    return ServerSetup(model_dir, model, tokenizer, blocks, train_data, eval_batches)
+    return ServerSetup(model_dir, model, tokenizer, layout, train_data, eval_batches)
 
 
 def run(grid: Grid, cfg: RunConfig) -> Path:
@@ -69,18 +70,22 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
     write_atomic(out_dir / "config.yaml", to_yaml(cfg))
     device = pick_device()
 
+    initial_tensors = models.named_tensors(setup.model)
     strategy = CyclicBlockStrategy(
-        setup.blocks, model_name=str(setup.model_dir), model_spec=models.model_spec(setup.model),
-        train=cfg.train, data=cfg.data, allocation=cfg.algorithm.allocation,
-        min_nodes=cfg.algorithm.min_nodes, seed=cfg.seed,
+        setup.layout, model_name=str(setup.model_dir), model_spec=models.model_spec(setup.model),
+        train=cfg.train, data=cfg.data, compression=cfg.compression,
+        base_hashes={name: tensor_sha256(t) for name, t in initial_tensors.items()},
+        allocation=cfg.algorithm.allocation, min_nodes=cfg.algorithm.min_nodes,
+        round_timeout=cfg.algorithm.round_timeout, seed=cfg.seed,
     )
     nodes = strategy.connected_nodes(grid)
     for partition_id in range(len(nodes)):  # fail now, not in round k, if a partition is empty
         data.load_partition(setup.train_data, partition_id, len(nodes), cfg.data)
     log(INFO, "[fedcybgd] %s: %d blocks of %d layer(s), %d nodes, output %s",
-        cfg.model.name, len(setup.blocks), cfg.model.layers_per_block, len(nodes), out_dir)
+        cfg.model.name, len(setup.layout.blocks), cfg.model.layers_per_block, len(nodes), out_dir)
 
-    initial = codec.encode_tensors(models.named_tensors(setup.model))
+    initial = codec.encode_tensors(initial_tensors)
+    full_model_bytes = sum(len(a.data) for a in initial.values())
     evals: dict[int, float] = {}
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -101,18 +106,26 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
     final_arrays = result.arrays if len(result.arrays) else initial
     models.load_tensors(setup.model, codec.decode_record(final_arrays))
     _save_final(setup, out_dir / "final")
+    visits = sum(len(r["assignments"]) for r in report.rows)
+    total_down = sum(r["bytes_down"] for r in report.rows)
     summary = {
         "algorithm": cfg.algorithm.name,
         "model": cfg.model.name,
         "rounds": cfg.rounds,
         "allocation": cfg.algorithm.allocation,
-        "num_blocks": len(setup.blocks),
+        "compression": asdict(cfg.compression),
+        "num_blocks": len(setup.layout.blocks),
         "initial_eval_loss": evals[0],
         "final_eval_loss": evals[cfg.rounds],
-        "total_bytes_down": sum(r["bytes_down"] for r in report.rows),
+        "total_bytes_down": total_down,
+        "total_bytes_down_block": sum(r["bytes_down_block"] for r in report.rows),
+        "total_bytes_down_frozen": sum(r["bytes_down_frozen"] for r in report.rows),
         "total_bytes_up": sum(r["bytes_up"] for r in report.rows),
-        "full_model_bytes": sum(len(a.data) for a in initial.values()),
-        "block_bytes": [sum(len(initial[n].data) for n in b.names) for b in setup.blocks],
+        "full_model_bytes": full_model_bytes,
+        # Fed-full would send the whole uncompressed model to every client visit.
+        "download_ratio_vs_fedfull": total_down / (full_model_bytes * visits) if visits else None,
+        "block_bytes": [sum(len(initial[n].data) for n in b.names) for b in setup.layout.blocks],
+        "compressed_tensors_computed": strategy.packager.encode_count,
         "samples_seen": sum(r["samples_seen"] for r in report.rows),
         "rejected_replies": sum(len(r["rejected"]) for r in report.rows),
         "wall_seconds": time.perf_counter() - wall_start,
@@ -140,5 +153,6 @@ def _round_line(row: dict, num_rounds: int) -> str:
     eval_loss = "" if row["eval_loss"] is None else f" | eval loss {row['eval_loss']:.4f}"
     rejected = f" | rejected {len(row['rejected'])}" if row["rejected"] else ""
     return (f"round {row['round']}/{num_rounds} | {visits} | train loss {loss} | "
-            f"down {row['bytes_down'] / 1e6:.2f} MB | up {row['bytes_up'] / 1e6:.3f} MB | "
+            f"down {row['bytes_down'] / 1e6:.2f} MB (block {row['bytes_down_block'] / 1e6:.2f}, "
+            f"frozen {row['bytes_down_frozen'] / 1e6:.2f}) | up {row['bytes_up'] / 1e6:.3f} MB | "
             f"{row['round_seconds']:.1f} s{eval_loss}{rejected}")

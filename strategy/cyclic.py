@@ -1,7 +1,8 @@
 """FedCyBGD as a Flower strategy: schedule, package, validate, merge, in that order.
 
 The strategy holds the run's global state: the global `ArrayRecord` (updated in place, block by
-block), each block's version, the stable node order, and the statistics of each round.
+block), each block's version, the stable node order, what every node holds (in its `Packager`),
+and the statistics of each round.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedcybgd.blocks import Block
-from fedcybgd.config import DataConfig, TrainConfig
-from fedcybgd.protocol import BLOCK, METRICS, TrainInstruction, VisitMetrics, record_bytes
-from strategy import packaging, schedule
+from fedcybgd import protocol
+from fedcybgd.blocks import Block, ModelLayout
+from fedcybgd.config import CompressionConfig, DataConfig, TrainConfig
+from fedcybgd.protocol import BLOCK, CONFIG, FROZEN, METRICS, TrainInstruction, VisitMetrics, record_bytes
+from strategy import schedule
+from strategy.packaging import Packager, VisitPlan
 from strategy.validation import reply_problem
 
 
@@ -29,10 +32,12 @@ class RoundStats:
     """What happened in one round, as written to metrics.jsonl."""
 
     round: int
-    assignments: list[dict] = field(default_factory=list)  # {node_id, block, bytes_down, ...}
+    assignments: list[dict] = field(default_factory=list)  # {node_id, block, visit, bytes_down, ...}
     rejected: list[dict] = field(default_factory=list)  # {node_id, reason}
     train_loss: float | None = None
-    bytes_down: int = 0
+    bytes_down: int = 0  # everything sent: block + frozen + config records, holdings queries
+    bytes_down_block: int = 0
+    bytes_down_frozen: int = 0
     bytes_up: int = 0
     samples_seen: int = 0
     client_seconds: float = 0.0
@@ -43,39 +48,57 @@ class RoundStats:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class _Visit:
+    assignment: schedule.Assignment
+    plan: VisitPlan
+    entry: dict  # this visit's row in RoundStats.assignments
+
+
 class CyclicBlockStrategy(Strategy):
     """One client per round trains one block of the global model; its reply overwrites it."""
 
     def __init__(
         self,
-        blocks: list[Block],
+        layout: ModelLayout,
         *,
         model_name: str,
         model_spec: str,
         train: TrainConfig,
         data: DataConfig,
+        compression: CompressionConfig,
+        base_hashes: dict[str, str],
         allocation: str = "ascending",
         min_nodes: int = 1,
+        round_timeout: float = 3600.0,
         seed: int = 0,
     ) -> None:
-        self.blocks = blocks
+        self.blocks: list[Block] = list(layout.blocks)
         self.model_name = model_name
         self.model_spec = model_spec
         self.train = train
         self.data = data
+        self.compression = compression
+        self.base_hashes = base_hashes
         self.allocation = allocation
         self.min_nodes = min_nodes
+        self.round_timeout = round_timeout
         self.seed = seed
-        self.block_versions = [0] * len(blocks)
+        self.packager = Packager(self.blocks, layout.layer_prefix, layout.num_layers,
+                                 set(layout.matrices), compression, seed)
+        self.block_versions = [0] * len(self.blocks)
         self.node_order: list[int] = []
+        self.visits: dict[int, int] = {}
         self.rounds: dict[int, RoundStats] = {}
+        self._block_of = layout.block_of()
         self._global: ArrayRecord | None = None
-        self._pending: dict[int, schedule.Assignment] = {}
+        self._pending: dict[int, _Visit] = {}
         self._round_start = 0.0
 
     def summary(self) -> None:
         log(INFO, "\t├── FedCyBGD: %d blocks, allocation %s, min nodes %d",
             len(self.blocks), self.allocation, self.min_nodes)
+        log(INFO, "\t├── compression %s", self.compression)
         log(INFO, "\t└── local steps %d, lr %g, batch %d", self.train.local_steps,
             self.train.lr, self.train.batch_size)
 
@@ -88,6 +111,13 @@ class CyclicBlockStrategy(Strategy):
         online = set(connected)
         return [n for n in self.node_order if n in online]
 
+    def tensor_versions(self) -> dict[str, int]:
+        """Current version of every tensor: its block's version; 0 for the frozen head."""
+        assert self._global is not None
+        return {name: self.block_versions[self._block_of[name]] if name in self._block_of else 0
+                for name in self._global.keys()}
+
+    # -- train ----------------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -97,24 +127,56 @@ class CyclicBlockStrategy(Strategy):
         assignments = schedule.assign(
             server_round, self.connected_nodes(grid), len(self.blocks), self.allocation, self.seed
         )
+        self._sync_holdings(grid, [a.node_id for a in assignments if not self.packager.knows(a.node_id)], stats)
+        versions = self.tensor_versions()
         self._pending = {}
         messages = []
         for a in assignments:
             block = self.blocks[a.block]
-            content = packaging.train_content(arrays, block, self._instruction(server_round, block))
-            down = record_bytes(content)
-            stats.bytes_down += down
-            stats.assignments.append({"node_id": a.node_id, "block": a.block, "bytes_down": down})
-            self._pending[a.node_id] = a
+            plan = self.packager.plan(a.node_id, block, versions, server_round)
+            content = self.packager.content(arrays, plan, self._instruction(server_round, block, plan))
+            self.visits[a.node_id] = self.visits.get(a.node_id, 0) + 1
+            entry = {"node_id": a.node_id, "block": a.block, "visit": self.visits[a.node_id],
+                     "bytes_down": record_bytes(content),
+                     "bytes_down_block": content[BLOCK].count_bytes(),
+                     "bytes_down_frozen": content[FROZEN].count_bytes(),
+                     "dropped_layers": list(plan.dropped_layers)}
+            stats.assignments.append(entry)
+            stats.bytes_down += entry["bytes_down"]
+            stats.bytes_down_block += entry["bytes_down_block"]
+            stats.bytes_down_frozen += entry["bytes_down_frozen"]
+            self._pending[a.node_id] = _Visit(a, plan, entry)
             messages.append(Message(content, dst_node_id=a.node_id, message_type=MessageType.TRAIN))
         return messages
 
-    def _instruction(self, server_round: int, block: Block) -> TrainInstruction:
+    def _sync_holdings(self, grid: Grid, node_ids: list[int], stats: RoundStats) -> None:
+        """Ask nodes whose cache state is unknown what they hold (first contact, after a failure)."""
+        if not node_ids:
+            return
+        queries = [Message(protocol.holdings_query(self.base_hashes), dst_node_id=n,
+                           message_type=MessageType.QUERY) for n in node_ids]
+        stats.bytes_down += sum(record_bytes(q.content) for q in queries)
+        answered = set()
+        for reply in grid.send_and_receive(queries, timeout=self.round_timeout):
+            node_id = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "Node %d did not say what it holds (%s): sending it everything",
+                    node_id, reply.error.reason)
+                continue
+            stats.bytes_up += record_bytes(reply.content)
+            self.packager.set_holdings(node_id, protocol.parse_holdings_reply(reply.content))
+            answered.add(node_id)
+        for node_id in set(node_ids) - answered:
+            self.packager.set_holdings(node_id, [])
+
+    def _instruction(self, server_round: int, block: Block, plan: VisitPlan) -> TrainInstruction:
         return TrainInstruction(
             round=server_round,
             block=block.index,
             block_version=self.block_versions[block.index],
             block_names=block.names,
+            manifest=plan.manifest,
+            dropped_layers=plan.dropped_layers,
             model_name=self.model_name,
             model_spec=self.model_spec,
             train=self.train,
@@ -128,32 +190,29 @@ class CyclicBlockStrategy(Strategy):
         assert self._global is not None, "configure_train must run first"
         stats = self.rounds[server_round]
         losses: list[tuple[float, int]] = []
-        merged = False
         for reply in replies:
             node_id = reply.metadata.src_node_id
-            assignment = self._pending.pop(node_id, None)
-            if assignment is None:
+            visit = self._pending.pop(node_id, None)
+            if visit is None:
                 self._reject(stats, node_id, "reply from a node with no assignment this round")
                 continue
             if reply.has_content():
-                stats.bytes_up += record_bytes(reply.content)
-            block = self.blocks[assignment.block]
+                visit.entry["bytes_up"] = record_bytes(reply.content)
+                stats.bytes_up += visit.entry["bytes_up"]
+            block = self.blocks[visit.assignment.block]
             expected = ArrayRecord({name: self._global[name] for name in block.names})
             problem = reply_problem(reply, expected, block.index, self.block_versions[block.index])
             if problem:
                 self._reject(stats, node_id, problem)
                 continue
             self._merge(block, reply.content.array_records[BLOCK])
-            merged = True
+            self._confirm_cache(node_id, visit, block, str(reply.content[CONFIG]["cache-digest"]))
             metrics = VisitMetrics.from_record(reply.content.metric_records[METRICS])
             losses.append((metrics.train_loss, metrics.samples_seen))
             stats.samples_seen += metrics.samples_seen
             stats.client_seconds = max(stats.client_seconds, metrics.seconds)
             stats.client_peak_mem_bytes = max(stats.client_peak_mem_bytes, metrics.peak_mem_bytes)
-            for entry in stats.assignments:
-                if entry["node_id"] == node_id:
-                    entry.update(bytes_up=record_bytes(reply.content),
-                                 upload_keys=sorted(reply.content.array_records[BLOCK].keys()))
+            visit.entry["upload_keys"] = sorted(reply.content.array_records[BLOCK].keys())
         for node_id in self._pending:
             self._reject(stats, node_id, "no reply within the round timeout")
         self._pending = {}
@@ -164,7 +223,7 @@ class CyclicBlockStrategy(Strategy):
                                 "accepted": len(losses), "rejected": len(stats.rejected)})
         if stats.train_loss is not None:
             metrics["train-loss"] = stats.train_loss
-        return (self._global if merged else None), metrics
+        return (self._global if losses else None), metrics
 
     def _merge(self, block: Block, uploaded: ArrayRecord) -> None:
         """Write the uploaded block into the global record in place and bump its version."""
@@ -173,10 +232,17 @@ class CyclicBlockStrategy(Strategy):
             self._global[name] = uploaded[name]
         self.block_versions[block.index] += 1
 
-    @staticmethod
-    def _reject(stats: RoundStats, node_id: int, reason: str) -> None:
+    def _confirm_cache(self, node_id: int, visit: _Visit, block: Block, reported: str) -> None:
+        expected = self.packager.confirm(node_id, visit.plan, block, self.block_versions[block.index])
+        if reported != expected:
+            log(WARNING, "Node %d cache digest %s != expected %s: asking it what it holds next time",
+                node_id, reported, expected)
+            self.packager.forget(node_id)
+
+    def _reject(self, stats: RoundStats, node_id: int, reason: str) -> None:
         log(WARNING, "Round %d: rejected reply from node %d: %s", stats.round, node_id, reason)
         stats.rejected.append({"node_id": node_id, "reason": reason})
+        self.packager.forget(node_id)  # its cache may not be what we think: ask next time
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

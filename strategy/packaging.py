@@ -1,22 +1,137 @@
-"""What a client downloads for one assignment.
+"""What a client downloads for one visit, and what every node already holds.
 
-The assigned block goes dense; everything else goes in `"frozen"`. The Arrays are the global
-record's own objects, so nothing is re-serialized. Compression of the frozen part and per-node
-deduplication slot in here.
+For each visit the `Packager` plans the client's model (which frozen layers are dropped, which
+form each tensor takes), then sends only what the node does not already hold at the current
+version: the assigned block dense, the rest compressed. A compressed tensor is computed once
+per (tensor, version, form) and reused for every node until the tensor changes.
 """
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, RecordDict
+import random
+from dataclasses import dataclass
 
-from fedcybgd.blocks import Block
-from fedcybgd.protocol import BLOCK, CONFIG, FROZEN, TrainInstruction
+from flwr.app import Array, ArrayRecord, RecordDict
+
+from fedcybgd import codec, compression
+from fedcybgd.blocks import Block, layer_index
+from fedcybgd.client_cache import Holding, digest
+from fedcybgd.compression import DENSE, TensorForm
+from fedcybgd.config import CompressionConfig
+from fedcybgd.protocol import BLOCK, CONFIG, FROZEN, TrainInstruction, part_key
 
 
-def train_content(global_arrays: ArrayRecord, block: Block, instruction: TrainInstruction) -> RecordDict:
-    in_block = set(block.names)
-    return RecordDict({
-        BLOCK: ArrayRecord({name: global_arrays[name] for name in block.names}),
-        FROZEN: ArrayRecord({name: array for name, array in global_arrays.items() if name not in in_block}),
-        CONFIG: instruction.to_record(),
-    })
+@dataclass(frozen=True)
+class VisitPlan:
+    dropped_layers: tuple[int, ...]
+    manifest: tuple[Holding, ...]  # every tensor the client's model needs, as it will hold it
+    send_block: tuple[str, ...]  # block tensors the node lacks: sent dense in "block"
+    send_frozen: tuple[Holding, ...]  # other tensors the node lacks: sent in "frozen"
+
+
+def drop_layers(frozen_layers: list[int], block: Block, num_layers: int, cfg: CompressionConfig,
+                rng: random.Random) -> tuple[int, ...]:
+    """Which frozen decoder layers this visit's model leaves out (never the block's own)."""
+    count = int(cfg.drop_fraction * len(frozen_layers))
+    if count == 0:
+        return ()
+    if cfg.drop_mode == "random":
+        return tuple(sorted(rng.sample(frozen_layers, count)))
+
+    def distance(i: int) -> int:  # to the block; the head block sits at both ends of the model
+        anchors = block.layers or (0, num_layers - 1)
+        return min(abs(i - j) for j in anchors)
+
+    farthest = sorted(frozen_layers, key=lambda i: (-distance(i), -i))
+    return tuple(sorted(farthest[:count]))
+
+
+class Packager:
+    """Plans and builds each visit's download; tracks, per node, the tensors it holds."""
+
+    def __init__(self, blocks: list[Block], layer_prefix: str, num_layers: int,
+                 matrices: set[str], cfg: CompressionConfig, seed: int) -> None:
+        self.blocks = blocks
+        self.layer_prefix = layer_prefix
+        self.num_layers = num_layers
+        self.matrices = matrices  # names of tensors with >= 2 dims: the only ones compressed
+        self.cfg = cfg
+        self.seed = seed
+        self.holdings: dict[int, dict[str, Holding] | None] = {}  # None: unknown, ask the node
+        self.encode_count = 0
+        self._encoded: dict[tuple[str, str], tuple[int, dict[str, Array]]] = {}
+
+    # -- what a node holds ----------------------------------------------------------------
+    def knows(self, node_id: int) -> bool:
+        return self.holdings.get(node_id) is not None
+
+    def set_holdings(self, node_id: int, holdings: list[Holding]) -> None:
+        self.holdings[node_id] = {h.name: h for h in holdings}
+
+    def forget(self, node_id: int) -> None:
+        """The node's cache state is unknown (failed visit, digest mismatch): ask it next time."""
+        self.holdings[node_id] = None
+
+    def confirm(self, node_id: int, plan: VisitPlan, block: Block, new_version: int) -> str:
+        """Record a successful visit; returns the digest the node's cache must now have."""
+        held = self.holdings.get(node_id) or {}
+        held.update({h.name: h for h in plan.manifest})
+        held.update({n: Holding(n, new_version, DENSE.key) for n in block.names})
+        self.holdings[node_id] = held
+        return digest(list(held.values()))
+
+    # -- planning and packaging ------------------------------------------------------------
+    def form_for(self, name: str) -> TensorForm:
+        if name not in self.matrices:
+            return DENSE
+        if layer_index(name, self.layer_prefix) is None:
+            return TensorForm(quant=self.cfg.head_quantize)
+        return TensorForm(sparsity=self.cfg.prune_sparsity, pattern=self.cfg.prune_pattern,
+                          quant=self.cfg.quantize)
+
+    def plan(self, node_id: int, block: Block, versions: dict[str, int], server_round: int) -> VisitPlan:
+        held = self.holdings.get(node_id) or {}
+        frozen_layers = [i for i in range(self.num_layers) if i not in block.layers]
+        rng = random.Random(f"{self.seed}:{server_round}:{node_id}")
+        dropped = drop_layers(frozen_layers, block, self.num_layers, self.cfg, rng)
+        in_block = set(block.names)
+        manifest, send_block, send_frozen = [], [], []
+        for name, version in versions.items():
+            if layer_index(name, self.layer_prefix) in dropped:
+                continue
+            wanted = DENSE if name in in_block else self.form_for(name)
+            have = held.get(name)
+            if have is not None and have.version == version and have.form in (wanted.key, DENSE.key):
+                manifest.append(have)  # already there: as wanted, or better (dense)
+                continue
+            holding = Holding(name, version, wanted.key)
+            manifest.append(holding)
+            if name in in_block:
+                send_block.append(name)
+            else:
+                send_frozen.append(holding)
+        return VisitPlan(tuple(dropped), tuple(manifest), tuple(send_block), tuple(send_frozen))
+
+    def content(self, global_arrays: ArrayRecord, plan: VisitPlan, instruction: TrainInstruction) -> RecordDict:
+        frozen: dict[str, Array] = {}
+        for holding in plan.send_frozen:
+            for part, array in self._encoded_parts(global_arrays, holding).items():
+                frozen[part_key(holding, part)] = array
+        return RecordDict({
+            BLOCK: ArrayRecord({name: global_arrays[name] for name in plan.send_block}),
+            FROZEN: ArrayRecord(frozen),
+            CONFIG: instruction.to_record(),
+        })
+
+    def _encoded_parts(self, global_arrays: ArrayRecord, holding: Holding) -> dict[str, Array]:
+        if holding.form == DENSE.key:
+            return {"v": global_arrays[holding.name]}  # the global Array itself: no re-encoding
+        key = (holding.name, holding.form)
+        cached = self._encoded.get(key)
+        if cached is None or cached[0] != holding.version:
+            tensor = codec.decode_array(global_arrays[holding.name])
+            parts = compression.encode(tensor, TensorForm.parse(holding.form))
+            cached = (holding.version, {p: codec.encode_tensor(t) for p, t in parts.items()})
+            self._encoded[key] = cached
+            self.encode_count += 1
+        return cached[1]

@@ -26,6 +26,8 @@ def reply_problem(reply: Message, expected: ArrayRecord, block: int, block_versi
     echo = content.config_records.get(CONFIG)
     if echo is None or echo.get("block") != block or echo.get("block-version") != block_version:
         return f"reply is not for block {block} version {block_version}"
+    if not isinstance(echo.get("cache-digest"), str):
+        return "reply lacks the cache digest"
     uploaded = content.array_records[BLOCK]
     unexpected = sorted(set(uploaded) - set(expected))
     missing = sorted(set(expected) - set(uploaded))

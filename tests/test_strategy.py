@@ -8,11 +8,11 @@ import torch
 from fedcybgd import codec, models
 from fedcybgd.blocks import partition_blocks
 from fedcybgd.config import compose
-from fedcybgd.protocol import BLOCK, CONFIG, FROZEN
+from fedcybgd.protocol import BLOCK, CONFIG, FROZEN, TrainInstruction
 from server_app.app import run
 from tests.fake_grid import FakeGrid
 
-TINY = "model=tiny-llama train=tiny train.local_steps=3 data.max_examples=300 eval.every=2"
+TINY = "model=tiny-llama train=tiny train.local_steps=3 data.max_examples=300 eval.every=2 compression=none"
 
 
 def cfg_for(out_dir, extra=""):
@@ -52,12 +52,13 @@ def test_each_message_carries_the_block_dense_and_the_rest(out_dir, tiny_model):
     run(grid, cfg_for(out_dir, "rounds=2"))
     blocks = partition_blocks(tiny_model, 1)
     every = {n for n, _ in tiny_model.named_parameters()}
-    for msg, block in zip(grid.sent, blocks):
+    for msg, block in zip(grid.sent, blocks):  # each node's first visit: everything it needs
         assert set(msg.content.keys()) == {BLOCK, FROZEN, CONFIG}
-        sent_block = set(msg.content[BLOCK].keys())
-        assert sent_block == set(block.names) == set(msg.content[CONFIG]["block-names"])
-        assert sent_block | set(msg.content[FROZEN].keys()) == every
-        assert not sent_block & set(msg.content[FROZEN].keys())
+        instruction = TrainInstruction.from_record(msg.content[CONFIG])
+        assert set(msg.content[BLOCK].keys()) == set(block.names) == set(instruction.block_names)
+        frozen = {key.split("@")[0] for key in msg.content[FROZEN].keys()}
+        assert frozen == every - set(block.names)
+        assert {h.name for h in instruction.manifest} == every
     for reply, block in zip(grid.received, blocks):
         assert set(reply.content[BLOCK].keys()) == set(block.names)
 

@@ -1,0 +1,130 @@
+"""A client's frozen copy of the model, on disk, so nothing it holds is ever sent to it twice.
+
+The cache maps each tensor name to the `Holding` it has: (version, form) plus the parts that
+encode it, stored as safetensors files. The manifest is rewritten atomically after the files it
+names are in place, so a crash leaves either the old or the new cache, never a mix. In deployment
+every message starts a fresh process; the cache on disk is what survives between visits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fedcybgd import compression
+
+MANIFEST = "manifest.json"
+
+
+class CacheMissError(RuntimeError):
+    """The cache lacks a tensor (or holds another version or form) that this visit needs."""
+
+
+@dataclass(frozen=True, order=True)
+class Holding:
+    """One tensor at one version in one form: the unit of the cache and of the wire."""
+
+    name: str
+    version: int
+    form: str
+
+    def encode(self) -> str:
+        return f"{self.name}|{self.version}|{self.form}"
+
+    @classmethod
+    def decode(cls, text: str) -> Holding:
+        name, version, form = text.rsplit("|", 2)
+        return cls(name, int(version), form)
+
+
+def encode_holdings(holdings: list[Holding]) -> str:
+    """As a JSON list: never an empty string, which Flower's ConfigRecord cannot size."""
+    return json.dumps([h.encode() for h in sorted(holdings)])
+
+
+def decode_holdings(text: str) -> list[Holding]:
+    return [Holding.decode(item) for item in json.loads(text)]
+
+
+def digest(holdings: list[Holding]) -> str:
+    """What a node holds, in 16 hex digits: compared by the server with what it expects."""
+    return hashlib.sha256(encode_holdings(holdings).encode()).hexdigest()[:16]
+
+
+class ClientCache:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._entries = self._read_manifest()  # name -> {"version", "form", "file"}
+
+    def _read_manifest(self) -> dict[str, dict]:
+        path = self.dir / MANIFEST
+        if not path.exists():
+            return {}
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}  # an unreadable cache is an empty cache: the server resends everything
+        return {n: e for n, e in entries.items() if (self.dir / e["file"]).exists()}
+
+    def holdings(self) -> list[Holding]:
+        return sorted(Holding(n, e["version"], e["form"]) for n, e in self._entries.items())
+
+    def store(self, tensors: dict[Holding, dict[str, torch.Tensor]]) -> None:
+        """Add (or replace) tensors in their wire parts; one file per call, then the manifest."""
+        if not tensors:
+            return
+        file = f"t-{uuid.uuid4().hex}.safetensors"
+        flat = {f"{h.name}/{part}": t.contiguous() for h, parts in tensors.items() for part, t in parts.items()}
+        tmp = self.dir / f".{file}.tmp"
+        save_file(flat, str(tmp))
+        os.replace(tmp, self.dir / file)
+        for h in tensors:
+            self._entries[h.name] = {"version": h.version, "form": h.form, "file": file}
+        self._write_manifest()
+
+    def load(self, needed: list[Holding]) -> dict[str, torch.Tensor]:
+        """Decoded fp32 tensors for exactly `needed`; raises CacheMissError for anything else."""
+        problems = []
+        for h in needed:
+            entry = self._entries.get(h.name)
+            if entry is None:
+                problems.append(f"{h.name} missing")
+            elif (entry["version"], entry["form"]) != (h.version, h.form):
+                problems.append(f"{h.name} is v{entry['version']} {entry['form']}, need v{h.version} {h.form}")
+        if problems:
+            raise CacheMissError(f"cache lost or stale ({len(problems)} tensors): " + "; ".join(problems[:3]))
+        by_file: dict[str, list[Holding]] = {}
+        for h in needed:
+            by_file.setdefault(self._entries[h.name]["file"], []).append(h)
+        out = {}
+        for file, holdings in by_file.items():
+            wanted = {h.name: h for h in holdings}
+            parts: dict[str, dict[str, torch.Tensor]] = {}
+            with safe_open(str(self.dir / file), framework="pt") as f:
+                for key in f.keys():
+                    name, part = key.rsplit("/", 1)
+                    if name in wanted:
+                        parts.setdefault(name, {})[part] = f.get_tensor(key)
+            for name, h in wanted.items():
+                out[name] = compression.decode(parts[name], compression.TensorForm.parse(h.form))
+        return out
+
+    def _write_manifest(self) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=self.dir)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self._entries, f)
+        os.replace(tmp, self.dir / MANIFEST)
+        used = {e["file"] for e in self._entries.values()}
+        for path in self.dir.glob("t-*.safetensors"):
+            if path.name not in used:
+                path.unlink(missing_ok=True)

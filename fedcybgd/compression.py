@@ -1,0 +1,177 @@
+"""How one frozen tensor travels: pruned and/or quantized, as a few plain tensors ("parts").
+
+A `TensorForm` names the transform (`dense`, `int8`, `nf4`, `p0.50`, `p0.50+int8`, `2:4+nf4`, ...).
+`encode` turns a tensor into parts, `decode` inverts it. Pruned tensors travel as a packed bitmask
+plus only the kept values, so the bytes really shrink; quantized values travel as int8 with one
+fp32 scale per output row, or as NF4 codes (two per byte) with one fp32 absmax per 64 values.
+Only matrices are transformed: 1-D tensors (norms, biases) always travel dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QUANTS = ("none", "int8", "nf4")
+PATTERNS = ("unstructured", "2:4")
+NF4_BLOCK = 64
+# The 16 NF4 levels (QLoRA, Dettmers et al. 2023): quantiles of a unit normal, scaled to [-1, 1].
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+])
+
+
+@dataclass(frozen=True)
+class TensorForm:
+    sparsity: float = 0.0  # fraction of entries zeroed (unstructured); 2:4 always prunes half
+    pattern: str = "unstructured"
+    quant: str = "none"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if self.quant not in QUANTS:
+            raise ValueError(f"quantization must be one of {QUANTS}, got {self.quant!r}")
+
+    @property
+    def prunes(self) -> bool:
+        return self.pattern == "2:4" or self.sparsity > 0
+
+    @property
+    def key(self) -> str:
+        """Canonical name, stable across processes: part of the cache and wire keys."""
+        parts = []
+        if self.pattern == "2:4":
+            parts.append("2:4")
+        elif self.sparsity > 0:
+            parts.append(f"p{self.sparsity:.2f}")
+        if self.quant != "none":
+            parts.append(self.quant)
+        return "+".join(parts) or "dense"
+
+    @classmethod
+    def parse(cls, key: str) -> TensorForm:
+        sparsity, pattern, quant = 0.0, "unstructured", "none"
+        for part in ([] if key == "dense" else key.split("+")):
+            if part == "2:4":
+                pattern = "2:4"
+            elif part.startswith("p"):
+                sparsity = float(part[1:])
+            else:
+                quant = part
+        return cls(sparsity=sparsity, pattern=pattern, quant=quant)
+
+
+DENSE = TensorForm()
+
+
+def applies_to(tensor: torch.Tensor) -> bool:
+    """Whether a form other than dense is used for this tensor (matrices only)."""
+    return tensor.dim() >= 2
+
+
+def encode(tensor: torch.Tensor, form: TensorForm) -> dict[str, torch.Tensor]:
+    """Parts that `decode` turns back into (an approximation of) `tensor`."""
+    if form == DENSE or not applies_to(tensor):
+        return {"v": tensor.detach().contiguous()}
+    matrix = tensor.detach().float().reshape(tensor.shape[0], -1)
+    parts = {"shape": torch.tensor(tuple(tensor.shape), dtype=torch.int64)}
+    if form.prunes:
+        mask = _prune_mask(matrix, form)
+        parts["mask"] = _pack_bits(mask.reshape(-1))
+        values = matrix[mask]
+        rows = mask.nonzero()[:, 0]
+    else:
+        values = matrix.reshape(-1)
+        rows = torch.arange(matrix.shape[0]).repeat_interleave(matrix.shape[1])
+    if form.quant == "int8":
+        scale = torch.zeros(matrix.shape[0]).scatter_reduce(0, rows, values.abs(), "amax") / 127.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        parts["q"] = torch.round(values / scale[rows]).clamp(-127, 127).to(torch.int8)
+        parts["scale"] = scale
+    elif form.quant == "nf4":
+        parts["q"], parts["absmax"] = _nf4_encode(values)
+    else:
+        parts["v"] = values.to(tensor.dtype)
+    return parts
+
+
+def decode(parts: dict[str, torch.Tensor], form: TensorForm, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if "shape" not in parts:
+        return parts["v"]
+    shape = tuple(int(d) for d in parts["shape"])
+    rows_n = shape[0]
+    cols = 1
+    for d in shape[1:]:
+        cols *= d
+    if form.prunes:
+        mask = _unpack_bits(parts["mask"], rows_n * cols).reshape(rows_n, cols)
+        rows = mask.nonzero()[:, 0]
+    else:
+        mask = None
+        rows = torch.arange(rows_n).repeat_interleave(cols)
+    if form.quant == "int8":
+        values = parts["q"].float() * parts["scale"][rows]
+    elif form.quant == "nf4":
+        values = _nf4_decode(parts["q"], parts["absmax"], rows.numel())
+    else:
+        values = parts["v"].float()
+    if mask is None:
+        return values.reshape(shape).to(dtype)
+    out = torch.zeros(rows_n, cols)
+    out[mask] = values
+    return out.reshape(shape).to(dtype)
+
+
+def _prune_mask(matrix: torch.Tensor, form: TensorForm) -> torch.Tensor:
+    """True where an entry is kept: the largest magnitudes (per tensor, or 2 of every 4)."""
+    magnitude = matrix.abs()
+    if form.pattern == "2:4":
+        if matrix.shape[1] % 4:
+            raise ValueError(f"2:4 pruning needs a column count divisible by 4, got {matrix.shape[1]}")
+        groups = magnitude.reshape(-1, 4)
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        keep.scatter_(1, groups.topk(2, dim=1).indices, True)
+        return keep.reshape(matrix.shape)
+    n_keep = max(1, round(matrix.numel() * (1.0 - form.sparsity)))
+    threshold_idx = magnitude.reshape(-1).topk(n_keep).indices
+    keep = torch.zeros(matrix.numel(), dtype=torch.bool)
+    keep[threshold_idx] = True
+    return keep.reshape(matrix.shape)
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    padded = torch.zeros((bits.numel() + 7) // 8 * 8, dtype=torch.uint8)
+    padded[: bits.numel()] = bits.to(torch.uint8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return (padded.reshape(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[:count].bool()
+
+
+def _nf4_encode(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = values.numel()
+    padded = torch.zeros((n + NF4_BLOCK - 1) // NF4_BLOCK * NF4_BLOCK)
+    padded[:n] = values
+    blocks = padded.reshape(-1, NF4_BLOCK)
+    absmax = blocks.abs().amax(1)
+    absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    normalized = (blocks / absmax[:, None]).reshape(-1)
+    codes = torch.bucketize(normalized, (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2).to(torch.uint8)
+    packed = codes[0::2] | (codes[1::2] << 4)
+    return packed, absmax
+
+
+def _nf4_decode(packed: torch.Tensor, absmax: torch.Tensor, count: int) -> torch.Tensor:
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1).long()
+    values = NF4_LEVELS[codes].reshape(-1, NF4_BLOCK) * absmax[:, None]
+    return values.reshape(-1)[:count]
