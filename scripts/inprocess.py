@@ -13,6 +13,7 @@ from uuid import uuid4
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
 
 class InProcessGrid(Grid):
@@ -23,6 +24,9 @@ class InProcessGrid(Grid):
         self.node_ids = [101 + i for i in range(num_nodes)]
         configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
         run_id = random.getrandbits(48)  # like Flower: a fresh id, so node caches never mix runs
+        # flwr 1.42 stamps every instruction Message with the task identity of the process;
+        # outside Flower's runtime nobody sets it, so the grid plays the ServerApp's part.
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
         self._contexts = {node_id: Context(run_id=run_id, node_id=node_id, node_config=configs[i],
                                            state=RecordDict(), run_config={})
                           for i, node_id in enumerate(self.node_ids)}

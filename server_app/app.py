@@ -38,7 +38,6 @@ def main(grid: Grid, context: Context) -> None:
 
 @dataclass
 class ServerSetup:
-    model_dir: Path
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     layout: ModelLayout
@@ -57,7 +56,7 @@ def prepare(cfg: RunConfig) -> ServerSetup:
         heldout = heldout.select(range(min(cfg.eval.max_examples, len(heldout))))
     eval_examples = data.tokenize(heldout, tokenizer, cfg.train.max_seq_len)
     eval_batches = data.eval_batches(eval_examples, cfg.eval.batch_size, tokenizer.pad_token_id)
-    return ServerSetup(model_dir, model, tokenizer, layout, train_data, eval_batches)
+    return ServerSetup(model, tokenizer, layout, train_data, eval_batches)
 
 
 def run(grid: Grid, cfg: RunConfig) -> Path:
@@ -72,7 +71,7 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
 
     initial_tensors = models.named_tensors(setup.model)
     strategy = CyclicBlockStrategy(
-        setup.layout, model_name=str(setup.model_dir), model_spec=models.model_spec(setup.model),
+        setup.layout, model_name=cfg.model.name, model_spec=models.model_spec(setup.model),
         train=cfg.train, data=cfg.data, compression=cfg.compression,
         base_hashes={name: tensor_sha256(t) for name, t in initial_tensors.items()},
         allocation=cfg.algorithm.allocation, min_nodes=cfg.algorithm.min_nodes,
@@ -84,8 +83,9 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
     log(INFO, "[fedcybgd] %s: %d blocks of %d layer(s), %d nodes, output %s",
         cfg.model.name, len(setup.layout.blocks), cfg.model.layers_per_block, len(nodes), out_dir)
 
-    initial = codec.encode_tensors(initial_tensors)
-    full_model_bytes = sum(len(a.data) for a in initial.values())
+    # The global model: the strategy updates this record in place, block by block.
+    global_arrays = codec.encode_tensors(initial_tensors)
+    full_model_bytes = sum(len(a.data) for a in global_arrays.values())
     evals: dict[int, float] = {}
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -100,11 +100,10 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
             log(INFO, "[fedcybgd] %s", _round_line(row, cfg.rounds))
         return MetricRecord({"eval-loss": evals[server_round]}) if due else None
 
-    result = strategy.start(grid, initial, num_rounds=cfg.rounds,
-                            timeout=cfg.algorithm.round_timeout, evaluate_fn=evaluate)
+    strategy.start(grid, global_arrays, num_rounds=cfg.rounds,
+                   timeout=cfg.algorithm.round_timeout, evaluate_fn=evaluate)
 
-    final_arrays = result.arrays if len(result.arrays) else initial
-    models.load_tensors(setup.model, codec.decode_record(final_arrays))
+    models.load_tensors(setup.model, codec.decode_record(global_arrays))
     _save_final(setup, out_dir / "final")
     visits = sum(len(r["assignments"]) for r in report.rows)
     total_down = sum(r["bytes_down"] for r in report.rows)
@@ -124,7 +123,7 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
         "full_model_bytes": full_model_bytes,
         # Fed-full would send the whole uncompressed model to every client visit.
         "download_ratio_vs_fedfull": total_down / (full_model_bytes * visits) if visits else None,
-        "block_bytes": [sum(len(initial[n].data) for n in b.names) for b in setup.layout.blocks],
+        "block_bytes": [sum(len(global_arrays[n].data) for n in b.names) for b in setup.layout.blocks],
         "compressed_tensors_computed": strategy.packager.encode_count,
         "samples_seen": sum(r["samples_seen"] for r in report.rows),
         "rejected_replies": sum(len(r["rejected"]) for r in report.rows),

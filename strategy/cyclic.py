@@ -89,6 +89,8 @@ class CyclicBlockStrategy(Strategy):
         self.block_versions = [0] * len(self.blocks)
         self.node_order: list[int] = []
         self.visits: dict[int, int] = {}
+        self.position = 0  # visits taken from the allocation order so far
+        self.retry: list[int] = []  # blocks whose visit failed: handed to the next node first
         self.rounds: dict[int, RoundStats] = {}
         self._block_of = layout.block_of()
         self._global: ArrayRecord | None = None
@@ -124,9 +126,8 @@ class CyclicBlockStrategy(Strategy):
         self._round_start = time.perf_counter()
         self._global = arrays
         stats = self.rounds[server_round] = RoundStats(round=server_round)
-        assignments = schedule.assign(
-            server_round, self.connected_nodes(grid), len(self.blocks), self.allocation, self.seed
-        )
+        assignments = [schedule.Assignment(schedule.node_for_round(server_round, self.connected_nodes(grid)),
+                                           self._next_block())]
         self._sync_holdings(grid, [a.node_id for a in assignments if not self.packager.knows(a.node_id)], stats)
         versions = self.tensor_versions()
         self._pending = {}
@@ -148,6 +149,13 @@ class CyclicBlockStrategy(Strategy):
             self._pending[a.node_id] = _Visit(a, plan, entry)
             messages.append(Message(content, dst_node_id=a.node_id, message_type=MessageType.TRAIN))
         return messages
+
+    def _next_block(self) -> int:
+        if self.retry:
+            return self.retry.pop(0)
+        block = schedule.block_at(self.position, len(self.blocks), self.allocation, self.seed)
+        self.position += 1
+        return block
 
     def _sync_holdings(self, grid: Grid, node_ids: list[int], stats: RoundStats) -> None:
         """Ask nodes whose cache state is unknown what they hold (first contact, after a failure)."""
@@ -203,7 +211,7 @@ class CyclicBlockStrategy(Strategy):
             expected = ArrayRecord({name: self._global[name] for name in block.names})
             problem = reply_problem(reply, expected, block.index, self.block_versions[block.index])
             if problem:
-                self._reject(stats, node_id, problem)
+                self._reject(stats, node_id, problem, visit.assignment.block)
                 continue
             self._merge(block, reply.content.array_records[BLOCK])
             self._confirm_cache(node_id, visit, block, str(reply.content[CONFIG]["cache-digest"]))
@@ -213,8 +221,8 @@ class CyclicBlockStrategy(Strategy):
             stats.client_seconds = max(stats.client_seconds, metrics.seconds)
             stats.client_peak_mem_bytes = max(stats.client_peak_mem_bytes, metrics.peak_mem_bytes)
             visit.entry["upload_keys"] = sorted(reply.content.array_records[BLOCK].keys())
-        for node_id in self._pending:
-            self._reject(stats, node_id, "no reply within the round timeout")
+        for node_id, visit in self._pending.items():
+            self._reject(stats, node_id, "no reply within the round timeout", visit.assignment.block)
         self._pending = {}
         if losses:
             stats.train_loss = sum(l * n for l, n in losses) / sum(n for _, n in losses)
@@ -239,10 +247,13 @@ class CyclicBlockStrategy(Strategy):
                 node_id, reported, expected)
             self.packager.forget(node_id)
 
-    def _reject(self, stats: RoundStats, node_id: int, reason: str) -> None:
+    def _reject(self, stats: RoundStats, node_id: int, reason: str, block: int | None = None) -> None:
+        """Log and record a failed visit; its block goes back to the queue for the next node."""
         log(WARNING, "Round %d: rejected reply from node %d: %s", stats.round, node_id, reason)
         stats.rejected.append({"node_id": node_id, "reason": reason})
         self.packager.forget(node_id)  # its cache may not be what we think: ask next time
+        if block is not None:
+            self.retry.append(block)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

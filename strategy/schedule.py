@@ -1,4 +1,4 @@
-"""Who trains which block in a round: a pure function of the round and the node order."""
+"""Who trains which block: pure functions of the round, the visit position and the node order."""
 
 from __future__ import annotations
 
@@ -29,11 +29,14 @@ def block_order(cycle: int, num_blocks: int, allocation: str, seed: int) -> list
     raise ValueError(f"unknown allocation {allocation!r}")
 
 
-def assign(server_round: int, nodes: list[int], num_blocks: int, allocation: str, seed: int) -> list[Assignment]:
-    """FedCyBGD: round r is visit r-1; nodes are visited in turn, blocks in allocation order."""
+def block_at(position: int, num_blocks: int, allocation: str, seed: int) -> int:
+    """The block of the `position`-th visit (0-based) in the allocation order."""
+    cycle, index = divmod(position, num_blocks)
+    return block_order(cycle, num_blocks, allocation, seed)[index]
+
+
+def node_for_round(server_round: int, nodes: list[int]) -> int:
+    """FedCyBGD visits nodes in turn: round r goes to node (r-1) mod N of the stable order."""
     if not nodes:
         raise ValueError("no nodes to assign")
-    visit = server_round - 1
-    cycle, position = divmod(visit, num_blocks)
-    block = block_order(cycle, num_blocks, allocation, seed)[position]
-    return [Assignment(node_id=nodes[visit % len(nodes)], block=block)]
+    return nodes[(server_round - 1) % len(nodes)]

@@ -103,3 +103,16 @@ def test_summary_reports_the_split_and_the_ratio_to_fedfull(out_dir):
     assert 0 < s["download_ratio_vs_fedfull"] < 0.5
     for row in rows(out_dir):
         assert row["bytes_down_block"] + row["bytes_down_frozen"] <= row["bytes_down"]
+
+
+def test_dropped_layers_are_neither_sent_nor_built_and_training_still_works(out_dir):
+    grid = FakeGrid(2)
+    start(out_dir, grid, "rounds=4 compression=drop compression.drop_fraction=0.5")
+    for msg, reply in zip(grid.sent, grid.received):
+        instruction = TrainInstruction.from_record(msg.content[CONFIG])
+        assert len(instruction.dropped_layers) == 1  # half of the 3 frozen layers, rounded down
+        dropped = f"model.layers.{instruction.dropped_layers[0]}."
+        assert not any(h.name.startswith(dropped) for h in instruction.manifest)
+        assert not any(k.startswith(dropped) for k in msg.content[FROZEN].keys())
+        assert set(reply.content[BLOCK].keys()) == set(instruction.block_names)
+    assert all(row["train_loss"] is not None for row in rows(out_dir))

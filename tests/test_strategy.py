@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from flwr.app import ArrayRecord
 
 from fedcybgd import codec, models
 from fedcybgd.blocks import partition_blocks
@@ -87,7 +88,7 @@ def _corrupt(kind):
         if kind == "extra-key":
             block["model.layers.0.smuggled"] = codec.encode_tensor(torch.zeros(2))
         elif kind == "extra-record":
-            reply.content["frozen"] = block.copy() if hasattr(block, "copy") else block
+            reply.content["frozen"] = ArrayRecord({"x": codec.encode_tensor(torch.zeros(1))})
         elif kind == "wrong-shape":
             block[name] = codec.encode_tensor(torch.zeros(3))
         elif kind == "nan":
@@ -118,7 +119,7 @@ def test_bad_reply_is_rejected_and_the_model_is_untouched(out_dir, tiny_model, k
         assert torch.equal(final[name], tensor), name
 
 
-def test_a_failing_client_is_rejected_and_the_run_goes_on(out_dir, tmp_path):
+def test_a_failing_client_is_rejected_and_its_block_goes_to_the_next_node(out_dir, tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(20)))
     paths = [str(good), str(tmp_path / "missing.jsonl")]
@@ -128,3 +129,5 @@ def test_a_failing_client_is_rejected_and_the_run_goes_on(out_dir, tmp_path):
     assert not r1["rejected"] and not r3["rejected"]
     assert "missing.jsonl' does not exist" in r2["rejected"][0]["reason"]
     assert r2["train_loss"] is None and r3["train_loss"] is not None
+    assert [r["assignments"][0]["block"] for r in (r1, r2, r3)] == [0, 1, 1]
+    assert [r["assignments"][0]["node_id"] for r in (r1, r2, r3)] == [101, 102, 101]
