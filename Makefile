@@ -36,3 +36,27 @@ clean:
 # Download compression: one full cycle, 3 clients, each policy; table + outputs/bench/comm.json.
 bench-comm: setup
 	$(PY) -m scripts.bench_comm
+
+# --- Real deployment (docs/deployment.md) ---
+.PHONY: test-deploy deploy certs deploy-tools
+DEPLOY_OUT ?= $(CURDIR)/outputs/deploy
+
+# Loopback deployment tests (SuperLink + SuperNodes as processes; insecure, TLS + node auth) and
+# the Docker files: about 3 minutes on 2 cores.
+test-deploy: setup
+	$(PY) -m pytest tests/test_deployment.py
+
+# SmolLM2 on a real deployment on this machine: 3 SuperNodes, one full cycle. Outputs in
+# outputs/deploy/ (logs of every process under outputs/deploy/work/logs/).
+deploy: setup
+	$(PY) -m scripts.deploy --supernodes 3 --workdir $(DEPLOY_OUT)/work output_dir=$(DEPLOY_OUT)
+
+# A private CA, the SuperLink's certificate and two SuperNode key pairs, in certs/.
+certs: setup
+	$(PY) -m scripts.certs --out certs --supernodes 2
+
+# docker-compose lets the tests validate compose.yaml and compose.tls.yaml (`config` needs no
+# Docker engine); without it those two tests are skipped. Debian/Ubuntu, as root.
+deploy-tools:
+	command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || \
+	  (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-compose)

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -46,13 +47,17 @@ def flower_env(flwr_home: Path, http_port: int, control_port: int) -> dict[str, 
     return env
 
 
-def _wait_healthy(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+def _wait_healthy(port: int, process: subprocess.Popen, timeout: float = 60.0,
+                  ca_file: Path | None = None) -> None:
+    """Wait for the SuperLink's /health; over HTTPS, verified against `ca_file`, when given."""
+    url = f"{'https' if ca_file else 'http'}://127.0.0.1:{port}/health"
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"flower-superlink exited with code {process.returncode}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -65,8 +70,10 @@ def _flwr(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Complete
     return subprocess.run(["flwr", *args], env=env, cwd=APP_DIR, text=True, **kwargs)
 
 
-def run_status(run_id: int, env: dict[str, str]) -> dict:
-    out = _flwr(["list", "--run-id", str(run_id), "--format", "json"], env, capture_output=True)
+def run_status(run_id: int, env: dict[str, str], connection: str | None = None) -> dict:
+    """The run's entry from `flwr list` on `connection` (default: the config's default one)."""
+    target = [connection] if connection else []
+    out = _flwr(["list", *target, "--run-id", str(run_id), "--format", "json"], env, capture_output=True)
     runs = json.loads(out.stdout).get("runs", [])
     return runs[0] if runs else {}
 

@@ -1,0 +1,439 @@
+"""Run the app on a real Flower deployment on this machine: `python -m scripts.deploy`.
+
+Unlike `scripts.simulate`, nothing is simulated: one `flower-superlink` and N `flower-supernode`
+processes talk over HTTP(S) on loopback ports of their own, each SuperNode with its own
+`--node-config` (its own data file, or its partition of the default data), exactly as on
+separate hosts. TLS and SuperNode authentication are optional. Every process is started in a
+session of its own and stopped by PID at the end, whatever happens; the run's real status
+(`flwr list`) decides the exit code, as `flwr run` exits 0 even for a failed run.
+
+The flag builders below (`superlink_flags`, `supernode_flags`, `superexec_flags`) are the one
+description of how the processes start; `compose.yaml` uses the same flags (a test checks it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from scripts.certs import NodeKeys, ServerCredentials, generate_node_keys, generate_server_credentials
+from scripts.simulate import _flwr, _wait_healthy, flower_env, free_port, run_status
+
+DEFAULT_CONNECTION = "loopback"
+
+
+# -- how each process starts (shared with compose.yaml) --------------------------------------
+def superlink_flags(*, host: str, port: int, isolation: str, tls: ServerCredentials | None,
+                    node_auth: bool, database: str | None = None) -> list[str]:
+    """`flower-superlink` flags: one HTTP(S) port carries the Fleet, Control and Runtime APIs."""
+    if node_auth and tls is None:
+        raise ValueError("SuperNode authentication needs TLS (flower-superlink refuses it without)")
+    flags = _tls_server_flags(tls)
+    flags += ["--isolation", isolation, "--host", host, "--port", str(port),
+              # uv sync per run would install a second (CUDA) torch: the deps are already here
+              "--disable-runtime-dependency-installation"]
+    if node_auth:
+        flags.append("--enable-supernode-auth")
+    if database:
+        flags += ["--database", database]
+    return flags
+
+
+def supernode_flags(*, superlink: str, host: str, port: int, isolation: str,
+                    root_cert: Path | str | None, auth_key: Path | str | None,
+                    node_config: Mapping[str, object], max_retries: int | None = None) -> list[str]:
+    """`flower-supernode` flags; `port` is this node's own Runtime API (its ClientApps')."""
+    flags = ["--root-certificates", str(root_cert)] if root_cert else ["--insecure"]
+    flags += ["--superlink", superlink, "--isolation", isolation, "--host", host, "--port", str(port),
+              "--node-config", node_config_arg(node_config)]
+    if auth_key:
+        flags += ["--auth-supernode-private-key", str(auth_key)]
+    if max_retries is not None:
+        flags += ["--max-retries", str(max_retries)]
+    return flags
+
+
+def superexec_flags(*, runtime_api: str, root_cert: Path | str | None) -> list[str]:
+    """`flower-superexec` flags (`--isolation process` only): it runs what that API hands it."""
+    flags = ["--root-certificates", str(root_cert)] if root_cert else ["--insecure"]
+    return flags + ["--runtime-api-address", runtime_api]
+
+
+def node_config_arg(node_config: Mapping[str, object]) -> str:
+    """`--node-config` text: Flower parses each value as TOML, so strings must be quoted."""
+    parts = []
+    for key, value in node_config.items():
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, (int, float)):
+            text = str(value)
+        else:
+            text = str(value)
+            if '"' in text or "\\" in text:
+                raise ValueError(f"node-config {key}={text!r}: quotes and backslashes are not supported")
+            text = f'"{text}"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def _tls_server_flags(tls: ServerCredentials | None) -> list[str]:
+    if tls is None:
+        return ["--insecure"]
+    return ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+            "--ssl-keyfile", str(tls.server_key)]
+
+
+# -- the loopback deployment ------------------------------------------------------------------
+@dataclass
+class SuperNodeProcess:
+    name: str
+    port: int
+    process: subprocess.Popen
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def node_id(self) -> int | None:
+        """The ID the SuperLink gave this node, as its log reports it (None before it connects)."""
+        match = re.search(r"SuperNode ID: (\d+)", self.log_text())
+        return int(match.group(1)) if match else None
+
+
+@dataclass
+class LoopbackDeployment:
+    """A SuperLink and SuperNodes as separate processes on 127.0.0.1; use it as a context manager.
+
+    `workdir` receives the FLWR_HOME, the certificates (with `tls`) and one log per process.
+    """
+
+    workdir: Path
+    tls: bool = False
+    node_auth: bool = False
+    connection: str = DEFAULT_CONNECTION
+    database: str | None = None
+    port: int = 0
+    credentials: ServerCredentials | None = None
+    supernodes: list[SuperNodeProcess] = field(default_factory=list)
+    _superlink: subprocess.Popen | None = None
+    _started: list[subprocess.Popen] = field(default_factory=list)
+    _log_threads: list[threading.Thread] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.node_auth and not self.tls:
+            raise ValueError("node_auth needs tls")
+        self.workdir = self.workdir.resolve()
+        self.flwr_home = self.workdir / "flwr-home"
+        self.logs = self.workdir / "logs"
+        self.certs = self.workdir / "certs"
+        self.env = flower_env(self.flwr_home, free_port(), free_port())
+
+    def __enter__(self) -> LoopbackDeployment:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def superlink_log(self) -> Path:
+        return self.logs / "superlink.log"
+
+    def start(self) -> None:
+        """Start the SuperLink, wait until it answers, and point the `flwr` CLI at it."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        if self.tls:
+            self.credentials = generate_server_credentials(self.certs)
+        self.port = free_port()
+        self._write_connection()
+        flags = superlink_flags(host="127.0.0.1", port=self.port, isolation="subprocess",
+                                tls=self.credentials, node_auth=self.node_auth, database=self.database)
+        self._superlink = self._spawn(["flower-superlink", *flags], self.superlink_log)
+        _wait_healthy(self.port, self._superlink, timeout=90,
+                      ca_file=self.credentials.ca_cert if self.credentials else None)
+
+    def node_keys(self, name: str) -> NodeKeys:
+        """A fresh key pair for one SuperNode (not registered yet)."""
+        return generate_node_keys(self.certs, name)
+
+    def register(self, keys: NodeKeys) -> int:
+        """`flwr supernode register`: the SuperLink will accept a node holding this key."""
+        out = _flwr(["supernode", "register", str(keys.public_key), self.connection, "--format", "json"],
+                    self.env, capture_output=True, timeout=60)
+        try:
+            return int(_last_json(out.stdout)["node-id"])
+        except (ValueError, KeyError) as err:
+            raise RuntimeError(f"registering {keys.public_key} failed:\n{out.stdout}\n{out.stderr}") from err
+
+    def add_supernode(self, node_config: Mapping[str, object], *, keys: NodeKeys | None = None,
+                      max_retries: int | None = None) -> SuperNodeProcess:
+        """Start one SuperNode with its own Runtime API port and `--node-config`."""
+        name = f"supernode-{len(self.supernodes) + 1}"
+        port = free_port()
+        flags = supernode_flags(
+            superlink=self.address, host="127.0.0.1", port=port, isolation="subprocess",
+            root_cert=self.credentials.ca_cert if self.credentials else None,
+            auth_key=keys.private_key if keys else None, node_config=node_config,
+            max_retries=max_retries,
+        )
+        log_path = self.logs / f"{name}.log"
+        # A FLWR_HOME per node, as on separate hosts: the FABs each one installs stay apart.
+        env = {**self.env, "FLWR_HOME": str(self.workdir / f"{name}-home")}
+        node = SuperNodeProcess(name, port, self._spawn(["flower-supernode", *flags], log_path, env),
+                                log_path)
+        self.supernodes.append(node)
+        return node
+
+    def online_nodes(self) -> list[int]:
+        """IDs of the SuperNodes the SuperLink sees online (`flwr supernode list`)."""
+        out = _flwr(["supernode", "list", self.connection, "--format", "json"], self.env,
+                    capture_output=True, timeout=60)
+        try:
+            nodes = _last_json(out.stdout)["nodes"]
+        except (ValueError, KeyError):
+            return []
+        return [int(n["node-id"]) for n in nodes if n.get("status") == "online"]
+
+    def wait_for_nodes(self, count: int, timeout: float = 120.0) -> list[int]:
+        """Block until `count` SuperNodes are online; a SuperNode that dies fails at once."""
+        deadline = time.monotonic() + timeout
+        while len(online := self.online_nodes()) < count:
+            for node in self.supernodes:
+                if node.process.poll() is not None and node.process.returncode != 0:
+                    raise RuntimeError(f"{node.name} exited ({node.process.returncode}):\n"
+                                       f"{node.log_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(online)} of {count} SuperNodes online after {timeout:.0f} s")
+            time.sleep(1)
+        return online
+
+    def submit(self, overrides: str) -> int:
+        """`flwr run . <connection>` with Hydra overrides; returns the run id."""
+        out = _flwr(["run", ".", self.connection, "--run-config", f"overrides='{overrides}'",
+                     "--format", "json"], self.env, capture_output=True, timeout=300)
+        try:
+            return int(_last_json(out.stdout)["run-id"])
+        except (ValueError, KeyError) as err:
+            raise RuntimeError(f"flwr run did not submit a run:\n{out.stdout}\n{out.stderr}") from err
+
+    def wait(self, run_id: int, timeout: float = 3600.0, stream: bool = False) -> dict:
+        """Block until the run has finished; returns its `flwr list` entry (status and details)."""
+        if stream:
+            _flwr(["log", str(run_id), self.connection, "--stream"], self.env, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while not (status := self.status(run_id)).get("status", "").startswith("finished"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} not finished after {timeout:.0f} s")
+            if self._superlink is not None and self._superlink.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited ({self._superlink.returncode})")
+            time.sleep(1)
+        return status
+
+    def status(self, run_id: int) -> dict:
+        try:
+            return run_status(run_id, self.env, self.connection)
+        except json.JSONDecodeError:  # the CLI printed an error instead: not finished
+            return {}
+
+    def process_ids(self) -> set[int]:
+        """PIDs of every process started here and of their live descendants."""
+        pids = {p.pid for p in self._started if p.poll() is None}
+        return pids | {child for pid in pids for child in _descendants(pid)}
+
+    def stop(self) -> None:
+        """Stop every process this deployment started, SuperNodes first, by PID."""
+        for process in reversed(self._started):
+            _stop_tree(process)
+        self._started.clear()
+        for thread in self._log_threads:
+            thread.join(timeout=5)
+        self._log_threads.clear()
+
+    def run_log(self, run_id: int) -> str:
+        """The run's ServerApp log as the SuperLink keeps it (`flwr log --show`)."""
+        out = _flwr(["log", str(run_id), self.connection, "--show"], self.env, capture_output=True,
+                    timeout=120)
+        return out.stdout
+
+    def _spawn(self, command: list[str], log_path: Path,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
+        process = subprocess.Popen(command, env=env or self.env, cwd=self.workdir,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        self._started.append(process)
+        self._log_threads.append(_timestamp_lines(process.stdout, log_path))
+        # Reap it as soon as it exits: Flower's children watch their parent's PID, and an unreaped
+        # zombie parent would keep them waiting for a process that is already gone.
+        threading.Thread(target=process.wait, daemon=True).start()
+        return process
+
+    def _write_connection(self) -> None:
+        """The CLI's connection to this SuperLink, as the default of a private FLWR_HOME."""
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        lines = ["[superlink]", f'default = "{self.connection}"', "",
+                 f"[superlink.{self.connection}]", f'address = "{self.address}"']
+        if self.credentials:
+            lines.append(f'root-certificates = "{self.credentials.ca_cert}"')
+        else:
+            lines.append("insecure = true")
+        (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def _timestamp_lines(stream: IO[bytes], log_path: Path) -> threading.Thread:
+    """Copy a child's output to its log, each line prefixed with the wall-clock time.
+
+    Flower prints no timestamps below DEBUG level; with them the log shows where a round's
+    time goes (message received, ClientApp started, reply sent).
+    """
+    def copy() -> None:
+        with stream, open(log_path, "ab") as log:
+            for line in stream:
+                now = time.time()
+                stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d} "
+                log.write(stamp.encode() + line)
+                log.flush()
+
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+    return thread
+
+
+def _last_json(stdout: str) -> dict:
+    """The JSON object the CLI printed (`--format json` output can follow other lines)."""
+    start = stdout.find("{")
+    if start < 0:
+        raise ValueError("no JSON in output")
+    return json.loads(stdout[start:])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid`: Flower starts its SuperExec in a session of its own."""
+    try:
+        import psutil  # comes with flwr[simulation] (ray); without it, the group kill has to do
+    except ImportError:
+        return []
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _stop_tree(process: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM the process's group and its descendants outside it; SIGKILL what is left.
+
+    A process that has exited is left alone: its PID (and group id) may belong to someone else
+    by now. Its Flower children exit by themselves, as they watch their parent's PID.
+    """
+    if process.poll() is not None:
+        return
+    children = _descendants(process.pid)
+    _signal_group(process.pid, signal.SIGTERM)
+    for pid in children:
+        _signal_pid(pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        _signal_group(process.pid, signal.SIGKILL)
+        process.wait()
+    deadline = time.monotonic() + grace
+    while (alive := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in alive:
+        _signal_pid(pid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purpose: its parent (not us) reaps it
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+# -- command line -----------------------------------------------------------------------------
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. rounds=30 model=tiny-llama")
+    parser.add_argument("--supernodes", type=int, default=3)
+    parser.add_argument("--data", type=Path, nargs="*", default=None,
+                        help="one data file per SuperNode (data-path); default: each node gets "
+                             "its partition of the default data (partition-id/num-partitions)")
+    parser.add_argument("--tls", action="store_true", help="TLS with a fresh private CA")
+    parser.add_argument("--node-auth", action="store_true", help="SuperNode authentication (implies --tls)")
+    parser.add_argument("--workdir", type=Path, default=None, help="logs, FLWR_HOME, certificates")
+    parser.add_argument("--timeout", type=float, default=3 * 3600.0)
+    args = parser.parse_args()
+    if args.data is not None and len(args.data) != args.supernodes:
+        parser.error(f"--data needs one file per SuperNode ({args.supernodes})")
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fedcybgd-deploy-"))
+    overrides = " ".join(args.overrides)
+    if "algorithm.min_nodes" not in overrides:  # start only when every node is there
+        overrides = f"{overrides} algorithm.min_nodes={args.supernodes}".strip()
+    started = time.perf_counter()
+    with LoopbackDeployment(workdir, tls=args.tls or args.node_auth, node_auth=args.node_auth) as dep:
+        for i in range(args.supernodes):
+            cache = {"cache-dir": str(dep.workdir / f"node-{i + 1}-cache")}
+            if args.data is not None:
+                node_config = {"data-path": str(args.data[i].resolve()), **cache}
+            else:
+                node_config = {"partition-id": i, "num-partitions": args.supernodes, **cache}
+            keys = None
+            if args.node_auth:
+                keys = dep.node_keys(f"supernode-{i + 1}")
+                dep.register(keys)
+            dep.add_supernode(node_config, keys=keys)
+        dep.wait_for_nodes(args.supernodes)
+        print(f"[deploy] SuperLink {dep.address}, {args.supernodes} SuperNodes online "
+              f"({time.perf_counter() - started:.1f} s); logs in {dep.logs}", flush=True)
+        run_id = dep.submit(overrides)
+        print(f"[deploy] run {run_id} submitted", flush=True)
+        status = dep.wait(run_id, timeout=args.timeout, stream=True)
+        (dep.logs / "serverapp.log").write_text(dep.run_log(run_id))
+    print(f"[deploy] run {run_id}: {status.get('status')} {status.get('status-details') or ''}".rstrip()
+          + f" | wall {time.perf_counter() - started:.1f} s (SuperLink start to stop)", flush=True)
+    return 0 if status.get("status") == "finished:completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""A real Flower deployment on loopback, and the Docker files that describe the same processes.
+
+The loopback tests start `flower-superlink` and `flower-supernode`s as processes of their own on
+free 127.0.0.1 ports (scripts/deploy.py), each SuperNode with its own data file, submit
+`flwr run . <connection>` with the tiny model, and read the run's status from the SuperLink.
+Every process they start is stopped by PID, and the tests check that none is left.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedcybgd import models
+from fedcybgd.blocks import partition_blocks
+from scripts.certs import ServerCredentials
+from scripts.deploy import LoopbackDeployment, superexec_flags, superlink_flags, supernode_flags
+from scripts.deploy import _alive
+
+APP_DIR = Path(__file__).resolve().parent.parent
+TINY = "model=tiny-llama train=tiny eval.every=1 data.max_examples=400 eval.max_examples=40"
+
+
+def write_alpaca(path: Path, start: int) -> Path:
+    """A small node-local data set: 32 Alpaca-style records, different per node."""
+    rows = [{"instruction": f"What is {a} plus {b}?", "input": "", "output": str(a + b)}
+            for a in range(start, start + 4) for b in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def metrics_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@dataclass
+class Finished:
+    status: dict
+    out: Path
+    node_ids: dict[str, int]
+    pids: set[int]
+    run_log: str
+
+
+def _run(dep: LoopbackDeployment, overrides: str, timeout: float = 420) -> tuple[dict, str]:
+    run_id = dep.submit(overrides)
+    status = dep.wait(run_id, timeout=timeout)
+    log = "" if status.get("status") == "finished:completed" else dep.run_log(run_id)
+    return status, log
+
+
+# -- insecure: node-local data, and a node whose data is missing -------------------------------
+@pytest.fixture(scope="module")
+def insecure_run(tmp_path_factory: pytest.TempPathFactory) -> Finished:
+    """One insecure deployment, one run, three SuperNodes, each visited once (3 rounds).
+
+    clinic-a and clinic-b have their own data files; clinic-c's data-path does not exist. One run
+    serves both the happy-path and the missing-data checks: each deployment run costs about a
+    minute and a half on 2 cores, as every message starts a fresh ClientApp process.
+    """
+    work = tmp_path_factory.mktemp("insecure")
+    data = {"clinic-a": write_alpaca(work / "clinic-a.jsonl", 0),
+            "clinic-b": write_alpaca(work / "clinic-b.jsonl", 4),
+            "clinic-c": work / "missing.jsonl"}
+    out = work / "out"
+    with LoopbackDeployment(work / "deploy") as dep:
+        nodes = {name: dep.add_supernode({"data-path": str(path), "cache-dir": str(work / f"{name}-cache")})
+                 for name, path in data.items()}
+        dep.wait_for_nodes(3)
+        status, log = _run(dep, f"{TINY} rounds=3 algorithm.min_nodes=3 algorithm.round_timeout=180 "
+                                f"output_dir={out}")
+        node_ids = {name: node.node_id() for name, node in nodes.items()}
+        pids = dep.process_ids()
+    return Finished(status, out, node_ids, pids, log)
+
+
+@pytest.mark.slow
+def test_deployment_run_completes_with_node_local_data(insecure_run: Finished) -> None:
+    assert insecure_run.status["status"] == "finished:completed", (insecure_run.status, insecure_run.run_log)
+    rows = metrics_rows(insecure_run.out)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+
+    blocks = partition_blocks(models.load_pretrained(models.resolve_model_dir("tiny-llama")), 1)
+    good = {insecure_run.node_ids["clinic-a"], insecure_run.node_ids["clinic-b"]}
+    trained_by = set()
+    for row in rows:
+        for a in row["assignments"]:
+            if a["node_id"] in good:
+                assert a["upload_keys"] == sorted(blocks[a["block"]].names)
+                assert a["bytes_down"] > 0 and a["bytes_up"] > 0
+                trained_by.add(a["node_id"])
+    assert trained_by == good  # round-robin over three nodes: each data-holding node trained once
+
+    summary = json.loads((insecure_run.out / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["samples_seen"] > 0
+    assert summary["final_eval_loss"] == summary["final_eval_loss"]  # evaluated, not NaN
+    final = insecure_run.out / "final"
+    assert (final / "config.json").exists() and (final / "tokenizer.json").exists()
+    models.load_pretrained(final)
+
+
+@pytest.mark.slow
+def test_node_with_missing_data_is_rejected_and_the_run_goes_on(insecure_run: Finished) -> None:
+    assert insecure_run.status["status"] == "finished:completed", (insecure_run.status, insecure_run.run_log)
+    rows = metrics_rows(insecure_run.out)
+    rejected = [r for row in rows for r in row["rejected"]]
+    assert rejected, "the node without data was never rejected"
+    assert {r["node_id"] for r in rejected} == {insecure_run.node_ids["clinic-c"]}
+    assert all("missing.jsonl" in r["reason"] for r in rejected), rejected
+    assert any(row["train_loss"] is not None for row in rows)
+
+
+@pytest.mark.slow
+def test_no_deployment_process_is_left_behind(insecure_run: Finished) -> None:
+    assert insecure_run.pids, "no process was recorded"
+    deadline = time.monotonic() + 10
+    while (alive := {pid for pid in insecure_run.pids if _alive(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive
+
+
+# -- TLS and SuperNode authentication -----------------------------------------------------------
+@pytest.mark.slow
+def test_tls_and_supernode_auth_admit_only_registered_nodes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with LoopbackDeployment(tmp_path / "deploy", tls=True, node_auth=True) as dep:
+        with pytest.raises((OSError, http.client.HTTPException)):  # no plain HTTP on the TLS port
+            urllib.request.urlopen(f"http://{dep.address}/health", timeout=5)
+
+        registered = {}
+        for name, start in (("clinic-a", 0), ("clinic-b", 4)):
+            keys = dep.node_keys(name)
+            registered[dep.register(keys)] = dep.add_supernode(
+                {"data-path": str(write_alpaca(tmp_path / f"{name}.jsonl", start)),
+                 "cache-dir": str(tmp_path / f"{name}-cache")}, keys=keys)
+        assert sorted(dep.wait_for_nodes(2)) == sorted(registered)
+
+        intruder = dep.add_supernode({"data-path": str(tmp_path / "clinic-a.jsonl")},
+                                     keys=dep.node_keys("intruder"), max_retries=0)
+        intruder.process.wait(timeout=60)
+        assert intruder.process.returncode != 0
+        assert "Failed to activate SuperNode" in intruder.log_text()
+        assert "No SuperNode found with the given public key" in dep.superlink_log.read_text()
+        assert sorted(dep.online_nodes()) == sorted(registered)
+
+        status, log = _run(dep, f"{TINY} rounds=2 algorithm.min_nodes=2 algorithm.round_timeout=180 "
+                                f"output_dir={out}")
+        pids = dep.process_ids()
+    assert status["status"] == "finished:completed", (status, log)
+    rows = metrics_rows(out)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(not r["rejected"] and r["train_loss"] is not None for r in rows)
+    assert {a["node_id"] for r in rows for a in r["assignments"]} == set(registered)
+    assert (out / "summary.json").exists()
+    time.sleep(1)
+    assert not {pid for pid in pids if _alive(pid)}
+
+
+# -- Docker: compose files and image, checked without a Docker engine ------------------------------
+LOOPBACK_NODE_CONFIG = {"data-path": "/data/node.jsonl", "cache-dir": "/cache"}
+TLS_FILES = ServerCredentials(Path("/certs/ca.crt"), Path("/certs/server.pem"), Path("/certs/server.key"))
+SUPERNODES = ("supernode-1", "supernode-2")
+
+
+def expected_commands(tls: bool) -> dict[str, list[str]]:
+    """Each compose service's command, built by the same functions as the loopback launcher."""
+    ca = "/certs/ca.crt" if tls else None
+    commands = {
+        "superlink": superlink_flags(host="0.0.0.0", port=8000, isolation="process",
+                                     tls=TLS_FILES if tls else None, node_auth=tls),
+        "superexec-serverapp": superexec_flags(runtime_api="superlink:8000", root_cert=ca),
+    }
+    for i, name in enumerate(SUPERNODES, start=1):
+        commands[name] = supernode_flags(
+            superlink="superlink:8000", host="0.0.0.0", port=9094, isolation="process", root_cert=ca,
+            auth_key="/certs/supernode.key" if tls else None, node_config=LOOPBACK_NODE_CONFIG)
+        commands[f"superexec-clientapp-{i}"] = superexec_flags(runtime_api=f"{name}:9094", root_cert=None)
+    return commands
+
+
+def load_compose(*files: str) -> dict:
+    """Our own merge of compose files: later files replace a service's command as a whole."""
+    merged: dict = {"services": {}, "volumes": {}}
+    for name in files:
+        doc = yaml.safe_load((APP_DIR / name).read_text())
+        for service, spec in doc.get("services", {}).items():
+            merged["services"].setdefault(service, {}).update(spec)
+        merged["volumes"].update(doc.get("volumes") or {})
+    return merged
+
+
+@pytest.mark.parametrize("files", [("compose.yaml",), ("compose.yaml", "compose.tls.yaml")])
+def test_compose_commands_are_the_loopback_launchers_flags(files: tuple[str, ...]) -> None:
+    services = load_compose(*files)["services"]
+    expected = expected_commands(tls=len(files) > 1)
+    assert set(services) == set(expected)
+    for name, command in expected.items():
+        assert [str(arg) for arg in services[name]["command"]] == command, name
+
+
+def test_compose_gives_each_node_its_own_data_and_cache_and_the_server_a_results_volume() -> None:
+    compose = load_compose("compose.yaml")
+    services = compose["services"]
+    sources = set()
+    for i in (1, 2):
+        mounts = {target: (source, mode) for source, target, mode in
+                  map(_volume, services[f"superexec-clientapp-{i}"]["volumes"])}
+        assert mounts["/data"][1] == "ro"
+        sources |= {mounts["/data"][0], mounts["/cache"][0]}
+    assert len(sources) == 4
+    assert "results:/results" in services["superexec-serverapp"]["volumes"]
+    assert {"results", "node-1-cache", "node-2-cache"} <= set(compose["volumes"])
+    assert services["superlink"]["ports"] == ["8000:8000"]
+    for name in ("superexec-serverapp", "superexec-clientapp-1", "superexec-clientapp-2"):
+        assert services[name]["image"] == "fedcybgd:latest" and services[name]["build"]["context"] == "."
+
+
+def _volume(spec: str) -> tuple[str, str, str]:
+    """(source, target, mode) of a short-syntax volume; the source may hold `${VAR:-default}`."""
+    rest, _, last = spec.rpartition(":")
+    if last in ("ro", "rw"):
+        source, _, target = rest.rpartition(":")
+        return source, target, last
+    return rest, last, "rw"
+
+
+def _compose_cli() -> list[str] | None:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"],
+                                                 capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return None
+
+
+@pytest.mark.skipif(_compose_cli() is None, reason="no docker-compose (make deploy-tools installs it)")
+@pytest.mark.parametrize("files", [("compose.yaml",), ("compose.yaml", "compose.tls.yaml")])
+def test_docker_compose_accepts_the_files(files: tuple[str, ...]) -> None:
+    """`config` validates against the compose schema and merges the overlay; needs no engine."""
+    args = [arg for f in files for arg in ("-f", f)]
+    out = subprocess.run([*_compose_cli(), *args, "config"], cwd=APP_DIR, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    for name, command in expected_commands(tls=len(files) > 1).items():
+        assert [str(arg) for arg in services[name]["command"]] == command, name
+
+
+def test_dockerfile_builds_from_files_that_exist_and_runs_superexec() -> None:
+    lines = (APP_DIR / "Dockerfile").read_text().splitlines()
+    copies = [line.split()[1] for line in lines if line.startswith("COPY ")]
+    assert copies and all((APP_DIR / src).exists() for src in copies), copies
+    assert 'ENTRYPOINT ["flower-superexec"]' in lines
+    ignored = (APP_DIR / ".dockerignore").read_text().splitlines()
+    assert {".venv", "outputs", "certs"} <= set(ignored)
