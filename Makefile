@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP      := $(VENV)/.installed
 DEMO_OUT   ?= $(CURDIR)/outputs/demo
 
-.PHONY: setup demo test test-fast bench-comm clean
+.PHONY: setup demo test test-fast bench-comm bench-fidelity clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -60,3 +60,7 @@ certs: setup
 deploy-tools:
 	command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || \
 	  (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-compose)
+
+# Held-out loss of the model a client trains in, under each compression choice (no training).
+bench-fidelity: setup
+	$(PY) -m scripts.bench_fidelity

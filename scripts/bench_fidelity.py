@@ -1,0 +1,95 @@
+"""How much each compression choice damages the model a client trains in: `make bench-fidelity`.
+
+A client computes its block's gradient through the compressed frozen rest, so the held-out loss
+of that compressed model (block dense, everything else as the client receives it) says how far
+its training signal is from the uncompressed one. No training happens here. Prints one table and
+writes outputs/bench/fidelity.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from fedcybgd import compression, data, models
+from fedcybgd.blocks import describe, layer_index
+from fedcybgd.compression import TensorForm
+from fedcybgd.config import DataConfig
+from fedcybgd.train import evaluate_loss
+
+# (label, dropped layers or a count to draw at random, frozen-layer form, head form)
+CASES = [
+    ("none", (), "dense", "dense"),
+    ("int8", (), "int8", "int8"),
+    ("int8 layers, nf4 head", (), "int8", "nf4"),
+    ("nf4 layers, int8 head", (), "nf4", "int8"),
+    ("prune 0.1 + int8 (hybrid)", (), "p0.10+int8", "int8"),
+    ("prune 0.2 + int8", (), "p0.20+int8", "int8"),
+    ("prune 0.3 + int8", (), "p0.30+int8", "int8"),
+    ("prune 0.5", (), "p0.50", "dense"),
+    ("drop first layer", (0,), "dense", "dense"),
+    ("drop last layer", ("last",), "dense", "dense"),
+    ("drop 1 random layer", 1, "dense", "dense"),
+    ("drop 25% random layers", 0.25, "dense", "dense"),
+]
+
+
+def compressed_loss(model, layout, batches, block: int, dropped: tuple[int, ...], layer_form: str,
+                    head_form: str) -> float:
+    skeleton, layer_map = models.build_skeleton(models.model_spec(model), dropped)
+    tensors = {}
+    for name, tensor in models.named_tensors(model).items():
+        layer = layer_index(name, layout.layer_prefix)
+        if layer in dropped:
+            continue
+        form = TensorForm.parse(head_form if layer is None else layer_form)
+        if layer != block and compression.applies_to(tensor):
+            tensor = compression.decode(compression.encode(tensor, form), form)
+        tensors[layer_map.to_local(name)] = tensor
+    models.load_tensors(skeleton, tensors)
+    return evaluate_loss(skeleton, batches, torch.device("cpu"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=models.SMOLLM2)
+    parser.add_argument("--examples", type=int, default=64, help="held-out examples evaluated")
+    parser.add_argument("--draws", type=int, default=3, help="random layer choices per random case")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    args = parser.parse_args()
+    model_dir = models.resolve_model_dir(args.model)
+    model = models.load_pretrained(model_dir)
+    tokenizer = models.load_tokenizer(str(model_dir))
+    layout = describe(model, 1)
+    block = layout.num_layers // 2  # the client's own block stays dense
+    cfg = DataConfig()
+    _, heldout = data.split_heldout(data.load_examples(cfg), cfg)
+    examples = data.tokenize(heldout.select(range(min(args.examples, len(heldout)))), tokenizer, 128)
+    batches = data.eval_batches(examples, 8, tokenizer.pad_token_id)
+    frozen = [i for i in range(layout.num_layers) if i != block]
+
+    rows = []
+    for label, drop, layer_form, head_form in CASES:
+        if isinstance(drop, (int, float)) and not isinstance(drop, bool):
+            count = drop if isinstance(drop, int) else round(drop * len(frozen))
+            choices = [tuple(sorted(random.Random(s).sample(frozen, count))) for s in range(args.draws)]
+        else:
+            choices = [tuple(layout.num_layers - 1 if d == "last" else d for d in drop)]
+        losses = [compressed_loss(model, layout, batches, block, c, layer_form, head_form) for c in choices]
+        rows.append({"case": label, "dropped": [list(c) for c in choices], "layer_form": layer_form,
+                     "head_form": head_form, "losses": losses, "mean_loss": sum(losses) / len(losses)})
+        base = rows[0]["mean_loss"]
+        print(f"{label:<28}{rows[-1]['mean_loss']:>9.4f}{(rows[-1]['mean_loss'] - base) / base:>+9.1%}"
+              f"   {', '.join(f'{l:.3f}' for l in losses) if len(losses) > 1 else ''}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"model": args.model, "block_dense": block, "examples": len(examples), "rows": rows}
+    (args.out / "fidelity.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out / 'fidelity.json'}")
+
+
+if __name__ == "__main__":
+    main()
