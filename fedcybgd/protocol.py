@@ -108,11 +108,6 @@ def part_key(holding: Holding, part: str) -> str:
     return f"{holding.name}@{holding.form}/{part}"
 
 
-def encode_parts(parts_by_holding: dict[Holding, dict[str, torch.Tensor]]) -> ArrayRecord:
-    return ArrayRecord({part_key(h, part): codec.encode_tensor(t)
-                        for h, parts in parts_by_holding.items() for part, t in parts.items()})
-
-
 def decode_parts(record: ArrayRecord, manifest: tuple[Holding, ...]) -> dict[Holding, dict[str, torch.Tensor]]:
     """Group a `"frozen"` record's parts by the manifest entry they belong to."""
     by_name = {h.name: h for h in manifest}
