@@ -84,8 +84,7 @@ class CyclicBlockStrategy(Strategy):
         self.min_nodes = min_nodes
         self.round_timeout = round_timeout
         self.seed = seed
-        self.packager = Packager(self.blocks, layout.layer_prefix, layout.num_layers,
-                                 set(layout.matrices), compression, seed)
+        self.packager = Packager(layout, compression, seed)
         self.block_versions = [0] * len(self.blocks)
         self.node_order: list[int] = []
         self.visits: dict[int, int] = {}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedcybgd import codec, compression
-from fedcybgd.blocks import Block, layer_index
+from fedcybgd.blocks import Block, ModelLayout, layer_index
 from fedcybgd.client_cache import Holding, digest
 from fedcybgd.compression import DENSE, TensorForm
 from fedcybgd.config import CompressionConfig
@@ -49,12 +49,8 @@ def drop_layers(frozen_layers: list[int], block: Block, num_layers: int, cfg: Co
 class Packager:
     """Plans and builds each visit's download; tracks, per node, the tensors it holds."""
 
-    def __init__(self, blocks: list[Block], layer_prefix: str, num_layers: int,
-                 matrices: set[str], cfg: CompressionConfig, seed: int) -> None:
-        self.blocks = blocks
-        self.layer_prefix = layer_prefix
-        self.num_layers = num_layers
-        self.matrices = matrices  # names of tensors with >= 2 dims: the only ones compressed
+    def __init__(self, layout: ModelLayout, cfg: CompressionConfig, seed: int) -> None:
+        self.layout = layout
         self.cfg = cfg
         self.seed = seed
         self.holdings: dict[int, dict[str, Holding] | None] = {}  # None: unknown, ask the node
@@ -82,22 +78,22 @@ class Packager:
 
     # -- planning and packaging ------------------------------------------------------------
     def form_for(self, name: str) -> TensorForm:
-        if name not in self.matrices:
+        if name not in self.layout.matrices:
             return DENSE
-        if layer_index(name, self.layer_prefix) is None:
+        if layer_index(name, self.layout.layer_prefix) is None:
             return TensorForm(quant=self.cfg.head_quantize)
         return TensorForm(sparsity=self.cfg.prune_sparsity, pattern=self.cfg.prune_pattern,
                           quant=self.cfg.quantize)
 
     def plan(self, node_id: int, block: Block, versions: dict[str, int], server_round: int) -> VisitPlan:
         held = self.holdings.get(node_id) or {}
-        frozen_layers = [i for i in range(self.num_layers) if i not in block.layers]
+        frozen_layers = [i for i in range(self.layout.num_layers) if i not in block.layers]
         rng = random.Random(f"{self.seed}:{server_round}:{node_id}")
-        dropped = drop_layers(frozen_layers, block, self.num_layers, self.cfg, rng)
+        dropped = drop_layers(frozen_layers, block, self.layout.num_layers, self.cfg, rng)
         in_block = set(block.names)
         manifest, send_block, send_frozen = [], [], []
         for name, version in versions.items():
-            if layer_index(name, self.layer_prefix) in dropped:
+            if layer_index(name, self.layout.layer_prefix) in dropped:
                 continue
             wanted = DENSE if name in in_block else self.form_for(name)
             have = held.get(name)
