@@ -13,10 +13,13 @@ from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from torch import nn
 
-from fedcybgd import codec, data, models, protocol
+from fedcybgd import codec, data, lora, memory, models, protocol
+from fedcybgd.blocks import LayerMap
 from fedcybgd.client_cache import ClientCache, Holding, digest
 from fedcybgd.compression import DENSE
 from fedcybgd.config import DataConfig
@@ -29,13 +32,27 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     instruction = TrainInstruction.from_record(msg.content.config_records[CONFIG])
+    device = pick_device(str(context.node_config.get("device", "auto")))
+    memory_before = memory.baseline_bytes(device)
     cache = ClientCache(_cache_dir(context))
     cache.store(_received(msg.content, instruction))
     tensors = cache.load(list(instruction.manifest))  # CacheMissError: never train on stale weights
+    adapters = {n: tensors.pop(n) for n in list(tensors) if lora.is_adapter(n)}
 
     model, layer_map = models.build_skeleton(instruction.model_spec, instruction.dropped_layers)
     models.load_tensors(model, {layer_map.to_local(n): t for n, t in tensors.items()})
     del tensors
+    if instruction.lora_modules:
+        assert instruction.lora is not None
+        if not adapters:  # fedcybgd-lora: fresh adapters for this visit's block
+            shapes = {f"{m}.weight": tuple(model.get_submodule(layer_map.to_local(m)).weight.shape)
+                      for m in instruction.lora_modules}
+            adapters = lora.fresh_adapters(shapes, instruction.lora_modules, instruction.lora,
+                                           instruction.seed)
+        local_names = lora.attach(model, {layer_map.to_local(n): t for n, t in adapters.items()},
+                                  instruction.lora)
+    else:
+        local_names = [layer_map.to_local(n) for n in instruction.block_names]
 
     model_dir = str(models.resolve_model_dir(instruction.model_name))
     tokenizer = models.load_tokenizer(model_dir)
@@ -43,23 +60,32 @@ def train(msg: Message, context: Context) -> Message:
                                instruction.train.max_seq_len)
     batches = data.train_batches(examples, instruction.train.batch_size, tokenizer.pad_token_id,
                                  seed=instruction.seed)
-    device = pick_device(str(context.node_config.get("device", "auto")))
-    local_names = [layer_map.to_local(n) for n in instruction.block_names]
     result = train_params(model, local_names, batches, instruction.train, device)
 
-    params = dict(model.named_parameters())
-    trained = {name: params[layer_map.to_local(name)].detach().to("cpu") for name in instruction.block_names}
-    new_version = instruction.block_version + 1
-    cache.store({Holding(name, new_version, DENSE.key): {"v": t} for name, t in trained.items()})
+    uploaded = _upload(model, layer_map, instruction)
+    if instruction.keep_upload:
+        new_version = instruction.block_version + 1
+        cache.store({Holding(name, new_version, DENSE.key): {"v": t} for name, t in uploaded.items()})
     metrics = VisitMetrics(
         train_loss=result.train_loss, num_examples=len(examples), samples_seen=result.samples_seen,
-        steps=result.steps, seconds=result.seconds, peak_mem_bytes=result.peak_mem_bytes,
+        steps=result.steps, seconds=result.seconds,
+        peak_mem_bytes=max(result.peak_mem_bytes - memory_before, 0),
     )
     return Message(RecordDict({
-        BLOCK: ArrayRecord({name: codec.encode_tensor(t) for name, t in trained.items()}),
+        BLOCK: ArrayRecord({name: codec.encode_tensor(t) for name, t in uploaded.items()}),
         METRICS: metrics.to_record(),
         CONFIG: protocol.reply_echo(instruction.block, instruction.block_version, digest(cache.holdings())),
     }), reply_to=msg)
+
+
+def _upload(model: nn.Module, layer_map: LayerMap, instruction: TrainInstruction) -> dict[str, torch.Tensor]:
+    """What the reply carries, by global name: the trained block, or the trained adapters."""
+    names = instruction.upload_names()
+    if instruction.lora_modules:
+        trained = lora.read_adapters(model, [layer_map.to_local(n) for n in names])
+        return {name: trained[layer_map.to_local(name)] for name in names}
+    params = dict(model.named_parameters())
+    return {name: params[layer_map.to_local(name)].detach().to("cpu") for name in names}
 
 
 @app.query()

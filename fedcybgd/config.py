@@ -22,6 +22,9 @@ DROP_MODES = ("random", "keep-near")
 PRUNE_PATTERNS = ("unstructured", "2:4")
 QUANTIZATIONS = ("none", "int8", "nf4")
 PARTITIONERS = ("iid", "dirichlet")
+FEDERATED_ALGORITHMS = ("fedcybgd", "fedbavg", "fedavg-full", "fedlora", "fedcybgd-lora")
+CENTRALIZED_ALGORITHMS = ("centralized-cy", "centralized-full")
+ALGORITHMS = FEDERATED_ALGORITHMS + CENTRALIZED_ALGORITHMS
 
 
 class ConfigError(ValueError):
@@ -72,7 +75,14 @@ class TrainConfig:
 
 @dataclass
 class AlgorithmConfig:
+    # `fedcybgd` (one block per client, written back), `fedbavg` (K clients on one block,
+    # averaged), `fedavg-full` (K clients on all parameters, averaged), `fedlora` (LoRA on all
+    # layers, averaged), `fedcybgd-lora` (LoRA on the client's block, merged into it), or the
+    # references without Flower: `centralized-cy` (cyclic blocks), `centralized-full`.
     name: str = "fedcybgd"
+    # Clients per round. fedcybgd/fedcybgd-lora: K distinct blocks trained in parallel from the
+    # same model (parallel cyclic groups); fedbavg/fedavg-full/fedlora: K clients averaged.
+    clients_per_round: int = 1
     # Block order over the visits: `ascending`, `descending`, or `random` (a fresh permutation
     # of all blocks per cycle).
     allocation: str = "ascending"
@@ -80,6 +90,18 @@ class AlgorithmConfig:
     min_nodes: int = 1
     # Seconds to wait for a round's replies before the round counts as failed.
     round_timeout: float = 3600.0
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters for `fedlora` and `fedcybgd-lora` (applied with peft)."""
+
+    r: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0
+    # Module names (last part, e.g. `q_proj`) that get adapters; empty: every nn.Linear inside
+    # the decoder layers.
+    target_modules: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -122,6 +144,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rounds: int = 30
     seed: int = 0
@@ -155,7 +178,8 @@ def check(cfg: RunConfig) -> None:
         (cfg.rounds >= 1, "rounds", "must be >= 1"),
         (cfg.model.layers_per_block >= 1, "model.layers_per_block", "must be >= 1"),
         (cfg.algorithm.allocation in ALLOCATIONS, "algorithm.allocation", f"must be one of {ALLOCATIONS}"),
-        (cfg.algorithm.name == "fedcybgd", "algorithm.name", "must be 'fedcybgd'"),
+        (cfg.algorithm.name in ALGORITHMS, "algorithm.name", f"must be one of {ALGORITHMS}"),
+        (cfg.algorithm.clients_per_round >= 1, "algorithm.clients_per_round", "must be >= 1"),
         (cfg.algorithm.min_nodes >= 1, "algorithm.min_nodes", "must be >= 1"),
         (cfg.algorithm.round_timeout > 0, "algorithm.round_timeout", "must be > 0"),
         (cfg.data.partitioner in PARTITIONERS, "data.partitioner", f"must be one of {PARTITIONERS}"),
@@ -175,6 +199,9 @@ def check(cfg: RunConfig) -> None:
         (cfg.compression.quantize in QUANTIZATIONS, "compression.quantize", f"must be one of {QUANTIZATIONS}"),
         (cfg.compression.head_quantize in QUANTIZATIONS, "compression.head_quantize",
          f"must be one of {QUANTIZATIONS}"),
+        (cfg.lora.r >= 1, "lora.r", "must be >= 1"),
+        (cfg.lora.alpha > 0, "lora.alpha", "must be > 0"),
+        (0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
         (cfg.eval.every >= 1, "eval.every", "must be >= 1"),
         (cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1"),
     ]

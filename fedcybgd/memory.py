@@ -6,6 +6,8 @@ resident set size of this process, sampled every few milliseconds while the work
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import threading
 from types import TracebackType
@@ -18,6 +20,23 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 def current_rss_bytes() -> int:
     with open("/proc/self/statm", encoding="ascii") as f:
         return int(f.read().split()[1]) * _PAGE
+
+
+def baseline_bytes(device: torch.device) -> int:
+    """Memory in use before a piece of work starts, to subtract from its peak.
+
+    On CPU the process may hold memory freed by earlier work (and, in-process, the server's
+    state): collect garbage and hand free heap pages back to the OS first, so the peak minus
+    this baseline is what the work itself needed.
+    """
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline is then a little high
+        pass
+    return current_rss_bytes()
 
 
 class PeakMemory:

@@ -22,8 +22,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedcybgd import codec
+from fedcybgd.lora import adapter_names
 from fedcybgd.client_cache import Holding, decode_holdings, encode_holdings
-from fedcybgd.config import DataConfig, TrainConfig
+from fedcybgd.config import DataConfig, LoraConfig, TrainConfig
 
 BLOCK = "block"
 FROZEN = "frozen"
@@ -45,6 +46,20 @@ class TrainInstruction:
     train: TrainConfig
     data: DataConfig
     seed: int
+    # LoRA: the modules that get adapters. Their initial values come with the download when the
+    # global model holds them (fedlora), else they start fresh from `seed`; the upload is then
+    # the adapters instead of `block_names`.
+    lora: LoraConfig | None = None
+    lora_modules: tuple[str, ...] = ()
+    # The server writes the upload back as is (fedcybgd): the client may keep it as the block's
+    # next version. Not when the server averages or merges it.
+    keep_upload: bool = True
+
+    def upload_names(self) -> tuple[str, ...]:
+        """The tensors the reply must carry."""
+        if self.lora_modules:
+            return tuple(n for m in self.lora_modules for n in adapter_names(m))
+        return self.block_names
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({
@@ -59,6 +74,9 @@ class TrainInstruction:
             "train": json.dumps(asdict(self.train)),
             "data": json.dumps(asdict(self.data)),
             "seed": self.seed,
+            "lora": json.dumps(asdict(self.lora) if self.lora else None),
+            "lora-modules": json.dumps(list(self.lora_modules)),
+            "keep-upload": self.keep_upload,
         })
 
     @classmethod
@@ -75,6 +93,9 @@ class TrainInstruction:
             train=TrainConfig(**json.loads(str(record["train"]))),
             data=DataConfig(**json.loads(str(record["data"]))),
             seed=int(record["seed"]),
+            lora=LoraConfig(**spec) if (spec := json.loads(str(record["lora"]))) else None,
+            lora_modules=tuple(json.loads(str(record["lora-modules"]))),
+            keep_upload=bool(record["keep-upload"]),
         )
 
 

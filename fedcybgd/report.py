@@ -9,10 +9,32 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class RoundStats:
+    """What happened in one round, as written to metrics.jsonl (every algorithm, same fields)."""
+
+    round: int
+    assignments: list[dict] = field(default_factory=list)  # {node_id, block, visit, bytes_down, ...}
+    rejected: list[dict] = field(default_factory=list)  # {node_id, reason}
+    train_loss: float | None = None
+    bytes_down: int = 0  # everything sent: block + frozen + config records, holdings queries
+    bytes_down_block: int = 0
+    bytes_down_frozen: int = 0
+    bytes_up: int = 0
+    samples_seen: int = 0  # training examples processed this round, all clients
+    client_seconds: float = 0.0  # the slowest client's training time
+    client_peak_mem_bytes: int = 0  # the largest client peak this round
+    round_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -79,18 +101,19 @@ class RunReport:
 
 
 def summary_table(summary: dict) -> str:
-    """A short human-readable table of a run's summary."""
+    """A short human-readable table of a run's summary (federated or centralized)."""
     mb = 1e6
+    ratio = summary.get("download_ratio_vs_fedfull")
+    peak = summary.get("client_peak_mem_bytes")
     rows = [
         ("algorithm", summary["algorithm"]),
         ("model", summary["model"]),
         ("rounds", summary["rounds"]),
         ("held-out loss", f"{summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}"),
+        ("samples seen", summary["samples_seen"]),
         ("bytes down / up", f"{summary['total_bytes_down'] / mb:,.1f} MB / {summary['total_bytes_up'] / mb:,.1f} MB"),
-        ("download vs Fed-full", f"{summary['download_ratio_vs_fedfull']:.1%}"
-                                 if summary["download_ratio_vs_fedfull"] is not None else "-"),
-        ("full model / mean block", f"{summary['full_model_bytes'] / mb:,.1f} MB / "
-                                    f"{sum(summary['block_bytes']) / len(summary['block_bytes']) / mb:,.2f} MB"),
+        ("download vs Fed-full", "-" if ratio is None else f"{ratio:.1%}"),
+        ("client peak memory (mean)", "-" if peak is None else f"{peak / mb:,.0f} MB"),
         ("rejected replies", summary["rejected_replies"]),
         ("wall time", f"{summary['wall_seconds']:.1f} s"),
     ]

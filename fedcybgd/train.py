@@ -46,8 +46,13 @@ def train_params(
     batches: Iterator[dict[str, torch.Tensor]],
     cfg: TrainConfig,
     device: torch.device,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> VisitResult:
-    """Train the parameters named in `trainable` for `cfg.local_steps` optimizer steps."""
+    """Train the parameters named in `trainable` for `cfg.local_steps` optimizer steps.
+
+    A fresh AdamW unless `optimizer` is given: centralized full fine-tuning passes the same one
+    to every call, so its state carries over as in one long run.
+    """
     wanted = set(trainable)
     params = []
     for name, param in model.named_parameters():
@@ -64,7 +69,8 @@ def train_params(
         model.activation_checkpointing_enable({"use_reentrant": False})
     elif model.is_activation_checkpointing:  # the skeleton is reused across visits
         model.activation_checkpointing_disable()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     losses: list[float] = []
     samples = 0

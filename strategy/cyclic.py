@@ -1,4 +1,8 @@
-"""FedCyBGD as a Flower strategy: schedule, package, validate, merge, in that order.
+"""The block strategy family as one Flower strategy: schedule, package, validate, merge.
+
+FedCyBGD and its baselines differ only in their `Algorithm` (strategy/algorithms.py): how many
+clients a round takes, whether they share one block (averaged) or take distinct ones (written
+back), and whether they train the weights or LoRA adapters.
 
 The strategy holds the run's global state: the global `ArrayRecord` (updated in place, block by
 block), each block's version, the stable node order, what every node holds (in its `Packager`),
@@ -9,43 +13,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedcybgd import protocol
+from fedcybgd import codec, lora, protocol
 from fedcybgd.blocks import Block, ModelLayout
 from fedcybgd.config import CompressionConfig, DataConfig, TrainConfig
 from fedcybgd.protocol import BLOCK, CONFIG, FROZEN, METRICS, TrainInstruction, VisitMetrics, record_bytes
+from fedcybgd.report import RoundStats
 from strategy import schedule
+from strategy.algorithms import Algorithm
 from strategy.packaging import Packager, VisitPlan
 from strategy.validation import reply_problem
-
-
-@dataclass
-class RoundStats:
-    """What happened in one round, as written to metrics.jsonl."""
-
-    round: int
-    assignments: list[dict] = field(default_factory=list)  # {node_id, block, visit, bytes_down, ...}
-    rejected: list[dict] = field(default_factory=list)  # {node_id, reason}
-    train_loss: float | None = None
-    bytes_down: int = 0  # everything sent: block + frozen + config records, holdings queries
-    bytes_down_block: int = 0
-    bytes_down_frozen: int = 0
-    bytes_up: int = 0
-    samples_seen: int = 0
-    client_seconds: float = 0.0
-    client_peak_mem_bytes: int = 0
-    round_seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -55,13 +41,22 @@ class _Visit:
     entry: dict  # this visit's row in RoundStats.assignments
 
 
+@dataclass(frozen=True)
+class _Upload:
+    visit: _Visit
+    arrays: ArrayRecord
+    metrics: VisitMetrics
+    cache_digest: str
+
+
 class CyclicBlockStrategy(Strategy):
-    """One client per round trains one block of the global model; its reply overwrites it."""
+    """Each round, the algorithm's clients train blocks of the global model; replies merge in."""
 
     def __init__(
         self,
         layout: ModelLayout,
         *,
+        algorithm: Algorithm,
         model_name: str,
         model_spec: str,
         train: TrainConfig,
@@ -73,7 +68,11 @@ class CyclicBlockStrategy(Strategy):
         round_timeout: float = 3600.0,
         seed: int = 0,
     ) -> None:
+        if not algorithm.average and algorithm.clients_per_round > len(layout.blocks):
+            raise ValueError(f"algorithm.clients_per_round={algorithm.clients_per_round} exceeds the "
+                             f"{len(layout.blocks)} blocks: parallel groups train distinct blocks")
         self.blocks: list[Block] = list(layout.blocks)
+        self.algorithm = algorithm
         self.model_name = model_name
         self.model_spec = model_spec
         self.train = train
@@ -81,15 +80,15 @@ class CyclicBlockStrategy(Strategy):
         self.compression = compression
         self.base_hashes = base_hashes
         self.allocation = allocation
-        self.min_nodes = min_nodes
+        self.min_nodes = max(min_nodes, algorithm.clients_per_round)
         self.round_timeout = round_timeout
         self.seed = seed
         self.packager = Packager(layout, compression, seed)
         self.block_versions = [0] * len(self.blocks)
         self.node_order: list[int] = []
         self.visits: dict[int, int] = {}
-        self.position = 0  # visits taken from the allocation order so far
-        self.retry: list[int] = []  # blocks whose visit failed: handed to the next node first
+        self.position = 0  # blocks taken from the allocation order so far
+        self.retry: list[int] = []  # blocks whose visits all failed: assigned again first
         self.rounds: dict[int, RoundStats] = {}
         self._block_of = layout.block_of()
         self._global: ArrayRecord | None = None
@@ -97,8 +96,9 @@ class CyclicBlockStrategy(Strategy):
         self._round_start = 0.0
 
     def summary(self) -> None:
-        log(INFO, "\t├── FedCyBGD: %d blocks, allocation %s, min nodes %d",
-            len(self.blocks), self.allocation, self.min_nodes)
+        log(INFO, "\t├── %s: %d blocks, %d client(s) per round, allocation %s, min nodes %d",
+            self.algorithm.name, len(self.blocks), self.algorithm.clients_per_round,
+            self.allocation, self.min_nodes)
         log(INFO, "\t├── compression %s", self.compression)
         log(INFO, "\t└── local steps %d, lr %g, batch %d", self.train.local_steps,
             self.train.lr, self.train.batch_size)
@@ -113,7 +113,7 @@ class CyclicBlockStrategy(Strategy):
         return [n for n in self.node_order if n in online]
 
     def tensor_versions(self) -> dict[str, int]:
-        """Current version of every tensor: its block's version; 0 for the frozen head."""
+        """Current version of every tensor: its block's version; 0 for what never trains."""
         assert self._global is not None
         return {name: self.block_versions[self._block_of[name]] if name in self._block_of else 0
                 for name in self._global.keys()}
@@ -125,8 +125,7 @@ class CyclicBlockStrategy(Strategy):
         self._round_start = time.perf_counter()
         self._global = arrays
         stats = self.rounds[server_round] = RoundStats(round=server_round)
-        assignments = [schedule.Assignment(schedule.node_for_round(server_round, self.connected_nodes(grid)),
-                                           self._next_block())]
+        assignments = self._assign(server_round, self.connected_nodes(grid))
         self._sync_holdings(grid, [a.node_id for a in assignments if not self.packager.knows(a.node_id)], stats)
         versions = self.tensor_versions()
         self._pending = {}
@@ -149,12 +148,32 @@ class CyclicBlockStrategy(Strategy):
             messages.append(Message(content, dst_node_id=a.node_id, message_type=MessageType.TRAIN))
         return messages
 
-    def _next_block(self) -> int:
-        if self.retry:
-            return self.retry.pop(0)
-        block = schedule.block_at(self.position, len(self.blocks), self.allocation, self.seed)
-        self.position += 1
-        return block
+    def _assign(self, server_round: int, nodes: list[int]) -> list[schedule.Assignment]:
+        """This round's (node, block) pairs: K nodes in turn, on one block or K distinct ones."""
+        k = self.algorithm.clients_per_round
+        chosen = schedule.nodes_for_round(server_round, nodes, k)
+        if self.algorithm.average:
+            block = self._next_blocks(1)[0]
+            return [schedule.Assignment(n, block) for n in chosen]
+        return [schedule.Assignment(n, b) for n, b in zip(chosen, self._next_blocks(k))]
+
+    def _next_blocks(self, count: int) -> list[int]:
+        """The next `count` distinct blocks: failed ones first, then the allocation order.
+
+        A block drawn twice (a retry still due, or a cycle boundary under `random`) waits for
+        the next round, so a round never assigns one block to two groups.
+        """
+        chosen: list[int] = []
+        later: list[int] = []
+        while len(chosen) < count:
+            if self.retry:
+                block = self.retry.pop(0)
+            else:
+                block = schedule.block_at(self.position, len(self.blocks), self.allocation, self.seed)
+                self.position += 1
+            (later if block in chosen else chosen).append(block)
+        self.retry[:0] = later
+        return chosen
 
     def _sync_holdings(self, grid: Grid, node_ids: list[int], stats: RoundStats) -> None:
         """Ask nodes whose cache state is unknown what they hold (first contact, after a failure)."""
@@ -189,6 +208,9 @@ class CyclicBlockStrategy(Strategy):
             train=self.train,
             data=self.data,
             seed=self.seed * 1_000_003 + server_round,
+            lora=self.algorithm.lora,
+            lora_modules=self.algorithm.lora_modules.get(block.index, ()),
+            keep_upload=self.algorithm.keeps_upload,
         )
 
     def aggregate_train(
@@ -196,7 +218,7 @@ class CyclicBlockStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self._global is not None, "configure_train must run first"
         stats = self.rounds[server_round]
-        losses: list[tuple[float, int]] = []
+        accepted: dict[int, list[_Upload]] = {}
         for reply in replies:
             node_id = reply.metadata.src_node_id
             visit = self._pending.pop(node_id, None)
@@ -207,52 +229,89 @@ class CyclicBlockStrategy(Strategy):
                 visit.entry["bytes_up"] = record_bytes(reply.content)
                 stats.bytes_up += visit.entry["bytes_up"]
             block = self.blocks[visit.assignment.block]
-            expected = ArrayRecord({name: self._global[name] for name in block.names})
-            problem = reply_problem(reply, expected, block.index, self.block_versions[block.index])
+            problem = reply_problem(reply, self._upload_template(block), block.index,
+                                    self.block_versions[block.index])
             if problem:
-                self._reject(stats, node_id, problem, visit.assignment.block)
+                self._reject(stats, node_id, problem)
                 continue
-            self._merge(block, reply.content.array_records[BLOCK])
-            self._confirm_cache(node_id, visit, block, str(reply.content[CONFIG]["cache-digest"]))
             metrics = VisitMetrics.from_record(reply.content.metric_records[METRICS])
-            losses.append((metrics.train_loss, metrics.samples_seen))
-            stats.samples_seen += metrics.samples_seen
-            stats.client_seconds = max(stats.client_seconds, metrics.seconds)
-            stats.client_peak_mem_bytes = max(stats.client_peak_mem_bytes, metrics.peak_mem_bytes)
             visit.entry["upload_keys"] = sorted(reply.content.array_records[BLOCK].keys())
-        for node_id, visit in self._pending.items():
-            self._reject(stats, node_id, "no reply within the round timeout", visit.assignment.block)
+            visit.entry["peak_mem_bytes"] = metrics.peak_mem_bytes
+            accepted.setdefault(block.index, []).append(_Upload(
+                visit, reply.content.array_records[BLOCK], metrics, str(reply.content[CONFIG]["cache-digest"])))
+        for node_id in self._pending:
+            self._reject(stats, node_id, "no reply within the round timeout")
         self._pending = {}
-        if losses:
-            stats.train_loss = sum(l * n for l, n in losses) / sum(n for _, n in losses)
+        assigned = {a["block"] for a in stats.assignments}
+        self.retry.extend(sorted(assigned - set(accepted)))
+
+        uploads = [u for group in accepted.values() for u in group]
+        for index, group in accepted.items():
+            self._merge(self.blocks[index], group)
+        for u in uploads:
+            stats.samples_seen += u.metrics.samples_seen
+            stats.client_seconds = max(stats.client_seconds, u.metrics.seconds)
+            stats.client_peak_mem_bytes = max(stats.client_peak_mem_bytes, u.metrics.peak_mem_bytes)
+        if uploads:
+            stats.train_loss = (sum(u.metrics.train_loss * u.metrics.samples_seen for u in uploads)
+                                / sum(u.metrics.samples_seen for u in uploads))
         stats.round_seconds = time.perf_counter() - self._round_start
         metrics = MetricRecord({"bytes-down": stats.bytes_down, "bytes-up": stats.bytes_up,
-                                "accepted": len(losses), "rejected": len(stats.rejected)})
+                                "accepted": len(uploads), "rejected": len(stats.rejected)})
         if stats.train_loss is not None:
             metrics["train-loss"] = stats.train_loss
-        return (self._global if losses else None), metrics
+        return (self._global if uploads else None), metrics
 
-    def _merge(self, block: Block, uploaded: ArrayRecord) -> None:
-        """Write the uploaded block into the global record in place and bump its version."""
+    def _upload_template(self, block: Block) -> dict[str, Array]:
+        """What a valid upload for `block` holds: names, shapes and dtypes (the values unused)."""
         assert self._global is not None
-        for name in block.names:
-            self._global[name] = uploaded[name]
-        self.block_versions[block.index] += 1
+        if not self.algorithm.merge_adapters:
+            return {name: self._global[name] for name in block.names}
+        assert self.algorithm.lora is not None
+        template = {}
+        for module in self.algorithm.lora_modules[block.index]:
+            out_features, in_features = self._global[f"{module}.weight"].shape
+            name_a, name_b = lora.adapter_names(module)
+            template[name_a] = codec.encode_tensor(torch.empty(self.algorithm.lora.r, in_features))
+            template[name_b] = codec.encode_tensor(torch.empty(out_features, self.algorithm.lora.r))
+        return template
 
-    def _confirm_cache(self, node_id: int, visit: _Visit, block: Block, reported: str) -> None:
-        expected = self.packager.confirm(node_id, visit.plan, block, self.block_versions[block.index])
+    def _merge(self, block: Block, group: list[_Upload]) -> None:
+        """Fold a block's accepted uploads into the global record in place; bump its version."""
+        assert self._global is not None
+        new: dict[str, Array | torch.Tensor]
+        if self.algorithm.average:
+            new = weighted_mean([codec.decode_record(u.arrays) for u in group],
+                                [u.metrics.num_examples for u in group])
+        elif self.algorithm.merge_adapters:
+            assert self.algorithm.lora is not None and len(group) == 1
+            current = {n: codec.decode_array(self._global[n]) for n in block.names}
+            new = lora.merge_into({**current, **codec.decode_record(group[0].arrays)}, self.algorithm.lora)
+        else:
+            assert len(group) == 1
+            new = {name: group[0].arrays[name] for name in block.names}
+        for name in block.names:
+            value = new[name]
+            self._global[name] = value if isinstance(value, Array) else codec.encode_tensor(value)
+        self.block_versions[block.index] += 1
+        kept = self.block_versions[block.index] if self.algorithm.keeps_upload else None
+        for upload in group:
+            self._confirm_cache(upload, block, kept)
+
+    def _confirm_cache(self, upload: _Upload, block: Block, kept_version: int | None) -> None:
+        node_id = upload.visit.assignment.node_id
+        expected = self.packager.confirm(node_id, upload.visit.plan, block, kept_version)
+        reported = upload.cache_digest
         if reported != expected:
             log(WARNING, "Node %d cache digest %s != expected %s: asking it what it holds next time",
                 node_id, reported, expected)
             self.packager.forget(node_id)
 
-    def _reject(self, stats: RoundStats, node_id: int, reason: str, block: int | None = None) -> None:
-        """Log and record a failed visit; its block goes back to the queue for the next node."""
+    def _reject(self, stats: RoundStats, node_id: int, reason: str) -> None:
+        """Log and record a failed visit; a block no visit delivered is assigned again."""
         log(WARNING, "Round %d: rejected reply from node %d: %s", stats.round, node_id, reason)
         stats.rejected.append({"node_id": node_id, "reason": reason})
         self.packager.forget(node_id)  # its cache may not be what we think: ask next time
-        if block is not None:
-            self.retry.append(block)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -261,3 +320,17 @@ class CyclicBlockStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
+
+
+def weighted_mean(uploads: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
+    """The weight-averaged tensors (in fp32, returned in each tensor's dtype)."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weights must sum to a positive number")
+    mean = {}
+    for name, first in uploads[0].items():
+        acc = torch.zeros(first.shape, dtype=torch.float32)
+        for upload, weight in zip(uploads, weights):
+            acc += upload[name].float() * (weight / total)
+        mean[name] = acc.to(first.dtype)
+    return mean

@@ -68,11 +68,16 @@ class Packager:
         """The node's cache state is unknown (failed visit, digest mismatch): ask it next time."""
         self.holdings[node_id] = None
 
-    def confirm(self, node_id: int, plan: VisitPlan, block: Block, new_version: int) -> str:
-        """Record a successful visit; returns the digest the node's cache must now have."""
+    def confirm(self, node_id: int, plan: VisitPlan, block: Block, new_version: int | None) -> str:
+        """Record a successful visit; returns the digest the node's cache must now have.
+
+        `new_version`: the block's version the node now holds as its own upload, or None when
+        the server averaged or merged the upload (the node keeps what it downloaded).
+        """
         held = self.holdings.get(node_id) or {}
         held.update({h.name: h for h in plan.manifest})
-        held.update({n: Holding(n, new_version, DENSE.key) for n in block.names})
+        if new_version is not None:
+            held.update({n: Holding(n, new_version, DENSE.key) for n in block.names})
         self.holdings[node_id] = held
         return digest(list(held.values()))
 

@@ -35,8 +35,12 @@ def block_at(position: int, num_blocks: int, allocation: str, seed: int) -> int:
     return block_order(cycle, num_blocks, allocation, seed)[index]
 
 
-def node_for_round(server_round: int, nodes: list[int]) -> int:
-    """FedCyBGD visits nodes in turn: round r goes to node (r-1) mod N of the stable order."""
+def nodes_for_round(server_round: int, nodes: list[int], count: int = 1) -> list[int]:
+    """Nodes are visited in turn, `count` per round: round r takes the next `count` of the
+    stable order (wrapping around), so with one per round, round r goes to node (r-1) mod N."""
     if not nodes:
         raise ValueError("no nodes to assign")
-    return nodes[(server_round - 1) % len(nodes)]
+    if count > len(nodes):
+        raise ValueError(f"algorithm.clients_per_round={count} exceeds the {len(nodes)} connected nodes")
+    start = (server_round - 1) * count
+    return [nodes[(start + i) % len(nodes)] for i in range(count)]

@@ -1,6 +1,6 @@
 import pytest
 
-from strategy.schedule import block_at, block_order, node_for_round
+from strategy.schedule import block_at, block_order, nodes_for_round
 
 
 def blocks(allocation, visits, num_blocks=4, seed=0):
@@ -13,7 +13,8 @@ def test_ascending_and_descending():
 
 
 def test_nodes_are_visited_in_turn():
-    assert [node_for_round(r, [7, 8, 9]) for r in range(1, 6)] == [7, 8, 9, 7, 8]
+    assert [nodes_for_round(r, [7, 8, 9]) for r in range(1, 6)] == [[7], [8], [9], [7], [8]]
+    assert [nodes_for_round(r, [7, 8, 9], 2) for r in range(1, 4)] == [[7, 8], [9, 7], [8, 9]]
 
 
 def test_random_trains_every_block_once_per_cycle_and_is_seeded():
@@ -29,4 +30,4 @@ def test_unknown_allocation_and_no_nodes():
     with pytest.raises(ValueError):
         blocks("zigzag", 1)
     with pytest.raises(ValueError):
-        node_for_round(1, [])
+        nodes_for_round(1, [])

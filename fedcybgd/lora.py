@@ -1,0 +1,125 @@
+"""LoRA adapters as plain named tensors: which modules get them, fresh ones, peft, merging.
+
+On the wire and on the server an adapter pair is two tensors named after its module,
+`<module>.lora_A` (r x in) and `<module>.lora_B` (out x r). peft does the training-time
+wrapping on the client; merging (`W + alpha/r * B @ A`) is a pure function here, so the server
+never needs peft to fold adapters into the global model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fedcybgd.blocks import layer_index
+from fedcybgd.config import LoraConfig
+
+PARTS = ("lora_A", "lora_B")
+
+
+class LoraError(ValueError):
+    """The model has no module LoRA can adapt, or adapters do not fit the model."""
+
+
+def is_adapter(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in PARTS
+
+
+def adapter_names(module: str) -> tuple[str, str]:
+    return f"{module}.lora_A", f"{module}.lora_B"
+
+
+def module_of(adapter: str) -> str:
+    return adapter.rsplit(".", 1)[0]
+
+
+def scale(cfg: LoraConfig) -> float:
+    return cfg.alpha / cfg.r
+
+
+def target_modules(model: nn.Module, layer_prefix: str, cfg: LoraConfig) -> dict[int, tuple[str, ...]]:
+    """The `nn.Linear` modules of each decoder layer that get adapters, by layer index."""
+    wanted = set(cfg.target_modules)
+    by_layer: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        index = layer_index(name, layer_prefix)
+        if index is None or not isinstance(module, nn.Linear):
+            continue
+        if not wanted or name.rsplit(".", 1)[-1] in wanted:
+            by_layer.setdefault(index, []).append(name)
+    if not by_layer:
+        raise LoraError(f"no nn.Linear module in the decoder layers matches lora.target_modules="
+                        f"{sorted(wanted) or 'all'}")
+    return {i: tuple(names) for i, names in sorted(by_layer.items())}
+
+
+def fresh_adapters(weight_shapes: dict[str, tuple[int, ...]], modules: tuple[str, ...],
+                   cfg: LoraConfig, seed: int) -> dict[str, torch.Tensor]:
+    """New adapters as peft initialises them: A Kaiming-uniform, B zero (so B @ A starts at 0).
+
+    `weight_shapes[f"{module}.weight"]` is the (out, in) shape of each adapted module.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    adapters = {}
+    for module in modules:
+        out_features, in_features = weight_shapes[f"{module}.weight"]
+        bound = 1 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on an (r, in) matrix
+        a = (torch.rand(cfg.r, in_features, generator=generator) * 2 - 1) * bound
+        name_a, name_b = adapter_names(module)
+        adapters[name_a] = a
+        adapters[name_b] = torch.zeros(out_features, cfg.r)
+    return adapters
+
+
+def attach(model: nn.Module, adapters: dict[str, torch.Tensor], cfg: LoraConfig) -> list[str]:
+    """Wrap the adapted modules with peft LoRA layers holding `adapters` (model-local names).
+
+    Returns the names of the adapter parameters in the wrapped model: what to train.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    modules = sorted({module_of(n) for n in adapters})
+    inject_adapter_in_model(PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                           target_modules=modules), model)
+    params = dict(model.named_parameters())
+    trainable = []
+    with torch.no_grad():
+        for name, tensor in adapters.items():
+            param_name = _peft_param(name)
+            if param_name not in params:
+                raise LoraError(f"adapter {name} has no module in the model")
+            params[param_name].copy_(tensor)
+            trainable.append(param_name)
+    return trainable
+
+
+def read_adapters(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The trained adapters of a model wrapped by `attach`, by their plain names."""
+    params = dict(model.named_parameters())
+    return {name: params[_peft_param(name)].detach().to("cpu").clone() for name in names}
+
+
+def _peft_param(adapter: str) -> str:
+    module, part = adapter.rsplit(".", 1)
+    return f"{module}.{part}.default.weight"
+
+
+def merge(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: LoraConfig) -> torch.Tensor:
+    """`weight + alpha/r * b @ a`, computed in fp32, returned in the weight's dtype."""
+    delta = scale(cfg) * (b.float() @ a.float())
+    return (weight.float() + delta).to(weight.dtype)
+
+
+def merge_into(tensors: dict[str, torch.Tensor], cfg: LoraConfig) -> dict[str, torch.Tensor]:
+    """`tensors` with every adapter pair folded into its module's weight and removed."""
+    merged = {n: t for n, t in tensors.items() if not is_adapter(n)}
+    for module in sorted({module_of(n) for n in tensors if is_adapter(n)}):
+        name_a, name_b = adapter_names(module)
+        weight = f"{module}.weight"
+        if name_a not in tensors or name_b not in tensors or weight not in merged:
+            raise LoraError(f"adapters of {module} are incomplete or have no weight to merge into")
+        merged[weight] = merge(merged[weight], tensors[name_a], tensors[name_b], cfg)
+    return merged

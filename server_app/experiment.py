@@ -1,0 +1,140 @@
+"""What every run shares, federated or centralized: inputs checked, evaluation, outputs written.
+
+Both runners (`server_app.app.run` and `server_app.centralized.run_centralized`) load the model
+and data through `prepare`, evaluate on the same held-out batches, and write the same
+metrics.jsonl / summary.json / plots through `finish`, so their results compare line by line.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.common.logger import log
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fedcybgd import data, lora, models
+from fedcybgd.blocks import ModelLayout, describe
+from fedcybgd.config import RunConfig, to_yaml
+from fedcybgd.report import RunReport, summary_table, write_atomic
+from fedcybgd.train import evaluate_loss, pick_device
+
+
+@dataclass
+class ServerSetup:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    layout: ModelLayout
+    train_data: data.Dataset
+    eval_batches: list[dict]
+
+
+def prepare(cfg: RunConfig) -> ServerSetup:
+    """Load and check the model and the data; raises with a clear message on any bad input."""
+    model_dir = models.resolve_model_dir(cfg.model.name)
+    model = models.load_pretrained(model_dir)
+    tokenizer = models.load_tokenizer(str(model_dir))
+    layout = describe(model, cfg.model.layers_per_block, cfg.model.train_head)
+    train_data, heldout = data.split_heldout(data.load_examples(cfg.data), cfg.data)
+    if cfg.eval.max_examples is not None:
+        heldout = heldout.select(range(min(cfg.eval.max_examples, len(heldout))))
+    eval_examples = data.tokenize(heldout, tokenizer, cfg.train.max_seq_len)
+    eval_batches = data.eval_batches(eval_examples, cfg.eval.batch_size, tokenizer.pad_token_id)
+    return ServerSetup(model, tokenizer, layout, train_data, eval_batches)
+
+
+@dataclass
+class Experiment:
+    """One run's outputs: its report, held-out losses by round, and the clock."""
+
+    cfg: RunConfig
+    setup: ServerSetup
+    out_dir: Path
+    report: RunReport
+    evals: dict[int, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    device: torch.device = field(default_factory=pick_device)
+
+    @classmethod
+    def start(cls, cfg: RunConfig, setup: ServerSetup) -> Experiment:
+        out_dir = Path(cfg.output_dir or Path.cwd() / "outputs" /
+                       f"{cfg.algorithm.name}-{datetime.now():%Y%m%d-%H%M%S}").expanduser().resolve()
+        report = RunReport(out_dir)
+        write_atomic(out_dir / "config.yaml", to_yaml(cfg))
+        return cls(cfg, setup, out_dir, report)
+
+    def eval_due(self, server_round: int) -> bool:
+        return server_round in (0, self.cfg.rounds) or server_round % self.cfg.eval.every == 0
+
+    def evaluate(self, server_round: int, tensors: dict[str, torch.Tensor]) -> float:
+        """Held-out loss of the model with `tensors` (adapters, if any, merged in)."""
+        models.load_tensors(self.setup.model, lora.merge_into(tensors, self.cfg.lora))
+        self.evals[server_round] = evaluate_loss(self.setup.model, self.setup.eval_batches, self.device)
+        return self.evals[server_round]
+
+    def add_round(self, row: dict) -> None:
+        row = {"algorithm": self.cfg.algorithm.name, **row, "eval_loss": self.evals.get(row["round"])}
+        self.report.add_round(row)
+        log(INFO, "[fedcybgd] %s", _round_line(row, self.cfg.rounds))
+
+    def finish(self, final_tensors: dict[str, torch.Tensor], extra: dict) -> dict:
+        """Save the final model, write summary.json and the plots; returns the summary."""
+        models.load_tensors(self.setup.model, lora.merge_into(final_tensors, self.cfg.lora))
+        _save_final(self.setup, self.out_dir / "final")
+        rows = self.report.rows
+        peaks = [a["peak_mem_bytes"] for r in rows for a in r["assignments"] if "peak_mem_bytes" in a]
+        summary = {
+            "algorithm": self.cfg.algorithm.name,
+            "model": self.cfg.model.name,
+            "rounds": self.cfg.rounds,
+            "clients_per_round": self.cfg.algorithm.clients_per_round,
+            "allocation": self.cfg.algorithm.allocation,
+            "compression": asdict(self.cfg.compression),
+            "initial_eval_loss": self.evals[0],
+            "final_eval_loss": self.evals[self.cfg.rounds],
+            "eval_losses": {str(r): loss for r, loss in sorted(self.evals.items())},
+            "total_bytes_down": sum(r["bytes_down"] for r in rows),
+            "total_bytes_down_block": sum(r["bytes_down_block"] for r in rows),
+            "total_bytes_down_frozen": sum(r["bytes_down_frozen"] for r in rows),
+            "total_bytes_up": sum(r["bytes_up"] for r in rows),
+            "samples_seen": sum(r["samples_seen"] for r in rows),
+            # Peak memory of a client visit above what its process held before it (memory.py).
+            "client_peak_mem_bytes": sum(peaks) / len(peaks) if peaks else None,
+            "max_client_peak_mem_bytes": max(peaks) if peaks else None,
+            "rejected_replies": sum(len(r["rejected"]) for r in rows),
+            **extra,
+            "wall_seconds": time.perf_counter() - self.started,
+            "config": asdict(self.cfg),
+        }
+        self.report.write_summary(summary)
+        self.report.write_plots(self.evals[0])
+        log(INFO, "[fedcybgd] run finished\n%s\n  outputs in %s", summary_table(summary), self.out_dir)
+        return summary
+
+
+def _save_final(setup: ServerSetup, target: Path) -> None:
+    """save_pretrained into a temp dir, then swap it in: never a half-written final model."""
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=target.parent))
+    setup.model.save_pretrained(tmp)
+    setup.tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+
+
+def _round_line(row: dict, num_rounds: int) -> str:
+    visits = ", ".join(f"node {a['node_id']} block {a['block']}" if "node_id" in a else f"block {a['block']}"
+                       for a in row["assignments"])
+    loss = "-" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
+    eval_loss = "" if row["eval_loss"] is None else f" | eval loss {row['eval_loss']:.4f}"
+    rejected = f" | rejected {len(row['rejected'])}" if row["rejected"] else ""
+    return (f"round {row['round']}/{num_rounds} | {visits} | train loss {loss} | "
+            f"down {row['bytes_down'] / 1e6:.2f} MB (block {row['bytes_down_block'] / 1e6:.2f}, "
+            f"frozen {row['bytes_down_frozen'] / 1e6:.2f}) | up {row['bytes_up'] / 1e6:.3f} MB | "
+            f"{row['round_seconds']:.1f} s{eval_loss}{rejected}")
