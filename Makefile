@@ -61,6 +61,26 @@ deploy-tools:
 	command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || \
 	  (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-compose)
 
+# Every algorithm on the same model, data and sample budget: one table, compare.json, plots in
+# outputs/compare/$(PRESET)/. PRESET=tiny (a few minutes) or smollm2 (about an hour on 2 cores).
+PRESET ?= tiny
+.PHONY: compare compare-allocations
+compare: setup
+	$(PY) -m scripts.compare --preset $(PRESET)
+
+# FedCyBGD's block allocation modes, the same way: outputs/compare/$(PRESET)/allocations/.
+compare-allocations: setup
+	$(PY) -m scripts.compare --preset $(PRESET) --runs fedcybgd:ascending fedcybgd:descending \
+	  fedcybgd:random --out outputs/compare/$(PRESET)/allocations
+
 # Held-out loss of the model a client trains in, under each compression choice (no training).
 bench-fidelity: setup
 	$(PY) -m scripts.bench_fidelity
+
+.PHONY: memory-estimate memory-check
+# Per-client memory: full fine-tuning vs one block (paper Fig. 1), from a HF config; CONFIG=llama-2-7b.
+memory-estimate: setup
+	$(PY) -m scripts.memory_estimate --config $(or $(CONFIG),llama-2-7b)
+# The estimate checked against SmolLM2-135M measured on this machine (within 25 %).
+memory-check: setup
+	$(PY) -m scripts.memory_estimate --config smollm2-135m-instruct --check

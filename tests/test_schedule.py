@@ -31,3 +31,5 @@ def test_unknown_allocation_and_no_nodes():
         blocks("zigzag", 1)
     with pytest.raises(ValueError):
         nodes_for_round(1, [])
+    with pytest.raises(ValueError, match="clients_per_round=3 exceeds the 2 connected nodes"):
+        nodes_for_round(1, [7, 8], 3)

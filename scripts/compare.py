@@ -1,0 +1,188 @@
+"""All algorithms side by side: `make compare PRESET=tiny|smollm2` (or `python -m scripts.compare`).
+
+Every run uses the same model, data, partitions, hyper-parameters and compression, and the same
+number of training examples (`samples_seen`): an algorithm with K clients per round gets 1/K of
+the rounds. Federated runs go through the real strategy and ClientApp with the in-process grid
+(the bytes are those of the records Flower would carry); the centralized ones train on the
+pooled client data. Each run is a fresh process, so one run's memory never counts in another's.
+
+Prints one table and writes outputs/compare/<preset>/compare.json (one row per run), and the
+plots loss_vs_samples.png and bytes.png. Each run's own outputs are in its subdirectory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ALGORITHMS = ["fedcybgd", "fedbavg", "fedavg-full", "fedlora", "fedcybgd-lora",
+              "centralized-cy", "centralized-full"]
+ALLOCATIONS = ["ascending", "descending", "random"]
+REFERENCE = "centralized-full"
+
+
+@dataclass(frozen=True)
+class Preset:
+    overrides: str  # Hydra overrides shared by every run
+    nodes: int  # simulated clients
+    rounds: int  # rounds of a one-client-per-round algorithm; K clients per round get rounds / K
+    clients_per_round: int  # K of the averaging baselines (fedbavg, fedavg-full, fedlora)
+    eval_points: int  # held-out evaluations per run, besides round 0
+
+
+PRESETS = {
+    # The tiny random Llama (4 blocks): two cycles, a few minutes on 2 CPU cores.
+    "tiny": Preset("model=tiny-llama train=tiny train.local_steps=5 data.max_examples=600",
+                   nodes=3, rounds=12, clients_per_round=3, eval_points=4),
+    # SmolLM2-135M-Instruct (30 blocks): one cycle of FedCyBGD, 600 examples per run.
+    "smollm2": Preset("train.local_steps=5", nodes=3, rounds=30, clients_per_round=3, eval_points=5),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    label: str  # row name: the algorithm, or algorithm/allocation
+    algorithm: str
+    allocation: str
+
+    @classmethod
+    def parse(cls, text: str) -> RunSpec:
+        algorithm, _, allocation = text.partition(":")
+        if algorithm not in ALGORITHMS:
+            raise SystemExit(f"unknown algorithm {algorithm!r}: choose from {', '.join(ALGORITHMS)}")
+        if allocation and allocation not in ALLOCATIONS:
+            raise SystemExit(f"unknown allocation {allocation!r}: choose from {', '.join(ALLOCATIONS)}")
+        return cls(f"{algorithm}/{allocation}" if allocation else algorithm, algorithm, allocation or "ascending")
+
+
+def overrides_for(spec: RunSpec, preset: Preset, out_dir: Path) -> str:
+    """The run's config: the preset, the algorithm, and rounds that give every run equal samples."""
+    averaged = spec.algorithm in ("fedbavg", "fedavg-full", "fedlora")
+    k = preset.clients_per_round if averaged else 1
+    if preset.rounds % k:
+        raise SystemExit(f"preset rounds {preset.rounds} is not a multiple of clients_per_round {k}")
+    rounds = preset.rounds // k
+    every = max(1, rounds // preset.eval_points)
+    return (f"{preset.overrides} algorithm={spec.algorithm} algorithm.clients_per_round={k} "
+            f"algorithm.allocation={spec.allocation} rounds={rounds} eval.every={every} "
+            f"output_dir={out_dir}")
+
+
+def run_one(spec: RunSpec, overrides: str, nodes: int) -> None:
+    """One run, in its own process (see `measure`)."""
+    from client_app.app import app as client_app
+    from fedcybgd.config import compose
+    from scripts.inprocess import InProcessGrid
+    from server_app.app import run
+    from server_app.centralized import run_centralized
+
+    cfg = compose(overrides=overrides)
+    if spec.algorithm.startswith("centralized"):
+        run_centralized(cfg)
+    else:
+        run(InProcessGrid(client_app, nodes), cfg)
+
+
+def measure(spec: RunSpec, preset: Preset, out_root: Path) -> dict:
+    out_dir = out_root / spec.label.replace("/", "-")
+    overrides = overrides_for(spec, preset, out_dir)
+    print(f"[compare] {spec.label}: {overrides}", flush=True)
+    process = multiprocessing.get_context("spawn").Process(target=run_one, args=(spec, overrides, preset.nodes))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        return {"algorithm": spec.label, "error": f"run failed (exit code {process.exitcode}); see the log above"}
+    summary = json.loads((out_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    samples, curve = 0, [(0, summary["initial_eval_loss"])]
+    for row in rows:
+        samples += row["samples_seen"]
+        if row["eval_loss"] is not None:
+            curve.append((samples, row["eval_loss"]))
+    return {
+        "algorithm": spec.label,
+        "allocation": spec.allocation,
+        "final_eval_loss": summary["final_eval_loss"],
+        "initial_eval_loss": summary["initial_eval_loss"],
+        "bytes_down": summary["total_bytes_down"],
+        "bytes_up": summary["total_bytes_up"],
+        "max_upload_bytes_per_visit": max((a.get("bytes_up", 0) for r in rows for a in r["assignments"]),
+                                          default=0),
+        "client_peak_mem_bytes": summary["client_peak_mem_bytes"],
+        "wall_seconds": summary["wall_seconds"],
+        "samples_seen": summary["samples_seen"],
+        "rounds": summary["rounds"],
+        "clients_per_round": summary["clients_per_round"],
+        "loss_curve": curve,
+        "output_dir": str(out_dir),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    ref = next((r["final_eval_loss"] for r in rows if r["algorithm"] == REFERENCE and "error" not in r), None)
+    head = (f"{'algorithm':<24}{'final loss':>11}{'vs ' + REFERENCE:>22}{'MB down':>10}{'MB up':>10}"
+            f"{'client peak MB':>16}{'wall s':>8}{'samples':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['algorithm']:<24}{r['error']}")
+            continue
+        ratio = "-" if ref is None else f"{r['final_eval_loss'] / ref:.3f}"
+        peak = "-" if r["client_peak_mem_bytes"] is None else f"{r['client_peak_mem_bytes'] / 1e6:,.0f}"
+        lines.append(f"{r['algorithm']:<24}{r['final_eval_loss']:>11.4f}{ratio:>22}{r['bytes_down'] / 1e6:>10,.1f}"
+                     f"{r['bytes_up'] / 1e6:>10,.1f}{peak:>16}{r['wall_seconds']:>8.0f}{r['samples_seen']:>9}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out_root: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "error" not in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in done:
+        ax.plot([s for s, _ in r["loss_curve"]], [l for _, l in r["loss_curve"]], marker="o", label=r["algorithm"])
+    ax.set(xlabel="training examples seen (all clients)", ylabel="held-out loss", title="Held-out loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(out_root / "loss_vs_samples.png", dpi=100, bbox_inches="tight")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = range(len(done))
+    ax.bar([i - 0.2 for i in x], [max(r["bytes_down"], 1) / 1e6 for r in done], width=0.4, label="down")
+    ax.bar([i + 0.2 for i in x], [max(r["bytes_up"], 1) / 1e6 for r in done], width=0.4, label="up")
+    ax.set_xticks(list(x), [r["algorithm"] for r in done], rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="MB (log scale)", yscale="log", title="Bytes on the wire, whole run")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    fig.savefig(out_root / "bytes.png", dpi=100, bbox_inches="tight")
+    plt.close("all")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--runs", nargs="+", default=ALGORITHMS, metavar="ALGORITHM[:ALLOCATION]",
+                        help=f"runs to compare (default: all); allocation one of {ALLOCATIONS}")
+    parser.add_argument("--out", type=Path, help="output directory (default outputs/compare/<preset>)")
+    args = parser.parse_args()
+    specs = [RunSpec.parse(text) for text in args.runs]
+    preset = PRESETS[args.preset]
+    out_root = (args.out or Path("outputs") / "compare" / args.preset).resolve()
+    out_root.mkdir(parents=True, exist_ok=True)
+    rows = [{**measure(spec, preset, out_root), "preset": args.preset} for spec in specs]
+    (out_root / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot(rows, out_root)
+    print(table(rows))
+    print(f"[compare] outputs in {out_root}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Every algorithm end to end on the tiny model (fake Grid, real ClientApp), and its merge, exactly."""
+
+import json
+
+import pytest
+import torch
+
+from fedcybgd import codec, lora, models
+from fedcybgd.blocks import describe
+from fedcybgd.config import ConfigError, LoraConfig, compose
+from fedcybgd.protocol import BLOCK, CONFIG, METRICS, VisitMetrics
+from server_app.app import run
+from server_app.centralized import run_centralized
+from strategy.algorithms import Algorithm
+from strategy.cyclic import CyclicBlockStrategy, weighted_mean
+from tests.fake_grid import FakeGrid
+
+TINY = "model=tiny-llama train=tiny train.local_steps=3 data.max_examples=300 compression=none eval.every=1"
+
+
+def cfg_for(out_dir, extra):
+    return compose(overrides=f"{TINY} output_dir={out_dir} {extra}")
+
+
+def summary(out_dir):
+    return json.loads((out_dir / "summary.json").read_text())
+
+
+def rows(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def uploads(grid):
+    """(uploaded tensors, num_examples) of every accepted reply, in order."""
+    return [(codec.decode_record(r.content[BLOCK]),
+             VisitMetrics.from_record(r.content.metric_records[METRICS]).num_examples) for r in grid.received]
+
+
+def final_tensors(out_dir):
+    return models.named_tensors(models.load_pretrained(out_dir / "final"))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = models.load_pretrained(models.resolve_model_dir("tiny-llama"))
+    return model, describe(model, 1), models.named_tensors(model)
+
+
+@pytest.mark.parametrize("algorithm", ["fedcybgd", "fedbavg", "fedavg-full", "fedlora", "fedcybgd-lora",
+                                       "centralized-cy", "centralized-full"])
+def test_every_algorithm_runs_end_to_end_and_reports_the_same_fields(out_dir, algorithm):
+    cfg = cfg_for(out_dir, f"algorithm={algorithm} algorithm.clients_per_round=1 rounds=4")
+    if algorithm.startswith("centralized"):
+        run_centralized(cfg)
+    else:
+        run(FakeGrid(2), cfg)
+    s = summary(out_dir)
+    assert s["algorithm"] == algorithm and s["rejected_replies"] == 0
+    assert s["samples_seen"] == 4 * 3 * 8  # rounds x local steps x batch
+    assert s["final_eval_loss"] < s["initial_eval_loss"]
+    assert s["client_peak_mem_bytes"] > 0
+    assert [r["round"] for r in rows(out_dir)] == [1, 2, 3, 4]
+    assert all(r["eval_loss"] is not None for r in rows(out_dir))
+    assert (out_dir / "eval_loss.png").exists() and (out_dir / "final").is_dir()
+
+
+def test_parallel_groups_train_distinct_blocks_and_merge_them_exactly(out_dir, tiny):
+    model, layout, initial = tiny
+    grid = FakeGrid(3)
+    run(grid, cfg_for(out_dir, "algorithm=fedcybgd algorithm.clients_per_round=2 rounds=2"))
+    blocks = [[a["block"] for a in r["assignments"]] for r in rows(out_dir)]
+    assert blocks == [[0, 1], [2, 3]]
+    assert [m.metadata.dst_node_id for m in grid.sent] == [101, 102, 103, 101]
+    # Each block was trained once, from the same model as its round's partner: the final
+    # model is exactly the uploads, and nothing else changed.
+    final = final_tensors(out_dir)
+    uploaded = {n: t for up, _ in uploads(grid) for n, t in up.items()}
+    assert len(uploaded) == sum(len(b.names) for b in layout.blocks)
+    for name, tensor in initial.items():
+        assert torch.equal(final[name], uploaded.get(name, tensor)), name
+
+
+def test_parallel_groups_never_take_one_block_twice_in_a_round(tiny):
+    _, layout, _ = tiny
+    strategy = CyclicBlockStrategy(layout, algorithm=Algorithm("fedcybgd", clients_per_round=3),
+                                   model_name="m", model_spec="{}", train=None, data=None, compression=None,
+                                   base_hashes={}, allocation="random", seed=5)
+    strategy.retry = [2, 2]  # a failed block still due, twice, as after two failed rounds
+    counts = [0] * len(layout.blocks)
+    for _ in range(40):
+        chosen = strategy._next_blocks(3)
+        assert len(set(chosen)) == 3
+        for b in chosen:
+            counts[b] += 1
+    assert max(counts) - min(counts) <= 3  # every block keeps its turn
+
+
+def test_more_parallel_groups_than_blocks_or_a_centralized_algorithm_in_flower_is_an_error(out_dir):
+    with pytest.raises(ValueError, match="clients_per_round=5 exceeds the 4 blocks"):
+        run(FakeGrid(5), cfg_for(out_dir, "algorithm=fedcybgd algorithm.clients_per_round=5"))
+    with pytest.raises(ConfigError, match="runs without Flower"):
+        run(FakeGrid(2), cfg_for(out_dir, "algorithm=centralized-full"))
+
+
+def test_fedbavg_takes_the_example_weighted_mean_of_one_block(out_dir, tiny, tmp_path):
+    _, layout, initial = tiny
+    sizes = [12, 30, 60]  # unequal partitions, so the weights matter
+    paths = []
+    for i, n in enumerate(sizes):
+        path = tmp_path / f"d{i}.jsonl"
+        path.write_text("".join(json.dumps({"instruction": f"q{i}-{j}", "output": f"a{j}"}) + "\n" for j in range(n)))
+        paths.append(str(path))
+    grid = FakeGrid(3, node_config=lambda i: {"data-path": paths[i]})
+    run(grid, cfg_for(out_dir, "algorithm=fedbavg algorithm.clients_per_round=3 rounds=1"))
+    ups = uploads(grid)
+    assert [n for _, n in ups] == sizes
+    assert [m.content[CONFIG]["block"] for m in grid.sent] == [0, 0, 0]
+    final = final_tensors(out_dir)
+    for name in layout.blocks[0].names:
+        expected = sum(up[name] * n for up, n in ups) / sum(sizes)
+        assert torch.allclose(final[name], expected, atol=1e-6), name
+        assert not torch.equal(final[name], ups[0][0][name])
+    for name in set(initial) - set(layout.blocks[0].names):
+        assert torch.equal(final[name], initial[name]), name
+
+
+def test_fedavg_full_uploads_and_averages_every_parameter(out_dir, tiny):
+    _, _, initial = tiny
+    grid = FakeGrid(2)
+    run(grid, cfg_for(out_dir, "algorithm=fedavg-full algorithm.clients_per_round=2 rounds=1"))
+    ups = uploads(grid)
+    assert all(set(up) == set(initial) for up, _ in ups)
+    final = final_tensors(out_dir)
+    total = sum(n for _, n in ups)
+    for name in initial:
+        assert torch.allclose(final[name], sum(up[name] * n for up, n in ups) / total, atol=1e-6), name
+
+
+def test_fedlora_averages_adapters_and_the_final_model_has_them_merged(out_dir, tiny):
+    _, layout, initial = tiny
+    grid = FakeGrid(2)
+    run(grid, cfg_for(out_dir, "algorithm=fedlora algorithm.clients_per_round=2 rounds=1 lora.r=4 lora.alpha=8"))
+    ups = uploads(grid)
+    adapted = {lora.module_of(n) for n in ups[0][0]}
+    assert all(lora.is_adapter(n) for up, _ in ups for n in up)
+    assert len(adapted) == 7 * layout.num_layers  # q k v o gate up down in every layer
+    total = sum(n for _, n in ups)
+    mean = {name: sum(up[name] * n for up, n in ups) / total for name in ups[0][0]}
+    final = final_tensors(out_dir)
+    for module in adapted:
+        a, b = (mean[n] for n in lora.adapter_names(module))
+        expected = initial[f"{module}.weight"] + 2.0 * b @ a
+        assert torch.allclose(final[f"{module}.weight"], expected, atol=1e-5), module
+    unadapted = set(initial) - {f"{m}.weight" for m in adapted}
+    assert all(torch.equal(final[n], initial[n]) for n in unadapted)
+
+
+def test_fedcybgd_lora_uploads_only_the_blocks_adapters_and_merges_them(out_dir, tiny):
+    _, layout, initial = tiny
+    grid = FakeGrid(2)
+    run(grid, cfg_for(out_dir, "algorithm=fedcybgd-lora rounds=1 lora.r=4 lora.alpha=4"))
+    ((up, _),) = uploads(grid)
+    block0 = set(layout.blocks[0].names)
+    assert {f"{lora.module_of(n)}.weight" for n in up} <= block0
+    assert sum(t.numel() for t in up.values()) < 0.2 * sum(initial[n].numel() for n in block0)
+    final = final_tensors(out_dir)
+    changed = {n for n in initial if not torch.equal(final[n], initial[n])}
+    assert changed == {f"{lora.module_of(n)}.weight" for n in up}
+    for module in {lora.module_of(n) for n in up}:
+        a, b = (up[n] for n in lora.adapter_names(module))
+        assert torch.allclose(final[f"{module}.weight"], initial[f"{module}.weight"] + b @ a, atol=1e-6)
+
+
+def test_our_lora_merge_matches_the_peft_model_it_was_trained_in(tiny):
+    model, layout, initial = tiny
+    cfg = LoraConfig(r=4, alpha=12.0)
+    modules = lora.target_modules(model, layout.layer_prefix, cfg)[1]
+    shapes = {n: tuple(t.shape) for n, t in initial.items()}
+    adapters = lora.fresh_adapters(shapes, modules, cfg, seed=0)
+    for name in adapters:  # B starts at zero; make the adapters matter
+        adapters[name] = torch.randn_like(adapters[name]) * 0.1
+    batch = {"input_ids": torch.randint(0, 200, (2, 16))}
+
+    wrapped, _ = models.build_skeleton(models.model_spec(model))
+    models.load_tensors(wrapped, initial)
+    lora.attach(wrapped, adapters, cfg)
+    merged, _ = models.build_skeleton(models.model_spec(model))
+    models.load_tensors(merged, lora.merge_into({**initial, **adapters}, cfg))
+    with torch.no_grad():
+        assert torch.allclose(wrapped(**batch).logits, merged(**batch).logits, atol=1e-4)
+
+
+def test_lora_targets_can_be_narrowed_and_a_bad_target_is_named(tiny):
+    model, layout, _ = tiny
+    only_q = lora.target_modules(model, layout.layer_prefix, LoraConfig(target_modules=["q_proj"]))
+    assert all(len(m) == 1 and m[0].endswith("q_proj") for m in only_q.values())
+    with pytest.raises(lora.LoraError, match="qkv"):
+        lora.target_modules(model, layout.layer_prefix, LoraConfig(target_modules=["qkv"]))
+
+
+def test_weighted_mean():
+    ups = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([4.0, 8.0])}]
+    assert torch.allclose(weighted_mean(ups, [1, 2])["w"], torch.tensor([3.0, 6.0]))
+    with pytest.raises(ValueError):
+        weighted_mean(ups, [0, 0])
+
+
+def test_centralized_cy_trains_one_block_per_round_in_the_allocation_order(out_dir, tiny):
+    _, layout, initial = tiny
+    run_centralized(cfg_for(out_dir, "algorithm=centralized-cy rounds=2 algorithm.allocation=descending"))
+    assert [r["assignments"][0]["block"] for r in rows(out_dir)] == [3, 2]
+    final = final_tensors(out_dir)
+    changed = {n for n in initial if not torch.equal(final[n], initial[n])}
+    assert changed == set(layout.blocks[3].names) | set(layout.blocks[2].names)
