@@ -44,3 +44,15 @@ def test_a_failing_run_is_reported_as_failed(tmp_path):
     status = simulate(f"model=tiny-llama model.layers_per_block=9 output_dir={tmp_path}",
                       num_supernodes=2, cpus_per_client=1, timeout=600, stream=False)
     assert status["status"] == "finished:failed"
+
+
+@pytest.mark.parametrize("algorithm", ["fedbavg", "fedavg-full", "fedlora", "fedcybgd-lora"])
+def test_each_baseline_runs_in_flowers_simulation(tmp_path, algorithm):
+    out = tmp_path / "run"
+    status = simulate(f"model=tiny-llama train=tiny train.local_steps=3 rounds=2 eval.every=1 "
+                      f"data.max_examples=300 algorithm={algorithm} algorithm.clients_per_round=2 "
+                      f"output_dir={out}", num_supernodes=2, cpus_per_client=1, timeout=600)
+    assert status["status"] == "finished:completed", status
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["algorithm"] == algorithm and summary["rejected_replies"] == 0
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"]

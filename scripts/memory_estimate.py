@@ -1,0 +1,224 @@
+"""Per-client memory, full fine-tuning vs one block: `make memory-estimate` / `make memory-check`.
+
+    python -m scripts.memory_estimate --config llama-2-7b [--weight-dtype bfloat16]
+    python -m scripts.memory_estimate --config smollm2-135m-instruct --check
+
+Estimates from a Hugging Face config alone (fedcybgd.memory_estimate), prints a table (GB = 1e9
+bytes) and writes outputs/memory/estimate-<name>.json. `--check` also measures the peak memory of
+3 real training steps of SmolLM2-135M (full fine-tuning, then block 0) with the project's trainer,
+each in a fresh process, and fails if an estimated peak is off by more than 25 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from fedcybgd.memory_estimate import DTYPE_BYTES, MemoryEstimate, estimate, load_config
+from fedcybgd.models import SMOLLM2, resolve_model_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_2_7B = "llama-2-7b"
+KNOWN = (LLAMA_2_7B, SMOLLM2)
+TOLERANCE = 0.25
+ROWS = [  # (label, TrainingMemory field)
+    ("weights", "weights"),
+    ("fp32 master copy", "master_copy"),
+    ("AdamW state (2 x fp32)", "optimizer_state"),
+    ("gradients", "gradients"),
+    ("activations", "activations"),
+    ("logits/loss buffers", "logits_buffers"),
+    ("AdamW update scratch", "optimizer_scratch"),
+    ("total (all at once)", "total"),
+    ("estimated peak", "peak"),
+]
+
+
+def config_path(name: str) -> Path:
+    """A known name's config.json, or the given config.json / model directory."""
+    if name == LLAMA_2_7B:
+        return ROOT / "conf" / "hf" / "llama-2-7b.json"
+    if name == SMOLLM2:
+        return resolve_model_dir(SMOLLM2) / "config.json"  # the packaged model, converted once
+    path = Path(name).expanduser()
+    if path.is_file() or (path / "config.json").is_file():
+        return path
+    raise SystemExit(
+        f"--config {name!r} is neither a known name ({', '.join(KNOWN)}) nor a config.json file "
+        "or a directory holding one"
+    )
+
+
+def short_name(name: str) -> str:
+    if name in KNOWN:
+        return name
+    path = Path(name)
+    return path.parent.name if path.name == "config.json" else path.stem if path.is_file() else path.name
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:.2f}"
+
+
+def table(name: str, est: MemoryEstimate) -> str:
+    p = est.params
+    lines = [
+        f"{name} ({est.model_type}): {p.total / 1e9:.2f} B parameters, {p.num_layers} layers, "
+        f"weights in {est.weight_dtype}; batch {est.batch_size} x {est.seq_len} tokens; "
+        f"block = {est.layers_per_block} layer(s)",
+        f"model {gb(est.model_bytes)} GB, one block {gb(est.block_bytes)} GB "
+        f"({est.block_fraction:.2%} of the model), head {gb(est.head_bytes)} GB",
+        "",
+        f"{'GB':<26}{'full FT':>10}{'one block':>11}",
+        f"{'trainable parameters (M)':<26}{est.full.trainable_params / 1e6:>10.1f}"
+        f"{est.block.trainable_params / 1e6:>11.1f}",
+    ]
+    for label, field in ROWS:
+        lines.append(f"{label:<26}{gb(getattr(est.full, field)):>10}{gb(getattr(est.block, field)):>11}")
+    lines.append(f"{'full FT / one block (peak)':<26}{est.full.peak / est.block.peak:>10.2f}x")
+    return "\n".join(lines)
+
+
+# --- --check: measured peaks ------------------------------------------------------------------
+
+
+def padded_to(batch: dict[str, torch.Tensor], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to exactly `seq_len`: padded positions cost the same memory as real
+    ones, so the measurement is for the sequence length the estimate assumes."""
+    from fedcybgd.data import IGNORE_INDEX
+
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    extra = seq_len - batch["input_ids"].shape[1]
+    return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) for k, v in batch.items()}
+
+
+def measure(mode: str, batch_size: int, seq_len: int, layers_per_block: int, device: torch.device) -> dict:
+    """Peak memory of 3 training steps of SmolLM2 (this process must be fresh), minus a baseline
+    taken after the data is ready and before the model is loaded."""
+    # Imported here: only --check needs the data pipeline (and, through it, Flower's datasets).
+    from fedcybgd.blocks import partition_blocks
+    from fedcybgd.config import DataConfig, TrainConfig
+    from fedcybgd.data import load_examples, tokenize, train_batches
+    from fedcybgd.memory import baseline_bytes
+    from fedcybgd.models import load_pretrained, load_tokenizer
+    from fedcybgd.train import train_params
+
+    cfg = TrainConfig(local_steps=3, batch_size=batch_size, max_seq_len=seq_len)
+    model_dir = resolve_model_dir(SMOLLM2)
+    tokenizer = load_tokenizer(str(model_dir))
+    examples = tokenize(load_examples(DataConfig()), tokenizer, seq_len)
+    stream = train_batches(examples, batch_size, tokenizer.pad_token_id, seed=0)
+    batches = [padded_to(next(stream), seq_len, tokenizer.pad_token_id) for _ in range(cfg.local_steps)]
+    baseline = baseline_bytes(device)  # after the data is ready, before the model is loaded
+    model = load_pretrained(model_dir)
+    names = [n for n, _ in model.named_parameters()] if mode == "full" else list(
+        partition_blocks(model, layers_per_block)[0].names)
+    result = train_params(model, names, iter(batches), cfg, device)
+    return {
+        "mode": mode,
+        "peak_bytes": result.peak_mem_bytes,
+        "baseline_bytes": baseline,
+        "measured_bytes": result.peak_mem_bytes - baseline,
+        "mean_real_tokens_per_sequence": float(sum(b["attention_mask"].sum() for b in batches))
+        / (len(batches) * batch_size),
+        "seconds": result.seconds,
+    }
+
+
+def measure_in_subprocess(mode: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, "-m", "scripts.memory_estimate", "--measure", mode, "--config", SMOLLM2,
+           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+           "--layers-per-block", str(args.layers_per_block), "--device", args.device]
+    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the {mode} measurement failed (exit {done.returncode}); its errors are above")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def check(est: MemoryEstimate, args: argparse.Namespace) -> tuple[dict, list[str]]:
+    device = resolve_device(args.device)
+    print(f"\nmeasuring SmolLM2-135M on {device.type}: 3 steps each, batches padded to {args.seq_len} "
+          "tokens, each in a fresh process ...", flush=True)
+    results, failures = {}, []
+    for mode, memory in (("full", est.full), ("block", est.block)):
+        got = measure_in_subprocess(mode, args)
+        got["estimated_peak_bytes"] = memory.peak
+        got["relative_error"] = (memory.peak - got["measured_bytes"]) / got["measured_bytes"]
+        results[mode] = got
+        if abs(got["relative_error"]) > TOLERANCE:
+            failures.append(f"{mode}: estimated {gb(memory.peak)} GB vs measured {gb(got['measured_bytes'])} GB "
+                            f"({got['relative_error']:+.1%}, limit {TOLERANCE:.0%})")
+    how = ("CUDA allocator peak (max_memory_allocated); nothing allocated before the model"
+           if device.type == "cuda" else
+           "peak process RSS sampled during training minus the RSS just before the model was loaded")
+    lines = [f"measured: {how}",
+             f"{'':<12}{'estimated peak GB':>18}{'measured GB':>13}{'error':>9}{'real tokens/seq':>17}"]
+    for mode, label in (("full", "full FT"), ("block", "block 0")):
+        r = results[mode]
+        lines.append(f"{label:<12}{gb(r['estimated_peak_bytes']):>18}{gb(r['measured_bytes']):>13}"
+                     f"{r['relative_error']:>+9.1%}{r['mean_real_tokens_per_sequence']:>17.1f}")
+    print("\n".join(lines))
+    return {"device": device.type, "measured_as": how, "tolerance": TOLERANCE, **results}, failures
+
+
+def resolve_device(name: str) -> torch.device:
+    from fedcybgd.train import pick_device
+
+    device = pick_device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True,
+                        help=f"a config.json, a model directory, or one of: {', '.join(KNOWN)}")
+    parser.add_argument("--weight-dtype", choices=sorted(DTYPE_BYTES),
+                        help="dtype of the weights (default: the config's own, else float32)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--layers-per-block", type=int, default=1)
+    parser.add_argument("--check", action="store_true",
+                        help="also measure SmolLM2-135M training here and compare (within 25 %%)")
+    parser.add_argument("--device", default="auto", help="for --check: auto, cpu or cuda")
+    parser.add_argument("--out", type=Path, help="JSON output (default outputs/memory/estimate-<name>.json)")
+    parser.add_argument("--measure", choices=["full", "block"], help=argparse.SUPPRESS)  # --check's child
+    args = parser.parse_args()
+
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.batch_size, args.seq_len, args.layers_per_block,
+                                 resolve_device(args.device))))
+        return
+    if args.check and args.config != SMOLLM2:
+        parser.error(f"--check measures SmolLM2-135M: use --config {SMOLLM2}")
+    if args.check and args.weight_dtype not in (None, "float32"):
+        parser.error("--check measures the trainer's fp32 model: leave --weight-dtype out or use float32")
+
+    name = short_name(args.config)
+    try:
+        dtype = "float32" if args.check else args.weight_dtype
+        est = estimate(load_config(config_path(args.config)), dtype, args.batch_size, args.seq_len,
+                       args.layers_per_block)
+    except ValueError as err:
+        raise SystemExit(f"--config {args.config}: {err}") from err
+    print(table(name, est), flush=True)
+    report: dict = {"name": name, "estimate": est.to_dict()}
+    failures: list[str] = []
+    if args.check:
+        report["check"], failures = check(est, args)
+    out = args.out or Path("outputs") / "memory" / f"estimate-{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    if failures:
+        raise SystemExit("the estimate is off by more than 25 %: " + "; ".join(failures))
+
+
+if __name__ == "__main__":
+    main()
