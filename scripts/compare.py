@@ -153,11 +153,12 @@ def plot(rows: list[dict], out_root: Path) -> None:
     ax.legend(fontsize=8)
     fig.savefig(out_root / "loss_vs_samples.png", dpi=100, bbox_inches="tight")
 
+    federated = [r for r in done if r["bytes_down"] + r["bytes_up"] > 0]  # centralized: no wire
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    x = range(len(done))
-    ax.bar([i - 0.2 for i in x], [max(r["bytes_down"], 1) / 1e6 for r in done], width=0.4, label="down")
-    ax.bar([i + 0.2 for i in x], [max(r["bytes_up"], 1) / 1e6 for r in done], width=0.4, label="up")
-    ax.set_xticks(list(x), [r["algorithm"] for r in done], rotation=30, ha="right", fontsize=8)
+    x = range(len(federated))
+    ax.bar([i - 0.2 for i in x], [r["bytes_down"] / 1e6 for r in federated], width=0.4, label="down")
+    ax.bar([i + 0.2 for i in x], [r["bytes_up"] / 1e6 for r in federated], width=0.4, label="up")
+    ax.set_xticks(list(x), [r["algorithm"] for r in federated], rotation=30, ha="right", fontsize=8)
     ax.set(ylabel="MB (log scale)", yscale="log", title="Bytes on the wire, whole run")
     ax.legend()
     ax.grid(alpha=0.3, axis="y")

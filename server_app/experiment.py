@@ -129,7 +129,8 @@ def _save_final(setup: ServerSetup, target: Path) -> None:
 
 
 def _round_line(row: dict, num_rounds: int) -> str:
-    visits = ", ".join(f"node {a['node_id']} block {a['block']}" if "node_id" in a else f"block {a['block']}"
+    visits = ", ".join(("" if "node_id" not in a else f"node {a['node_id']} ") +
+                       ("all parameters" if a["block"] is None else f"block {a['block']}")
                        for a in row["assignments"])
     loss = "-" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
     eval_loss = "" if row["eval_loss"] is None else f" | eval loss {row['eval_loss']:.4f}"

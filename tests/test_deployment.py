@@ -139,7 +139,8 @@ def test_tls_and_supernode_auth_admit_only_registered_nodes(tmp_path: Path) -> N
         registered = {}
         for name, start in (("clinic-a", 0), ("clinic-b", 4)):
             keys = dep.node_keys(name)
-            registered[dep.register(keys)] = dep.add_supernode(
+            node_id = dep.register(keys)  # before the node starts: it is refused otherwise
+            registered[node_id] = dep.add_supernode(
                 {"data-path": str(write_alpaca(tmp_path / f"{name}.jsonl", start)),
                  "cache-dir": str(tmp_path / f"{name}-cache")}, keys=keys)
         assert sorted(dep.wait_for_nodes(2)) == sorted(registered)
