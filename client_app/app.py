@@ -64,8 +64,8 @@ def train(msg: Message, context: Context) -> Message:
 
     uploaded = _upload(model, layer_map, instruction)
     if instruction.keep_upload:
-        new_version = instruction.block_version + 1
-        cache.store({Holding(name, new_version, DENSE.key): {"v": t} for name, t in uploaded.items()})
+        cache.store({Holding(name, instruction.upload_version, DENSE.key): {"v": t}
+                     for name, t in uploaded.items()})
     metrics = VisitMetrics(
         train_loss=result.train_loss, num_examples=len(examples), samples_seen=result.samples_seen,
         steps=result.steps, seconds=result.seconds,

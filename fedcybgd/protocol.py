@@ -38,6 +38,9 @@ class TrainInstruction:
     round: int
     block: int
     block_version: int
+    # The version the block takes if the server accepts this upload: the round number, so a
+    # rejected upload a client kept can never pass for a later, accepted one.
+    upload_version: int
     block_names: tuple[str, ...]
     manifest: tuple[Holding, ...]  # every tensor the client's model needs this visit
     dropped_layers: tuple[int, ...]  # decoder layers left out of this visit's model
@@ -66,6 +69,7 @@ class TrainInstruction:
             "round": self.round,
             "block": self.block,
             "block-version": self.block_version,
+            "upload-version": self.upload_version,
             "block-names": json.dumps(list(self.block_names)),
             "manifest": encode_holdings(list(self.manifest)),
             "dropped-layers": json.dumps(list(self.dropped_layers)),
@@ -85,6 +89,7 @@ class TrainInstruction:
             round=int(record["round"]),
             block=int(record["block"]),
             block_version=int(record["block-version"]),
+            upload_version=int(record["upload-version"]),
             block_names=tuple(json.loads(str(record["block-names"]))),
             manifest=tuple(decode_holdings(str(record["manifest"]))),
             dropped_layers=tuple(json.loads(str(record["dropped-layers"]))),

@@ -1,7 +1,8 @@
 """The one trainer: fine-tune a chosen set of parameters, and measure held-out loss.
 
 A visit trains only the parameters it is given (one block for FedCyBGD) with a fresh AdamW, so
-optimizer state never leaks from one block or client to the next. Everything else is frozen, and
+optimizer state never leaks from one block or client to the next (centralized full fine-tuning
+alone passes one optimizer through all its calls). Everything else is frozen, and
 since nothing before the block requires a gradient, backpropagation stops at the block.
 """
 

@@ -19,9 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ALGORITHMS = ["fedcybgd", "fedbavg", "fedavg-full", "fedlora", "fedcybgd-lora",
-              "centralized-cy", "centralized-full"]
-ALLOCATIONS = ["ascending", "descending", "random"]
+from fedcybgd.config import ALGORITHMS, ALLOCATIONS, compose
+
 REFERENCE = "centralized-full"
 
 
@@ -30,16 +29,15 @@ class Preset:
     overrides: str  # Hydra overrides shared by every run
     nodes: int  # simulated clients
     rounds: int  # rounds of a one-client-per-round algorithm; K clients per round get rounds / K
-    clients_per_round: int  # K of the averaging baselines (fedbavg, fedavg-full, fedlora)
     eval_points: int  # held-out evaluations per run, besides round 0
 
 
 PRESETS = {
     # The tiny random Llama (4 blocks): two cycles, a few minutes on 2 CPU cores.
     "tiny": Preset("model=tiny-llama train=tiny train.local_steps=5 data.max_examples=600",
-                   nodes=3, rounds=12, clients_per_round=3, eval_points=4),
+                   nodes=3, rounds=12, eval_points=4),
     # SmolLM2-135M-Instruct (30 blocks): one cycle of FedCyBGD, 600 examples per run.
-    "smollm2": Preset("train.local_steps=5", nodes=3, rounds=30, clients_per_round=3, eval_points=5),
+    "smollm2": Preset("train.local_steps=5", nodes=3, rounds=30, eval_points=5),
 }
 
 
@@ -60,14 +58,14 @@ class RunSpec:
 
 
 def overrides_for(spec: RunSpec, preset: Preset, out_dir: Path) -> str:
-    """The run's config: the preset, the algorithm, and rounds that give every run equal samples."""
-    averaged = spec.algorithm in ("fedbavg", "fedavg-full", "fedlora")
-    k = preset.clients_per_round if averaged else 1
+    """The run's config: the preset, the algorithm (with its own clients per round, K), and
+    rounds that give every run equal samples."""
+    k = compose(overrides=f"{preset.overrides} algorithm={spec.algorithm}").algorithm.clients_per_round
     if preset.rounds % k:
         raise SystemExit(f"preset rounds {preset.rounds} is not a multiple of clients_per_round {k}")
     rounds = preset.rounds // k
     every = max(1, rounds // preset.eval_points)
-    return (f"{preset.overrides} algorithm={spec.algorithm} algorithm.clients_per_round={k} "
+    return (f"{preset.overrides} algorithm={spec.algorithm} "
             f"algorithm.allocation={spec.allocation} rounds={rounds} eval.every={every} "
             f"output_dir={out_dir}")
 
@@ -75,7 +73,6 @@ def overrides_for(spec: RunSpec, preset: Preset, out_dir: Path) -> str:
 def run_one(spec: RunSpec, overrides: str, nodes: int) -> None:
     """One run, in its own process (see `measure`)."""
     from client_app.app import app as client_app
-    from fedcybgd.config import compose
     from scripts.inprocess import InProcessGrid
     from server_app.app import run
     from server_app.centralized import run_centralized

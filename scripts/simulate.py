@@ -22,6 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from fedcybgd.config import compose
+
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -81,6 +83,11 @@ def run_status(run_id: int, env: dict[str, str], connection: str | None = None) 
 def simulate(overrides: str, num_supernodes: int, *, cpus_per_client: int = 2,
              flwr_home: Path | None = None, timeout: float = 3600.0, stream: bool = True) -> dict:
     """Run one simulation to the end; returns the run's final entry from `flwr list`."""
+    cfg = compose(overrides=overrides)  # a bad config fails here, before any process starts
+    needed = max(cfg.algorithm.min_nodes, cfg.algorithm.clients_per_round)
+    if needed > num_supernodes:
+        raise ValueError(f"the run needs {needed} nodes (algorithm.min_nodes, algorithm.clients_per_round) "
+                         f"but the simulation has {num_supernodes} supernodes")
     own_home = flwr_home is None
     home = Path(tempfile.mkdtemp(prefix="fedcybgd-flwr-")) if own_home else flwr_home
     http_port, control_port = free_port(), free_port()

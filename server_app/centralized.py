@@ -3,8 +3,10 @@
 `centralized-cy` trains one block per round in the allocation order with a fresh AdamW each time
 (BAdam's block coordinate descent); `centralized-full` trains every parameter with one AdamW for
 the whole run. A round is `train.local_steps` optimizer steps on batches of `train.batch_size`,
-as one client visit is, so `rounds` x `local_steps` x `batch_size` examples are seen, and the
-run's metrics.jsonl/summary.json read like a federated run's (with zero bytes on the wire).
+as one client visit is, so `rounds` x `local_steps` x `batch_size` x `grad_accum` examples are
+seen, and the run's metrics.jsonl/summary.json read like a federated run's (with zero bytes on
+the wire). Its client peak memory is the training process's peak above its memory before the
+model and data were loaded.
 
     python -m scripts.centralized algorithm=centralized-full rounds=30
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fedcybgd import data, memory, models
-from fedcybgd.config import RunConfig
+from fedcybgd.config import CENTRALIZED_ALGORITHMS, RunConfig
 from fedcybgd.report import RoundStats
 from fedcybgd.train import pick_device, train_params
 from server_app.experiment import Experiment, prepare
@@ -26,7 +28,7 @@ from strategy import schedule
 
 def run_centralized(cfg: RunConfig) -> Path:
     """Run `centralized-cy` or `centralized-full`; returns the output directory."""
-    if cfg.algorithm.name not in ("centralized-cy", "centralized-full"):
+    if cfg.algorithm.name not in CENTRALIZED_ALGORITHMS:
         raise ValueError(f"algorithm.name={cfg.algorithm.name!r} is not a centralized algorithm")
     memory_before = memory.baseline_bytes(pick_device())  # the peak counts the model and data too
     setup = prepare(cfg)
@@ -49,12 +51,13 @@ def run_centralized(cfg: RunConfig) -> Path:
                                       cfg.seed)
             names = list(setup.layout.blocks[block].names)
         result = train_params(model, names, batches, cfg.train, experiment.device, optimizer)
+        peak = max(result.peak_mem_bytes - memory_before, 0)
         stats = RoundStats(
             round=server_round,
-            assignments=[{"block": block, "peak_mem_bytes": max(result.peak_mem_bytes - memory_before, 0)}],
+            assignments=[{"block": block, "peak_mem_bytes": peak}],
             train_loss=result.train_loss, samples_seen=result.samples_seen,
             client_seconds=result.seconds,
-            client_peak_mem_bytes=max(result.peak_mem_bytes - memory_before, 0),
+            client_peak_mem_bytes=peak,
             round_seconds=time.perf_counter() - start,
         )
         if experiment.eval_due(server_round):

@@ -1,4 +1,4 @@
-"""The federated algorithms as settings of one strategy (DESIGN.md, "Algorithms").
+"""The federated algorithms as settings of one strategy (README, "Algorithms side by side").
 
 | name          | a block is            | per round              | upload          | server merge      |
 |---------------|-----------------------|------------------------|-----------------|-------------------|
@@ -49,6 +49,11 @@ def build(cfg: RunConfig, model: PreTrainedModel, layout: ModelLayout,
     if name in CENTRALIZED_ALGORITHMS:
         raise ConfigError(f"algorithm.name={name!r} runs without Flower: "
                           f"python -m scripts.centralized algorithm={name}")
+    if name in ("fedcybgd", "fedcybgd-lora") and k > len(layout.blocks):
+        raise ConfigError(f"algorithm.clients_per_round={k} exceeds the model's {len(layout.blocks)} blocks: "
+                          "parallel groups train distinct blocks")
+    if name == "fedlora" and cfg.model.train_head:
+        raise ConfigError("fedlora adapts the decoder layers only: model.train_head=true does not apply")
     if name == "fedcybgd":
         return Algorithm(name, k), layout, {}
     if name == "fedbavg":

@@ -21,7 +21,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedcybgd import codec, lora, protocol
 from fedcybgd.blocks import Block, ModelLayout
@@ -68,9 +67,6 @@ class CyclicBlockStrategy(Strategy):
         round_timeout: float = 3600.0,
         seed: int = 0,
     ) -> None:
-        if not algorithm.average and algorithm.clients_per_round > len(layout.blocks):
-            raise ValueError(f"algorithm.clients_per_round={algorithm.clients_per_round} exceeds the "
-                             f"{len(layout.blocks)} blocks: parallel groups train distinct blocks")
         self.blocks: list[Block] = list(layout.blocks)
         self.algorithm = algorithm
         self.model_name = model_name
@@ -84,11 +80,14 @@ class CyclicBlockStrategy(Strategy):
         self.round_timeout = round_timeout
         self.seed = seed
         self.packager = Packager(layout, compression, seed)
+        # A block's version: the round of its last accepted upload (0: not trained yet).
         self.block_versions = [0] * len(self.blocks)
         self.node_order: list[int] = []
         self.visits: dict[int, int] = {}
         self.position = 0  # blocks taken from the allocation order so far
-        self.retry: list[int] = []  # blocks whose visits all failed: assigned again first
+        # Blocks to assign before the allocation order: those whose visits all failed, and those
+        # deferred because a round had already drawn them.
+        self.retry: list[int] = []
         self.rounds: dict[int, RoundStats] = {}
         self._block_of = layout.block_of()
         self._global: ArrayRecord | None = None
@@ -104,8 +103,22 @@ class CyclicBlockStrategy(Strategy):
             self.train.lr, self.train.batch_size)
 
     def connected_nodes(self, grid: Grid) -> list[int]:
-        """Connected nodes in a stable order: first come first, ties broken by id."""
-        _, connected = sample_nodes(grid, self.min_nodes, 0)
+        """Connected nodes in a stable order: first come first, ties broken by id.
+
+        Waits (up to the round timeout) until `min_nodes` are connected, then fails naming the
+        shortfall, instead of waiting forever for nodes that will never come (a simulation with
+        fewer SuperNodes than the round needs).
+        """
+        deadline = time.monotonic() + self.round_timeout
+        reported = -1
+        while len(connected := list(grid.get_node_ids())) < self.min_nodes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(connected)} node(s) connected after {self.round_timeout:.0f} s; "
+                                   f"this run needs {self.min_nodes} (algorithm.min_nodes, clients_per_round)")
+            if len(connected) != reported:
+                log(INFO, "Waiting for nodes: %d connected, %d needed", len(connected), self.min_nodes)
+                reported = len(connected)
+            time.sleep(1)
         for node_id in sorted(connected):
             if node_id not in self.node_order:
                 self.node_order.append(node_id)
@@ -200,6 +213,7 @@ class CyclicBlockStrategy(Strategy):
             round=server_round,
             block=block.index,
             block_version=self.block_versions[block.index],
+            upload_version=server_round,
             block_names=block.names,
             manifest=plan.manifest,
             dropped_layers=plan.dropped_layers,
@@ -247,7 +261,7 @@ class CyclicBlockStrategy(Strategy):
 
         uploads = [u for group in accepted.values() for u in group]
         for index, group in accepted.items():
-            self._merge(self.blocks[index], group)
+            self._merge(server_round, self.blocks[index], group)
         for u in uploads:
             stats.samples_seen += u.metrics.samples_seen
             stats.client_seconds = max(stats.client_seconds, u.metrics.seconds)
@@ -276,8 +290,8 @@ class CyclicBlockStrategy(Strategy):
             template[name_b] = codec.encode_tensor(torch.empty(out_features, self.algorithm.lora.r))
         return template
 
-    def _merge(self, block: Block, group: list[_Upload]) -> None:
-        """Fold a block's accepted uploads into the global record in place; bump its version."""
+    def _merge(self, server_round: int, block: Block, group: list[_Upload]) -> None:
+        """Fold a block's accepted uploads into the global record in place; its version is now the round."""
         assert self._global is not None
         new: dict[str, Array | torch.Tensor]
         if self.algorithm.average:
@@ -293,8 +307,8 @@ class CyclicBlockStrategy(Strategy):
         for name in block.names:
             value = new[name]
             self._global[name] = value if isinstance(value, Array) else codec.encode_tensor(value)
-        self.block_versions[block.index] += 1
-        kept = self.block_versions[block.index] if self.algorithm.keeps_upload else None
+        self.block_versions[block.index] = server_round  # unique per upload: see TrainInstruction
+        kept = server_round if self.algorithm.keeps_upload else None
         for upload in group:
             self._confirm_cache(upload, block, kept)
 
@@ -302,13 +316,14 @@ class CyclicBlockStrategy(Strategy):
         node_id = upload.visit.assignment.node_id
         expected = self.packager.confirm(node_id, upload.visit.plan, block, kept_version)
         reported = upload.cache_digest
+        upload.visit.entry["cache_confirmed"] = reported == expected
         if reported != expected:
             log(WARNING, "Node %d cache digest %s != expected %s: asking it what it holds next time",
                 node_id, reported, expected)
             self.packager.forget(node_id)
 
     def _reject(self, stats: RoundStats, node_id: int, reason: str) -> None:
-        """Log and record a failed visit; a block no visit delivered is assigned again."""
+        """Log and record a failed visit (`aggregate_train` re-queues blocks nobody delivered)."""
         log(WARNING, "Round %d: rejected reply from node %d: %s", stats.round, node_id, reason)
         stats.rejected.append({"node_id": node_id, "reason": reason})
         self.packager.forget(node_id)  # its cache may not be what we think: ask next time

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, Message
+from collections.abc import Mapping
+
+from flwr.app import Array, Message
 
 from fedcybgd.codec import CodecError, decode_array
 from fedcybgd.protocol import BLOCK, CONFIG, METRICS, REPLY_RECORDS, VisitMetrics
 
 
-def reply_problem(reply: Message, expected: ArrayRecord, block: int, block_version: int) -> str | None:
+def reply_problem(reply: Message, expected: Mapping[str, Array], block: int, block_version: int) -> str | None:
     """Why `reply` must be rejected, or None when it is a valid upload of `expected`'s keys.
 
-    `expected` holds the block's current global Arrays: the reply must carry exactly these
-    names, with the same shapes and dtypes, and only finite values.
+    `expected` is a template of the upload (the block's global Arrays, or adapter-shaped ones):
+    the reply must carry exactly these names, with the same shapes and dtypes, and only finite
+    values.
     """
     if reply.has_error():
         return f"client error: {reply.error.reason}"

@@ -61,6 +61,8 @@ def test_every_algorithm_runs_end_to_end_and_reports_the_same_fields(out_dir, al
     assert s["client_peak_mem_bytes"] > 0
     assert [r["round"] for r in rows(out_dir)] == [1, 2, 3, 4]
     assert all(r["eval_loss"] is not None for r in rows(out_dir))
+    # The server's idea of each client's cache matched the client's own after every visit.
+    assert all(a.get("cache_confirmed", True) for r in rows(out_dir) for a in r["assignments"])
     assert (out_dir / "eval_loss.png").exists() and (out_dir / "final").is_dir()
 
 
@@ -95,11 +97,18 @@ def test_parallel_groups_never_take_one_block_twice_in_a_round(tiny):
     assert max(counts) - min(counts) <= 3  # every block keeps its turn
 
 
-def test_more_parallel_groups_than_blocks_or_a_centralized_algorithm_in_flower_is_an_error(out_dir):
-    with pytest.raises(ValueError, match="clients_per_round=5 exceeds the 4 blocks"):
-        run(FakeGrid(5), cfg_for(out_dir, "algorithm=fedcybgd algorithm.clients_per_round=5"))
-    with pytest.raises(ConfigError, match="runs without Flower"):
-        run(FakeGrid(2), cfg_for(out_dir, "algorithm=centralized-full"))
+@pytest.mark.parametrize("overrides, error, message", [
+    ("algorithm=fedcybgd algorithm.clients_per_round=5", ConfigError, "clients_per_round=5 exceeds the model's 4 blocks"),
+    ("algorithm=centralized-full", ConfigError, "runs without Flower"),
+    ("algorithm=fedlora model.train_head=true", ConfigError, "fedlora adapts the decoder layers only"),
+    ("algorithm=fedbavg algorithm.clients_per_round=3 algorithm.round_timeout=1", RuntimeError,
+     "only 2 node\\(s\\) connected after 1 s; this run needs 3"),
+])
+def test_a_run_that_cannot_work_fails_before_round_1_naming_why(out_dir, overrides, error, message):
+    grid = FakeGrid(2)
+    with pytest.raises(error, match=message):
+        run(grid, cfg_for(out_dir, overrides))
+    assert grid.sent == []
 
 
 def test_fedbavg_takes_the_example_weighted_mean_of_one_block(out_dir, tiny, tmp_path):
@@ -122,6 +131,29 @@ def test_fedbavg_takes_the_example_weighted_mean_of_one_block(out_dir, tiny, tmp
         assert not torch.equal(final[name], ups[0][0][name])
     for name in set(initial) - set(layout.blocks[0].names):
         assert torch.equal(final[name], initial[name]), name
+
+
+def test_a_rejected_reply_in_an_averaged_round_leaves_the_mean_of_the_others(out_dir, tiny):
+    _, layout, _ = tiny
+
+    def tamper(reply):  # the second node's upload is corrupted on the way back
+        if reply.metadata.src_node_id == 102:
+            name = sorted(reply.content[BLOCK].keys())[0]
+            reply.content[BLOCK][name] = codec.encode_tensor(torch.zeros(3))
+        return reply
+
+    grid = FakeGrid(3, tamper=tamper)
+    run(grid, cfg_for(out_dir, "algorithm=fedbavg algorithm.clients_per_round=3 rounds=2"))
+    r1, r2 = rows(out_dir)
+    assert [x["node_id"] for x in r1["rejected"]] == [102]
+    ups = uploads(grid)[:3]
+    kept = [ups[0], ups[2]]
+    # Round 2 moved on to block 1 (block 0 had accepted uploads): block 0 is their mean alone.
+    assert {a["block"] for a in r2["assignments"]} == {1}
+    final = final_tensors(out_dir)
+    total = sum(n for _, n in kept)
+    for name in layout.blocks[0].names:
+        assert torch.allclose(final[name], sum(up[name] * n for up, n in kept) / total, atol=1e-6), name
 
 
 def test_fedavg_full_uploads_and_averages_every_parameter(out_dir, tiny):

@@ -116,3 +116,22 @@ def test_dropped_layers_are_neither_sent_nor_built_and_training_still_works(out_
         assert not any(k.startswith(dropped) for k in msg.content[FROZEN].keys())
         assert set(reply.content[BLOCK].keys()) == set(instruction.block_names)
     assert all(row["train_loss"] is not None for row in rows(out_dir))
+
+
+def test_an_upload_the_server_rejected_never_passes_for_the_blocks_later_version(out_dir):
+    """Node 101 keeps its round-1 upload of block 0, but the server rejects it; node 102 trains
+    block 0 again in round 2. When node 101 comes back, its kept copy must count as stale."""
+    def tamper(reply):
+        if reply.metadata.src_node_id == 101 and reply.content[CONFIG]["block"] == 0:
+            reply.content[CONFIG]["block-version"] = 99  # rejected: not the version it was sent
+        return reply
+
+    grid = FakeGrid(2, tamper=tamper)
+    start(out_dir, grid, "rounds=3 compression=none")
+    r1, r2, r3 = rows(out_dir)
+    assert r1["rejected"] and not r2["rejected"] and not r3["rejected"]
+    assert [r["assignments"][0]["block"] for r in (r1, r2, r3)] == [0, 0, 1]
+    block0 = set(json.loads(grid.sent[0].content[CONFIG]["block-names"]))
+    assert grid.sent[2].metadata.dst_node_id == 101
+    assert block0 <= sent_names(grid.sent[2])  # block 0 resent: node 101's own copy is stale
+    assert r3["assignments"][0]["cache_confirmed"]
