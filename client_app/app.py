@@ -45,10 +45,11 @@ def train(msg: Message, context: Context) -> Message:
     if instruction.lora_modules:
         assert instruction.lora is not None
         if not adapters:  # fedcybgd-lora: fresh adapters for this visit's block
-            shapes = {f"{m}.weight": tuple(model.get_submodule(layer_map.to_local(m)).weight.shape)
-                      for m in instruction.lora_modules}
+            local = {m: layer_map.to_local(m) for m in instruction.lora_modules}
+            shapes = {f"{m}.weight": tuple(model.get_submodule(local[m]).weight.shape) for m in local}
+            transposed = lora.transposed_modules(model)
             adapters = lora.fresh_adapters(shapes, instruction.lora_modules, instruction.lora,
-                                           instruction.seed)
+                                           instruction.seed, frozenset(m for m in local if local[m] in transposed))
         local_names = lora.attach(model, {layer_map.to_local(n): t for n, t in adapters.items()},
                                   instruction.lora)
     else:

@@ -33,6 +33,7 @@ class ServerSetup:
     layout: ModelLayout
     train_data: data.Dataset
     eval_batches: list[dict]
+    lora_transposed: frozenset[str]  # modules whose LoRA update merges transposed (Conv1D)
 
 
 def prepare(cfg: RunConfig) -> ServerSetup:
@@ -46,7 +47,7 @@ def prepare(cfg: RunConfig) -> ServerSetup:
         heldout = heldout.select(range(min(cfg.eval.max_examples, len(heldout))))
     eval_examples = data.tokenize(heldout, tokenizer, cfg.train.max_seq_len)
     eval_batches = data.eval_batches(eval_examples, cfg.eval.batch_size, tokenizer.pad_token_id)
-    return ServerSetup(model, tokenizer, layout, train_data, eval_batches)
+    return ServerSetup(model, tokenizer, layout, train_data, eval_batches, lora.transposed_modules(model))
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Experiment:
 
     def evaluate(self, server_round: int, tensors: dict[str, torch.Tensor]) -> float:
         """Held-out loss of the model with `tensors` (adapters, if any, merged in)."""
-        models.load_tensors(self.setup.model, lora.merge_into(tensors, self.cfg.lora))
+        models.load_tensors(self.setup.model, lora.merge_into(tensors, self.cfg.lora, self.setup.lora_transposed))
         self.evals[server_round] = evaluate_loss(self.setup.model, self.setup.eval_batches, self.device)
         return self.evals[server_round]
 
@@ -85,7 +86,7 @@ class Experiment:
 
     def finish(self, final_tensors: dict[str, torch.Tensor], extra: dict) -> dict:
         """Save the final model, write summary.json and the plots; returns the summary."""
-        models.load_tensors(self.setup.model, lora.merge_into(final_tensors, self.cfg.lora))
+        models.load_tensors(self.setup.model, lora.merge_into(final_tensors, self.cfg.lora, self.setup.lora_transposed))
         _save_final(self.setup, self.out_dir / "final")
         rows = self.report.rows
         peaks = [a["peak_mem_bytes"] for r in rows for a in r["assignments"] if "peak_mem_bytes" in a]

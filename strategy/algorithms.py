@@ -34,6 +34,8 @@ class Algorithm:
     lora: LoraConfig | None = None
     lora_modules: dict[int, tuple[str, ...]] = field(default_factory=dict)
     merge_adapters: bool = False
+    # Adapted modules whose weight is stored (in, out) (GPT-2's Conv1D): the merge transposes.
+    lora_transposed: frozenset[str] = frozenset()
 
     @property
     def keeps_upload(self) -> bool:
@@ -63,17 +65,20 @@ def build(cfg: RunConfig, model: PreTrainedModel, layout: ModelLayout,
         return Algorithm(name, k, average=True), replace(layout, blocks=(whole,)), {}
 
     modules = lora.target_modules(model, layout.layer_prefix, cfg.lora)
+    transposed = lora.transposed_modules(model)
     if name == "fedcybgd-lora":
         per_block = {b.index: tuple(m for i in b.layers for m in modules.get(i, ())) for b in layout.blocks}
         if any(not m for m in per_block.values()):
             raise ConfigError("fedcybgd-lora needs adapters in every block: with model.train_head "
                               "the head block has no decoder layer to adapt")
-        return Algorithm(name, k, lora=cfg.lora, lora_modules=per_block, merge_adapters=True), layout, {}
+        return Algorithm(name, k, lora=cfg.lora, lora_modules=per_block, merge_adapters=True,
+                         lora_transposed=transposed), layout, {}
     if name == "fedlora":
         every_module = tuple(m for names in modules.values() for m in names)
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        adapters = lora.fresh_adapters(shapes, every_module, cfg.lora, cfg.seed)
+        adapters = lora.fresh_adapters(shapes, every_module, cfg.lora, cfg.seed, transposed)
         block = Block(0, tuple(adapters), every_layer)
-        algorithm = Algorithm(name, k, average=True, lora=cfg.lora, lora_modules={0: every_module})
+        algorithm = Algorithm(name, k, average=True, lora=cfg.lora, lora_modules={0: every_module},
+                              lora_transposed=transposed)
         return algorithm, replace(layout, blocks=(block,)), adapters
     raise ConfigError(f"algorithm.name={name!r} is not a federated algorithm")

@@ -284,7 +284,8 @@ class CyclicBlockStrategy(Strategy):
         assert self.algorithm.lora is not None
         template = {}
         for module in self.algorithm.lora_modules[block.index]:
-            out_features, in_features = self._global[f"{module}.weight"].shape
+            out_features, in_features = lora.features(tuple(self._global[f"{module}.weight"].shape),
+                                                      module in self.algorithm.lora_transposed)
             name_a, name_b = lora.adapter_names(module)
             template[name_a] = codec.encode_tensor(torch.empty(self.algorithm.lora.r, in_features))
             template[name_b] = codec.encode_tensor(torch.empty(out_features, self.algorithm.lora.r))
@@ -300,7 +301,8 @@ class CyclicBlockStrategy(Strategy):
         elif self.algorithm.merge_adapters:
             assert self.algorithm.lora is not None and len(group) == 1
             current = {n: codec.decode_array(self._global[n]) for n in block.names}
-            new = lora.merge_into({**current, **codec.decode_record(group[0].arrays)}, self.algorithm.lora)
+            new = lora.merge_into({**current, **codec.decode_record(group[0].arrays)}, self.algorithm.lora,
+                                  self.algorithm.lora_transposed)
         else:
             assert len(group) == 1
             new = {name: group[0].arrays[name] for name in block.names}

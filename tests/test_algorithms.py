@@ -203,12 +203,17 @@ def test_fedcybgd_lora_uploads_only_the_blocks_adapters_and_merges_them(out_dir,
         assert torch.allclose(final[f"{module}.weight"], initial[f"{module}.weight"] + b @ a, atol=1e-6)
 
 
-def test_our_lora_merge_matches_the_peft_model_it_was_trained_in(tiny):
-    model, layout, initial = tiny
+@pytest.mark.parametrize("structure", ["tiny-llama", "tiny-gpt2", "tiny-neox"])
+def test_our_lora_merge_matches_peft_on_every_structure(structure):
+    """Llama (nn.Linear), GPT-2 (Conv1D, weights stored transposed), GPT-NeoX (fused qkv)."""
+    model = models.load_pretrained(models.resolve_model_dir(structure))
+    layout, initial = describe(model, 1), models.named_tensors(model)
     cfg = LoraConfig(r=4, alpha=12.0)
     modules = lora.target_modules(model, layout.layer_prefix, cfg)[1]
+    transposed = lora.transposed_modules(model)
+    assert bool(transposed & set(modules)) == (structure == "tiny-gpt2")
     shapes = {n: tuple(t.shape) for n, t in initial.items()}
-    adapters = lora.fresh_adapters(shapes, modules, cfg, seed=0)
+    adapters = lora.fresh_adapters(shapes, modules, cfg, seed=0, transposed=transposed)
     for name in adapters:  # B starts at zero; make the adapters matter
         adapters[name] = torch.randn_like(adapters[name]) * 0.1
     batch = {"input_ids": torch.randint(0, 200, (2, 16))}
@@ -216,10 +221,25 @@ def test_our_lora_merge_matches_the_peft_model_it_was_trained_in(tiny):
     wrapped, _ = models.build_skeleton(models.model_spec(model))
     models.load_tensors(wrapped, initial)
     lora.attach(wrapped, adapters, cfg)
+    ours = lora.merge_into({**initial, **adapters}, cfg, transposed)
     merged, _ = models.build_skeleton(models.model_spec(model))
-    models.load_tensors(merged, lora.merge_into({**initial, **adapters}, cfg))
+    models.load_tensors(merged, ours)
+    wrapped.eval(), merged.eval()  # GPT-2 has dropout
     with torch.no_grad():
         assert torch.allclose(wrapped(**batch).logits, merged(**batch).logits, atol=1e-4)
+        for module in modules:  # peft's own merge, module by module
+            layer = wrapped.get_submodule(module)
+            layer.merge()
+            assert torch.allclose(layer.get_base_layer().weight, ours[f"{module}.weight"], atol=1e-6), module
+
+
+@pytest.mark.parametrize("structure", ["tiny-gpt2", "tiny-neox"])
+@pytest.mark.parametrize("algorithm", ["fedlora", "fedcybgd-lora"])
+def test_lora_algorithms_run_on_every_structure(out_dir, structure, algorithm):
+    cfg = cfg_for(out_dir, f"model.name={structure} algorithm={algorithm} rounds=2 lora.r=4")
+    run(FakeGrid(2), cfg)
+    s = summary(out_dir)
+    assert s["rejected_replies"] == 0 and s["final_eval_loss"] < s["initial_eval_loss"]
 
 
 def test_lora_targets_can_be_narrowed_and_a_bad_target_is_named(tiny):
