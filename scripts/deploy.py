@@ -195,9 +195,11 @@ class LoopbackDeployment:
         Only what Docker's network and mounts provide changes: each service's `--host` becomes
         127.0.0.1, its `--port` a free port, and `<service>:<port>` addresses follow; the i-th
         SuperNode's `/data` mount is `node_data[i]` and its `/cache` a folder in the workdir.
-        Each process gets a FLWR_HOME of its own, as each container has. `--tls` is not
-        supported here (the commands are those of the insecure file).
+        Each process gets a FLWR_HOME of its own, as each container has. The insecure file only:
+        the TLS overlay's certificate paths are container paths.
         """
+        if self.tls:
+            raise ValueError("start_compose runs the insecure compose.yaml; tls=True does not apply")
         commands = compose_commands(compose_file)
         nodes = [name for name in commands if name.startswith("supernode-")]
         if len(node_data) != len(nodes):
