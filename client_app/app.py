@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from functools import lru_cache
+from logging import WARNING
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 from torch import nn
 
 from fedcybgd import codec, data, lora, memory, models, protocol
@@ -140,10 +142,24 @@ def _cached_examples(data_json: str, data_path: str | None, partition: tuple[int
 
 
 def _local_examples(node_config: dict, data_json: str, model_dir: str, max_seq_len: int) -> list[data.Example]:
-    """This node's tokenized training data: its own file, or its partition of the shared source."""
-    if "data-path" in node_config:
-        return _cached_examples(data_json, str(node_config["data-path"]), None, model_dir, max_seq_len)
-    if "partition-id" not in node_config or "num-partitions" not in node_config:
+    """This node's tokenized training data: its own file, or its partition of the shared source.
+
+    A `data-path` with nothing there (no such path, or an empty folder: what Docker mounts when
+    the host folder is missing) falls back to the node's partition when its node config has one,
+    so a demo trains with nothing prepared. Without a partition, the loader's error names the file.
+    """
+    path = node_config.get("data-path")
+    has_partition = "partition-id" in node_config and "num-partitions" in node_config
+    if path is not None and (not has_partition or _holds_data(Path(str(path)))):
+        return _cached_examples(data_json, str(path), None, model_dir, max_seq_len)
+    if not has_partition:
         raise data.DataError("node_config needs data-path, or partition-id and num-partitions")
     partition = (int(node_config["partition-id"]), int(node_config["num-partitions"]))
+    if path is not None:
+        log(WARNING, "data-path %s holds no data: training on partition %d of %d of the packaged data",
+            path, *partition)
     return _cached_examples(data_json, None, partition, model_dir, max_seq_len)
+
+
+def _holds_data(path: Path) -> bool:
+    return path.exists() and not (path.is_dir() and not any(path.iterdir()))

@@ -107,6 +107,16 @@ def generate_node_keys(out_dir: Path, name: str) -> NodeKeys:
     return keys
 
 
+def missing_files(out_dir: Path, supernodes: int) -> list[Path]:
+    """The files `compose.tls.yaml` mounts that are not regular files in `out_dir`.
+
+    Checked before `docker compose up`: Docker would otherwise create root-owned directories at
+    missing single-file mount paths (short syntax), or stop with a less direct error (long syntax).
+    """
+    names = ["ca.crt", "server.pem", "server.key"] + [f"supernode-{i}.key" for i in range(1, supernodes + 1)]
+    return [out_dir / name for name in names if not (out_dir / name).is_file()]
+
+
 def _san(host: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
@@ -139,7 +149,21 @@ def main() -> int:
     parser.add_argument("--host", action="append", dest="hosts", metavar="NAME_OR_IP",
                         help="name or IP the SuperNodes use to reach the SuperLink (repeatable; "
                              f"default: {' '.join(DEFAULT_HOSTS)})")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 naming each missing file (before docker compose up)")
     args = parser.parse_args()
+    if args.check:
+        missing = missing_files(args.out, args.supernodes)
+        for path in missing:
+            why = ("a directory (Docker makes one at a missing mount path): remove it, e.g. sudo rm -r"
+                   if path.is_dir() else "missing:")
+            print(f"{why} {path}", file=sys.stderr)
+        if missing:
+            print(f"create them first: .venv/bin/python -m scripts.certs --out {args.out} "
+                  f"--supernodes {args.supernodes}", file=sys.stderr)
+            return 1
+        print(f"{args.out}: every certificate and key for {args.supernodes} SuperNodes is there")
+        return 0
     hosts = tuple(args.hosts) if args.hosts else DEFAULT_HOSTS
     creds = generate_server_credentials(args.out, hosts)
     print(f"CA {creds.ca_cert}; SuperLink certificate {creds.server_cert} for {', '.join(hosts)}")

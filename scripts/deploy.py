@@ -8,7 +8,8 @@ session of its own and stopped by PID at the end, whatever happens; the run's re
 (`flwr list`) decides the exit code, as `flwr run` exits 0 even for a failed run.
 
 The flag builders below (`superlink_flags`, `supernode_flags`, `superexec_flags`) are the one
-description of how the processes start; `compose.yaml` uses the same flags (a test checks it).
+description of how the processes start; `compose.yaml` uses the same flags (a test checks it),
+and `LoopbackDeployment.start_compose` runs compose.yaml's own commands as processes here.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO
+
+import yaml
 
 from scripts.certs import NodeKeys, ServerCredentials, generate_node_keys, generate_server_credentials
 from scripts.simulate import _flwr, _wait_healthy, flower_env, free_port, run_status
@@ -70,6 +74,17 @@ def superexec_flags(*, runtime_api: str, root_cert: Path | str | None) -> list[s
     """`flower-superexec` flags (`--isolation process` only): it runs what that API hands it."""
     flags = ["--root-certificates", str(root_cert)] if root_cert else ["--insecure"]
     return flags + ["--runtime-api-address", runtime_api]
+
+
+def compose_commands(compose_file: Path) -> dict[str, list[str]]:
+    """Each service's command in a compose file, in the file's order."""
+    services = yaml.safe_load(compose_file.read_text())["services"]
+    return {name: [str(arg) for arg in spec["command"]] for name, spec in services.items()}
+
+
+def parse_node_config(text: str) -> dict[str, object]:
+    """`--node-config` text back to a dict (the inverse of `node_config_arg`)."""
+    return tomllib.loads(re.sub(r"\s+(?=[\w-]+=)", "\n", text.strip()))
 
 
 def node_config_arg(node_config: Mapping[str, object]) -> str:
@@ -173,6 +188,48 @@ class LoopbackDeployment:
         self._superlink = self._spawn(["flower-superlink", *flags], self.superlink_log)
         _wait_healthy(self.port, self._superlink, timeout=90,
                       ca_file=self.credentials.ca_cert if self.credentials else None)
+
+    def start_compose(self, compose_file: Path, node_data: Sequence[Path]) -> None:
+        """`compose_file`'s services as processes here, in its order, with its very commands.
+
+        Only what Docker's network and mounts provide changes: each service's `--host` becomes
+        127.0.0.1, its `--port` a free port, and `<service>:<port>` addresses follow; the i-th
+        SuperNode's `/data` mount is `node_data[i]` and its `/cache` a folder in the workdir.
+        Each process gets a FLWR_HOME of its own, as each container has. The insecure file only:
+        the TLS overlay's certificate paths are container paths.
+        """
+        if self.tls:
+            raise ValueError("start_compose runs the insecure compose.yaml; tls=True does not apply")
+        commands = compose_commands(compose_file)
+        nodes = [name for name in commands if name.startswith("supernode-")]
+        if len(node_data) != len(nodes):
+            raise ValueError(f"{compose_file} has {len(nodes)} SuperNodes, node_data has {len(node_data)}")
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self._write_connection()
+        ports = {name: self.port if name == "superlink" else free_port()
+                 for name, command in commands.items() if "--port" in command}
+        addresses = {f"{name}:{_flag_value(commands[name], '--port')}": f"127.0.0.1:{port}"
+                     for name, port in ports.items()}
+        for name, command in commands.items():
+            args = [addresses.get(arg, arg) for arg in command]
+            if name in ports:
+                args = _set_flag(_set_flag(args, "--host", "127.0.0.1"), "--port", str(ports[name]))
+            if name in nodes:
+                node_config = parse_node_config(_flag_value(args, "--node-config"))
+                node_config["data-path"] = str(node_data[nodes.index(name)]
+                                               / Path(str(node_config["data-path"])).relative_to("/data"))
+                node_config["cache-dir"] = str(self.workdir / f"{name}-cache")
+                args = _set_flag(args, "--node-config", node_config_arg(node_config))
+            program = "flower-" + name.split("-")[0]  # the images' entrypoints
+            env = {**self.env, "FLWR_HOME": str(self.workdir / f"{name}-home")}
+            log_path = self.logs / f"{name}.log"
+            process = self._spawn([program, *args], log_path, env if name != "superlink" else None)
+            if name == "superlink":
+                self._superlink = process
+                _wait_healthy(self.port, process, timeout=90)
+            elif name in nodes:
+                self.supernodes.append(SuperNodeProcess(name, ports[name], process, log_path))
 
     def node_keys(self, name: str) -> NodeKeys:
         """A fresh key pair for one SuperNode (not registered yet)."""
@@ -299,6 +356,15 @@ class LoopbackDeployment:
         else:
             lines.append("insecure = true")
         (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def _flag_value(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+def _set_flag(args: list[str], flag: str, value: str) -> list[str]:
+    i = args.index(flag)
+    return [*args[:i + 1], value, *args[i + 2:]]
 
 
 def _timestamp_lines(stream: IO[bytes], log_path: Path) -> threading.Thread:

@@ -167,7 +167,7 @@ def test_tls_and_supernode_auth_admit_only_registered_nodes(tmp_path: Path) -> N
 
 
 # -- Docker: compose files and image, checked without a Docker engine ------------------------------
-LOOPBACK_NODE_CONFIG = {"data-path": "/data/node.jsonl", "cache-dir": "/cache"}
+COMPOSE_NODE_CONFIG = {"data-path": "/data/node.jsonl", "cache-dir": "/cache"}
 TLS_FILES = ServerCredentials(Path("/certs/ca.crt"), Path("/certs/server.pem"), Path("/certs/server.key"))
 SUPERNODES = ("supernode-1", "supernode-2")
 
@@ -183,7 +183,8 @@ def expected_commands(tls: bool) -> dict[str, list[str]]:
     for i, name in enumerate(SUPERNODES, start=1):
         commands[name] = supernode_flags(
             superlink="superlink:8000", host="0.0.0.0", port=9094, isolation="process", root_cert=ca,
-            auth_key="/certs/supernode.key" if tls else None, node_config=LOOPBACK_NODE_CONFIG)
+            auth_key="/certs/supernode.key" if tls else None,
+            node_config={**COMPOSE_NODE_CONFIG, "partition-id": i - 1, "num-partitions": len(SUPERNODES)})
         commands[f"superexec-clientapp-{i}"] = superexec_flags(runtime_api=f"{name}:9094", root_cert=None)
     return commands
 
@@ -220,9 +221,35 @@ def test_compose_gives_each_node_its_own_data_and_cache_and_the_server_a_results
     assert len(sources) == 4
     assert "results:/results" in services["superexec-serverapp"]["volumes"]
     assert {"results", "node-1-cache", "node-2-cache"} <= set(compose["volumes"])
-    assert services["superlink"]["ports"] == ["8000:8000"]
+    # --insecure: whoever reaches the port can submit runs, so loopback unless told otherwise
+    assert services["superlink"]["ports"] == ["${SUPERLINK_BIND:-127.0.0.1}:8000:8000"]
     for name in ("superexec-serverapp", "superexec-clientapp-1", "superexec-clientapp-2"):
         assert services[name]["image"] == "fedcybgd:latest" and services[name]["build"]["context"] == "."
+        assert services[name]["cpus"] == "${SUPEREXEC_CPUS:-2}"
+        # a compose variable: a CUDA index set once (env or .env) survives every `up --build`
+        assert services[name]["build"]["args"]["TORCH_INDEX_URL"].startswith("${TORCH_INDEX_URL-")
+
+
+def test_tls_overlay_mounts_certificates_without_letting_docker_create_them() -> None:
+    """Long-syntax binds: a missing file stops `up` instead of becoming a root-owned directory."""
+    for name, spec in load_compose("compose.tls.yaml")["services"].items():
+        for volume in spec.get("volumes", []):
+            assert isinstance(volume, dict) and volume["type"] == "bind" and volume["read_only"], name
+            assert volume["source"].startswith("${CERTS_DIR:-./certs}/"), volume
+
+
+def test_certificate_command_is_the_same_in_the_overlay_and_the_docs() -> None:
+    command = ".venv/bin/python -m scripts.certs --out certs --supernodes 2"
+    assert f"#   {command}\n" in (APP_DIR / "compose.tls.yaml").read_text()
+    assert f"\n{command}\n" in (APP_DIR / "docs/deployment.md").read_text()
+
+
+def test_cpu_image_installs_no_bitsandbytes() -> None:
+    """The Dockerfile installs pyproject's dependencies; bitsandbytes is the `gpu` extra only."""
+    import tomllib
+    project = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("bitsandbytes")]
+    assert any(d.startswith("bitsandbytes") for d in project["optional-dependencies"]["gpu"])
 
 
 def _volume(spec: str) -> tuple[str, str, str]:
@@ -254,6 +281,8 @@ def test_docker_compose_accepts_the_files(files: tuple[str, ...]) -> None:
     services = yaml.safe_load(out.stdout)["services"]
     for name, command in expected_commands(tls=len(files) > 1).items():
         assert [str(arg) for arg in services[name]["command"]] == command, name
+    port = services["superlink"]["ports"][0]  # docker-compose 1.x: text; Compose v2: a mapping
+    assert (port["host_ip"] if isinstance(port, dict) else port.split(":")[0]) == "127.0.0.1", port
 
 
 def test_dockerfile_builds_from_files_that_exist_and_runs_superexec() -> None:
