@@ -61,7 +61,8 @@ class RunReport:
     def write_summary(self, summary: dict) -> None:
         write_atomic(self.out_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
-    def write_plots(self, initial_eval_loss: float, initial_task_score: float | None = None) -> list[Path]:
+    def write_plots(self, initial_eval_loss: float, initial_task_score: float | None = None,
+                    task_metric: str | None = None) -> list[Path]:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -78,12 +79,11 @@ class RunReport:
 
         if initial_task_score is not None:
             scores = [(0, initial_task_score)] + [(r["round"], r["task_score"]) for r in self.rows
-                                                  if r.get("task_score") is not None]
-            metric = next((r["task_metric"] for r in self.rows if r.get("task_metric")), "task score")
+                                                  if r["task_score"] is not None]
             fig, ax = plt.subplots(figsize=(6, 4))
             ax.plot([r for r, _ in scores], [v for _, v in scores], marker="o")
-            ax.set(xlabel="round", ylabel=metric, title="Held-out task score (greedy generation)",
-                   ylim=(-0.02, 1.02))
+            ax.set(xlabel="round", ylabel=task_metric or "task score", ylim=(-0.02, 1.02),
+                   title="Held-out task score (greedy generation)")
             ax.grid(alpha=0.3)
             paths.append(self._save(fig, "task_score.png"))
 

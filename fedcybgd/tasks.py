@@ -47,7 +47,8 @@ def _date(rng: random.Random) -> tuple[str, str]:
     day = datetime.date(1950, 1, 1) + datetime.timedelta(days=rng.randrange(365 * 100))
     iso, words = day.isoformat(), f"{_MONTHS[day.month - 1]} {day.day}, {day.year}"
     if rng.random() < 0.5:
-        return f"Rewrite the date {iso} in the form DD/MM/YYYY. Answer with the date only.", day.strftime("%d/%m/%Y")
+        return (f"Rewrite the date {iso} in the form DD/MM/YYYY. Answer with the date only.",
+                day.strftime("%d/%m/%Y"))
     return f"Write the date {words} in the form YYYY-MM-DD. Answer with the date only.", iso
 
 

@@ -138,7 +138,7 @@ class Experiment:
             "config": asdict(self.cfg),
         }
         self.report.write_summary(summary)
-        self.report.write_plots(self.evals[0], self.task_scores.get(0))
+        self.report.write_plots(self.evals[0], self.task_scores.get(0), self.task_metric)
         log(INFO, "[fedcybgd] run finished\n%s\n  outputs in %s", summary_table(summary), self.out_dir)
         return summary
 

@@ -34,7 +34,8 @@ def test_generated_set_is_seeded_unique_and_correct():
     prompts = [r["messages"][0]["content"] for r in rows]
     assert len(set(prompts)) == len(prompts)
     for r in rows:
-        assert r["checkable"] and check_answer(r["category"], r["messages"][0]["content"], r["messages"][1]["content"])
+        prompt, answer = (m["content"] for m in r["messages"])
+        assert r["checkable"] and check_answer(r["category"], prompt, answer)
 
 
 def test_tasks_preset_loads_and_splits_by_family():
