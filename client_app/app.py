@@ -135,7 +135,7 @@ def _cached_examples(data_json: str, data_path: str | None, partition: tuple[int
     if data_path is not None:
         ds = data.load_examples(cfg, path=data_path)
     else:
-        train_split, _ = data.split_heldout(data.load_examples(cfg), cfg)
+        train_split = data.split_heldout(data.load_examples(cfg), cfg).train
         assert partition is not None
         ds = data.load_partition(train_split, partition[0], partition[1], cfg)
     return data.tokenize(ds, models.load_tokenizer(model_dir), max_seq_len)

@@ -45,17 +45,21 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # A local .jsonl/.json/.csv/.parquet file (Alpaca-style `instruction`/`input`/`output`, or
-    # chat-style `messages`), or a hub dataset id where reachable. Unset: the packaged English
-    # chatterbot-corpus Q/A pairs.
+    # chat-style `messages`), a hub dataset id where reachable, or `builtin:tasks` (a generated
+    # set with exact answers, fedcybgd/tasks.py). Unset: the packaged English chatterbot-corpus
+    # Q/A pairs.
     path: str | None = None
     # Fraction of the examples the server keeps for held-out evaluation; no client trains on it.
+    # Repeated (prompt, response) pairs are dropped first and whole prompts are held out, so no
+    # prompt is on both sides.
     heldout_fraction: float = 0.1
     # How the remaining examples are split over clients: `iid` or `dirichlet`.
     partitioner: str = "iid"
     # Dirichlet concentration (smaller = more skewed), and the column whose values it skews.
     dirichlet_alpha: float = 0.5
     partition_by: str = "category"
-    # Use at most this many examples in all (null: all); applied before the held-out split.
+    # Use at most this many examples in all (null: all); applied to the rows as loaded, before
+    # de-duplication and the held-out split.
     max_examples: int | None = None
     seed: int = 42
 
@@ -135,6 +139,11 @@ class EvalConfig:
     batch_size: int = 8
     # Cap on held-out examples evaluated (null: all of the held-out split).
     max_examples: int | None = 200
+    # Held-out examples answered by greedy generation for the task score (exact match where
+    # answers are checkable, ROUGE-L F otherwise); 0 disables it.
+    task_examples: int = 16
+    # Longest generated answer, in tokens.
+    max_new_tokens: int = 32
 
 
 @dataclass
@@ -204,6 +213,8 @@ def check(cfg: RunConfig) -> None:
         (0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
         (cfg.eval.every >= 1, "eval.every", "must be >= 1"),
         (cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1"),
+        (cfg.eval.task_examples >= 0, "eval.task_examples", "must be >= 0"),
+        (cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1"),
     ]
     bad = [f"{key}={_value(cfg, key)!r} {why}" for ok, key, why in rules if not ok]
     if bad:

@@ -1,7 +1,8 @@
 """Instruction data: load, hold out, partition, tokenize, batch.
 
 Every source is normalised to one `datasets.Dataset` with a `messages` column (a chat whose last
-message is the assistant's response) and a `category` column (for non-IID splits). Tokenization
+message is the assistant's response) and a `category` column (for non-IID splits); the generated
+task set (`builtin:tasks`) also has `checkable` (its answers can be scored by exact match). Tokenization
 renders the chat with the tokenizer's own template; only the response tokens carry a loss.
 """
 
@@ -21,9 +22,11 @@ from datasets import Dataset, load_dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 from transformers import PreTrainedTokenizerBase
 
+from fedcybgd import tasks
 from fedcybgd.config import DataConfig
 
 IGNORE_INDEX = -100
+BUILTIN_PREFIX = "builtin:"
 _FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -44,6 +47,8 @@ def load_examples(cfg: DataConfig, path: str | None = None) -> Dataset:
     source = path if path is not None else cfg.path
     if source is None:
         ds = _chatterbot()
+    elif source.startswith(BUILTIN_PREFIX):
+        ds = _builtin(source)
     else:
         ds = _normalise(_load_source(source), source)
     if cfg.max_examples is not None and len(ds) > cfg.max_examples:
@@ -53,12 +58,61 @@ def load_examples(cfg: DataConfig, path: str | None = None) -> Dataset:
     return ds
 
 
-def split_heldout(ds: Dataset, cfg: DataConfig) -> tuple[Dataset, Dataset]:
-    """(train, held-out): the same split on the server and on every client, by seed."""
-    if len(ds) < 2:
-        raise DataError(f"{len(ds)} example(s) cannot be split into train and held-out")
-    parts = ds.train_test_split(test_size=cfg.heldout_fraction, seed=cfg.seed, shuffle=True)
-    return parts["train"], parts["test"]
+@dataclass(frozen=True)
+class HeldoutSplit:
+    """Training and held-out examples, disjoint by prompt, and what de-duplication removed."""
+
+    train: Dataset
+    heldout: Dataset
+    duplicates_dropped: int  # rows whose (prompt, response) repeated an earlier row
+
+
+def split_heldout(ds: Dataset, cfg: DataConfig) -> HeldoutSplit:
+    """De-duplicate, then hold out whole prompt groups: no prompt is on both sides.
+
+    Rows are the same (prompt, response) when their normalised texts match (`prompt_key`); the
+    first is kept. The prompts, sorted and shuffled by `cfg.seed`, go to the held-out side until
+    it holds `cfg.heldout_fraction` of the rows, so the server and every client compute the same
+    split from the same data. Both sides come back shuffled by the seed (the IID partitioner
+    cuts contiguous shards, so order matters).
+    """
+    unique, seen = [], set()
+    for i, messages in enumerate(ds["messages"]):
+        key = (prompt_key(messages), _norm(messages[-1]["content"]))
+        if key not in seen:
+            seen.add(key)
+            unique.append(i)
+    deduped = ds.select(unique)
+    groups: dict[str, list[int]] = {}
+    for i, messages in enumerate(deduped["messages"]):
+        groups.setdefault(prompt_key(messages), []).append(i)
+    if len(groups) < 2:
+        raise DataError(
+            f"{len(groups)} distinct prompt(s) cannot be split into train and held-out"
+        )
+    order = sorted(groups)
+    random.Random(cfg.seed).shuffle(order)
+    target = max(1, round(cfg.heldout_fraction * len(deduped)))
+    heldout: list[int] = []
+    for taken, key in enumerate(order):
+        if len(heldout) >= target or taken == len(order) - 1:  # keep at least one train group
+            break
+        heldout.extend(groups[key])
+    held = set(heldout)
+    train = [i for i in range(len(deduped)) if i not in held]
+    rng = random.Random(cfg.seed + 1)
+    rng.shuffle(train)
+    return HeldoutSplit(deduped.select(train), deduped.select(heldout), len(ds) - len(deduped))
+
+
+def prompt_key(messages: list[dict[str, str]]) -> str:
+    """What makes two prompts the same: every message but the response, normalised."""
+    return "\n".join(f"{m['role']}: {_norm(m['content'])}" for m in messages[:-1])
+
+
+def _norm(text: str) -> str:
+    """Case-folded, whitespace runs collapsed, ends stripped."""
+    return " ".join(text.split()).casefold()
 
 
 def load_partition(train: Dataset, partition_id: int, num_partitions: int, cfg: DataConfig) -> Dataset:
@@ -164,6 +218,13 @@ def _chatterbot() -> Dataset:
             if isinstance(conv, list) and len(conv) >= 2 and all(isinstance(s, str) for s in conv[:2]):
                 rows.append({"messages": _pair(conv[0], conv[1]), "category": Path(path).stem})
     return Dataset.from_list(rows)
+
+
+def _builtin(source: str) -> Dataset:
+    name = source[len(BUILTIN_PREFIX):]
+    if name != "tasks":
+        raise DataError(f"data.path={source!r}: the only built-in data set is 'builtin:tasks'")
+    return Dataset.from_list(tasks.generate())
 
 
 def _load_source(source: str) -> Dataset:

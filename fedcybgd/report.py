@@ -61,7 +61,8 @@ class RunReport:
     def write_summary(self, summary: dict) -> None:
         write_atomic(self.out_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
-    def write_plots(self, initial_eval_loss: float) -> list[Path]:
+    def write_plots(self, initial_eval_loss: float, initial_task_score: float | None = None,
+                    task_metric: str | None = None) -> list[Path]:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -75,6 +76,16 @@ class RunReport:
         ax.set(xlabel="round", ylabel="held-out loss", title="Held-out loss")
         ax.grid(alpha=0.3)
         paths = [self._save(fig, "eval_loss.png")]
+
+        if initial_task_score is not None:
+            scores = [(0, initial_task_score)] + [(r["round"], r["task_score"]) for r in self.rows
+                                                  if r["task_score"] is not None]
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.plot([r for r, _ in scores], [v for _, v in scores], marker="o")
+            ax.set(xlabel="round", ylabel=task_metric or "task score", ylim=(-0.02, 1.02),
+                   title="Held-out task score (greedy generation)")
+            ax.grid(alpha=0.3)
+            paths.append(self._save(fig, "task_score.png"))
 
         down, up, total_down, total_up = [0.0], [0.0], 0, 0
         for r in self.rows:
@@ -110,6 +121,11 @@ def summary_table(summary: dict) -> str:
         ("model", summary["model"]),
         ("rounds", summary["rounds"]),
         ("held-out loss", f"{summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}"),
+        (f"task score ({summary['task_metric'] or 'off'})",
+         "-" if summary["initial_task_score"] is None
+         else f"{summary['initial_task_score']:.3f} -> {summary['final_task_score']:.3f}"),
+        ("train / held-out examples", f"{summary['data_train_examples']} / {summary['data_heldout_examples']} "
+         f"({summary['data_duplicates_dropped']} duplicates dropped)"),
         ("samples seen", summary["samples_seen"]),
         ("bytes down / up", f"{summary['total_bytes_down'] / mb:,.1f} MB / {summary['total_bytes_up'] / mb:,.1f} MB"),
         ("download vs Fed-full", "-" if ratio is None else f"{ratio:.1%}"),

@@ -67,7 +67,7 @@ def main() -> None:
     layout = describe(model, 1)
     block = layout.num_layers // 2  # the client's own block stays dense
     cfg = DataConfig()
-    _, heldout = data.split_heldout(data.load_examples(cfg), cfg)
+    heldout = data.split_heldout(data.load_examples(cfg), cfg).heldout
     examples = data.tokenize(heldout.select(range(min(args.examples, len(heldout)))), tokenizer, 128)
     batches = data.eval_batches(examples, 8, tokenizer.pad_token_id)
     frozen = [i for i in range(layout.num_layers) if i != block]

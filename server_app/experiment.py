@@ -19,7 +19,7 @@ import torch
 from flwr.common.logger import log
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fedcybgd import data, lora, models
+from fedcybgd import data, lora, models, scoring
 from fedcybgd.blocks import ModelLayout, describe
 from fedcybgd.config import RunConfig, to_yaml
 from fedcybgd.report import RunReport, summary_table, write_atomic
@@ -33,6 +33,8 @@ class ServerSetup:
     layout: ModelLayout
     train_data: data.Dataset
     eval_batches: list[dict]
+    task_examples: list[scoring.TaskExample]  # answered by generation at each evaluation
+    data_counts: dict[str, int]  # duplicates dropped, train and held-out sizes
     lora_transposed: frozenset[str]  # modules whose LoRA update merges transposed (Conv1D)
 
 
@@ -42,23 +44,32 @@ def prepare(cfg: RunConfig) -> ServerSetup:
     model = models.load_pretrained(model_dir)
     tokenizer = models.load_tokenizer(str(model_dir))
     layout = describe(model, cfg.model.layers_per_block, cfg.model.train_head)
-    train_data, heldout = data.split_heldout(data.load_examples(cfg.data), cfg.data)
+    rows = data.load_examples(cfg.data)
+    split = data.split_heldout(rows, cfg.data)
+    counts = {"data_rows": len(rows), "data_duplicates_dropped": split.duplicates_dropped,
+              "data_train_examples": len(split.train), "data_heldout_examples": len(split.heldout)}
+    log(INFO, "[fedcybgd] data: %d rows, %d duplicate (prompt, response) rows dropped, "
+        "%d train / %d held-out, no prompt on both sides", *counts.values())
+    heldout = split.heldout
     if cfg.eval.max_examples is not None:
         heldout = heldout.select(range(min(cfg.eval.max_examples, len(heldout))))
     eval_examples = data.tokenize(heldout, tokenizer, cfg.train.max_seq_len)
     eval_batches = data.eval_batches(eval_examples, cfg.eval.batch_size, tokenizer.pad_token_id)
-    return ServerSetup(model, tokenizer, layout, train_data, eval_batches, lora.transposed_modules(model))
+    task_examples = scoring.task_examples(split.heldout, cfg.eval.task_examples)
+    return ServerSetup(model, tokenizer, layout, split.train, eval_batches, task_examples, counts,
+                       lora.transposed_modules(model))
 
 
 @dataclass
 class Experiment:
-    """One run's outputs: its report, held-out losses by round, and the clock."""
+    """One run's outputs: its report, held-out losses and task scores by round, and the clock."""
 
     cfg: RunConfig
     setup: ServerSetup
     out_dir: Path
     report: RunReport
     evals: dict[int, float] = field(default_factory=dict)
+    task_scores: dict[int, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     device: torch.device = field(default_factory=pick_device)
 
@@ -73,14 +84,23 @@ class Experiment:
     def eval_due(self, server_round: int) -> bool:
         return server_round in (0, self.cfg.rounds) or server_round % self.cfg.eval.every == 0
 
+    @property
+    def task_metric(self) -> str | None:
+        return scoring.metric_name(self.setup.task_examples) if self.setup.task_examples else None
+
     def evaluate(self, server_round: int, tensors: dict[str, torch.Tensor]) -> float:
-        """Held-out loss of the model with `tensors` (adapters, if any, merged in)."""
+        """Held-out loss (and task score) of the model with `tensors` (adapters merged in)."""
         models.load_tensors(self.setup.model, lora.merge_into(tensors, self.cfg.lora, self.setup.lora_transposed))
         self.evals[server_round] = evaluate_loss(self.setup.model, self.setup.eval_batches, self.device)
+        if self.setup.task_examples:
+            self.task_scores[server_round], _ = scoring.task_score(
+                self.setup.model, self.setup.tokenizer, self.setup.task_examples, self.device,
+                self.cfg.eval.max_new_tokens, self.cfg.eval.batch_size)
         return self.evals[server_round]
 
     def add_round(self, row: dict) -> None:
-        row = {"algorithm": self.cfg.algorithm.name, **row, "eval_loss": self.evals.get(row["round"])}
+        row = {"algorithm": self.cfg.algorithm.name, **row, "eval_loss": self.evals.get(row["round"]),
+               "task_score": self.task_scores.get(row["round"]), "task_metric": self.task_metric}
         self.report.add_round(row)
         log(INFO, "[fedcybgd] %s", _round_line(row, self.cfg.rounds))
 
@@ -100,6 +120,12 @@ class Experiment:
             "initial_eval_loss": self.evals[0],
             "final_eval_loss": self.evals[self.cfg.rounds],
             "eval_losses": {str(r): loss for r, loss in sorted(self.evals.items())},
+            "task_metric": self.task_metric,
+            "task_examples": len(self.setup.task_examples),
+            "initial_task_score": self.task_scores.get(0),
+            "final_task_score": self.task_scores.get(self.cfg.rounds),
+            "task_scores": {str(r): score for r, score in sorted(self.task_scores.items())},
+            **self.setup.data_counts,
             "total_bytes_down": sum(r["bytes_down"] for r in rows),
             "total_bytes_down_block": sum(r["bytes_down_block"] for r in rows),
             "total_bytes_down_frozen": sum(r["bytes_down_frozen"] for r in rows),
@@ -114,7 +140,7 @@ class Experiment:
             "config": asdict(self.cfg),
         }
         self.report.write_summary(summary)
-        self.report.write_plots(self.evals[0])
+        self.report.write_plots(self.evals[0], self.task_scores.get(0), self.task_metric)
         log(INFO, "[fedcybgd] run finished\n%s\n  outputs in %s", summary_table(summary), self.out_dir)
         return summary
 
@@ -135,6 +161,8 @@ def _round_line(row: dict, num_rounds: int) -> str:
                        for a in row["assignments"])
     loss = "-" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
     eval_loss = "" if row["eval_loss"] is None else f" | eval loss {row['eval_loss']:.4f}"
+    if row["task_score"] is not None:
+        eval_loss += f" | task {row['task_metric']} {row['task_score']:.3f}"
     rejected = f" | rejected {len(row['rejected'])}" if row["rejected"] else ""
     return (f"round {row['round']}/{num_rounds} | {visits} | train loss {loss} | "
             f"down {row['bytes_down'] / 1e6:.2f} MB (block {row['bytes_down_block'] / 1e6:.2f}, "

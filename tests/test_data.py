@@ -5,7 +5,7 @@ import pytest
 from fedcybgd import models
 from fedcybgd.config import DataConfig
 from fedcybgd.data import (
-    IGNORE_INDEX, DataError, collate, load_examples, load_partition, split_heldout, tokenize,
+    IGNORE_INDEX, DataError, collate, load_examples, load_partition, prompt_key, split_heldout, tokenize,
 )
 
 
@@ -63,26 +63,77 @@ def test_missing_file_and_unreachable_hub_id():
         load_examples(DataConfig(path="nobody/no-such-dataset"))
 
 
-def test_heldout_is_disjoint_and_the_same_everywhere():
-    cfg = DataConfig(max_examples=300)
-    train, heldout = split_heldout(load_examples(cfg), cfg)
-    train2, heldout2 = split_heldout(load_examples(cfg), cfg)
-    assert len(heldout) == 30 and heldout["messages"] == heldout2["messages"]
-    assert train["messages"] == train2["messages"]
+def contents(ds):
+    """(normalised prompts, normalised (prompt, response) pairs) of a split, as lists."""
+    prompts = [prompt_key(m) for m in ds["messages"]]
+    pairs = [(p, " ".join(m[-1]["content"].split()).casefold()) for p, m in zip(prompts, ds["messages"])]
+    return prompts, pairs
+
+
+def assert_leak_free(split):
+    train_prompts, train_pairs = contents(split.train)
+    held_prompts, held_pairs = contents(split.heldout)
+    assert not set(train_prompts) & set(held_prompts), "a prompt is on both sides"
+    assert not set(train_pairs) & set(held_pairs), "a (prompt, response) pair is on both sides"
+    pairs = train_pairs + held_pairs
+    assert len(set(pairs)) == len(pairs), "duplicates survived"
+
+
+@pytest.mark.parametrize("path", [None, "builtin:tasks"])
+def test_heldout_is_disjoint_by_content_and_the_same_everywhere(path):
+    cfg = DataConfig(path=path)
+    rows = load_examples(cfg)
+    split = split_heldout(rows, cfg)
+    assert_leak_free(split)
+    again = split_heldout(load_examples(cfg), cfg)
+    assert split.heldout["messages"] == again.heldout["messages"]
+    assert split.train["messages"] == again.train["messages"]
+    assert len(split.train) + len(split.heldout) + split.duplicates_dropped == len(rows)
+    assert abs(len(split.heldout) - 0.1 * (len(rows) - split.duplicates_dropped)) <= 10
+    if path is None:  # chatterbot: 2,025 rows, 897 distinct pairs (tech_support repeats ~100x)
+        assert split.duplicates_dropped == len(rows) - 897
+    other = split_heldout(rows, DataConfig(path=path, seed=7))
+    assert other.heldout["messages"] != split.heldout["messages"]
+
+
+def test_user_file_is_deduplicated_and_split_by_normalised_prompt(tmp_path):
+    rows = []
+    for i in range(40):
+        rows += [{"instruction": f"Question {i}", "output": f"answer {i}"},
+                 {"instruction": f"  question {i} ", "output": f"Answer  {i}"},  # same pair, normalised
+                 {"instruction": f"QUESTION {i}", "output": f"another answer {i}"}]  # same prompt
+    path = write_jsonl(tmp_path / "dups.jsonl", rows)
+    cfg = DataConfig(path=path, heldout_fraction=0.25)
+    split = split_heldout(load_examples(cfg), cfg)
+    assert split.duplicates_dropped == 40
+    assert len(split.train) + len(split.heldout) == 80
+    assert_leak_free(split)
+    assert len(split.heldout) == 20  # whole prompt groups of two
+
+
+def test_a_single_prompt_cannot_be_split(tmp_path):
+    path = write_jsonl(tmp_path / "one.jsonl", [{"instruction": "q", "output": f"a{i}"} for i in range(5)])
+    with pytest.raises(DataError, match="1 distinct prompt"):
+        split_heldout(load_examples(DataConfig(path=path)), DataConfig(path=path))
+
+
+def test_unknown_builtin_data_set():
+    with pytest.raises(DataError, match="only built-in data set is 'builtin:tasks'"):
+        load_examples(DataConfig(path="builtin:nope"))
 
 
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
 def test_partitions_cover_the_training_split(partitioner):
     cfg = DataConfig(max_examples=400, partitioner=partitioner)
-    train, _ = split_heldout(load_examples(cfg), cfg)
+    train = split_heldout(load_examples(cfg), cfg).train
     sizes = [len(load_partition(train, i, 3, cfg)) for i in range(3)]
     assert sum(sizes) == len(train) and min(sizes) > 0
 
 
 def test_empty_partition_and_bad_partition_column():
     cfg = DataConfig(max_examples=4)
-    train, _ = split_heldout(load_examples(cfg), cfg)
-    with pytest.raises(DataError, match="partition 4 of 5 is empty: only 3 training examples"):
+    train = split_heldout(load_examples(cfg), cfg).train
+    with pytest.raises(DataError, match=f"partition 4 of 5 is empty: only {len(train)} training examples"):
         load_partition(train, 4, 5, cfg)
     with pytest.raises(DataError, match="data.partition_by='nope'"):
         load_partition(train, 0, 2, DataConfig(partitioner="dirichlet", partition_by="nope"))

@@ -28,16 +28,24 @@ def test_simulation_trains_only_assigned_blocks_and_lowers_held_out_loss(tmp_pat
         for a in row["assignments"]:
             assert a["upload_keys"] == sorted(blocks[a["block"]].names)
             trained |= set(blocks[a["block"]].names)
-    assert len(trained) < len(list(initial_model.parameters()))  # the head and block 3 stay frozen
 
+    # Exactly the assigned blocks changed: every trained tensor moved, nothing else did (the
+    # head and block 3 were never assigned).
     final = models.named_tensors(models.load_pretrained(out / "final"))
-    for name, tensor in models.named_tensors(initial_model).items():
-        if name not in trained:
-            assert torch.equal(final[name], tensor), f"{name} changed but was never trained"
+    initial = models.named_tensors(initial_model)
+    assert set(final) == set(initial)
+    changed = {name for name, tensor in initial.items() if not torch.equal(final[name], tensor)}
+    assert changed == trained, (f"changed but never trained: {sorted(changed - trained)[:3]}; "
+                                f"trained but unchanged: {sorted(trained - changed)[:3]}")
+    assert trained < set(initial)
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.2
-    assert (out / "eval_loss.png").stat().st_size > 0 and (out / "bytes.png").stat().st_size > 0
+    assert summary["task_metric"] == "rougeL_f" and set(summary["task_scores"]) == {"0", "1", "2", "3"}
+    assert summary["data_duplicates_dropped"] > 0
+    assert all(r["task_score"] is not None for r in rows)
+    for plot in ("eval_loss.png", "bytes.png", "task_score.png"):
+        assert (out / plot).stat().st_size > 0
 
 
 def test_a_failing_run_is_reported_as_failed(tmp_path):
