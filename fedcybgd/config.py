@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ALLOCATIONS = ("ascending", "descending", "random")
+PAIRINGS = ("rotate", "fixed")
 DROP_MODES = ("random", "keep-near")
 PRUNE_PATTERNS = ("unstructured", "2:4")
 QUANTIZATIONS = ("none", "int8", "nf4")
@@ -86,6 +87,11 @@ class AlgorithmConfig:
     # Block order over the visits: `ascending`, `descending`, or `random` (a fresh permutation
     # of all blocks per cycle).
     allocation: str = "ascending"
+    # Which node trains which block. `rotate`: nodes take turns, and the pairing shifts by one
+    # node whenever it would repeat, so every block meets every node's data (within N cycles
+    # for ascending/descending). `fixed`: the reference's pairing; with N dividing the block
+    # count, node i trains the same blocks every cycle.
+    pairing: str = "rotate"
     # Rounds wait until this many nodes are connected.
     min_nodes: int = 1
     # Seconds to wait for a round's replies before the round counts as failed.
@@ -178,6 +184,7 @@ def check(cfg: RunConfig) -> None:
         (cfg.rounds >= 1, "rounds", "must be >= 1"),
         (cfg.model.layers_per_block >= 1, "model.layers_per_block", "must be >= 1"),
         (cfg.algorithm.allocation in ALLOCATIONS, "algorithm.allocation", f"must be one of {ALLOCATIONS}"),
+        (cfg.algorithm.pairing in PAIRINGS, "algorithm.pairing", f"must be one of {PAIRINGS}"),
         (cfg.algorithm.name in ALGORITHMS, "algorithm.name", f"must be one of {ALGORITHMS}"),
         (cfg.algorithm.clients_per_round >= 1, "algorithm.clients_per_round", "must be >= 1"),
         (cfg.algorithm.min_nodes >= 1, "algorithm.min_nodes", "must be >= 1"),

@@ -63,6 +63,7 @@ class CyclicBlockStrategy(Strategy):
         compression: CompressionConfig,
         base_hashes: dict[str, str],
         allocation: str = "ascending",
+        pairing: str = "rotate",
         min_nodes: int = 1,
         round_timeout: float = 3600.0,
         seed: int = 0,
@@ -76,6 +77,7 @@ class CyclicBlockStrategy(Strategy):
         self.compression = compression
         self.base_hashes = base_hashes
         self.allocation = allocation
+        self.pairing = pairing
         self.min_nodes = max(min_nodes, algorithm.clients_per_round)
         self.round_timeout = round_timeout
         self.seed = seed
@@ -164,7 +166,8 @@ class CyclicBlockStrategy(Strategy):
     def _assign(self, server_round: int, nodes: list[int]) -> list[schedule.Assignment]:
         """This round's (node, block) pairs: K nodes in turn, on one block or K distinct ones."""
         k = self.algorithm.clients_per_round
-        chosen = schedule.nodes_for_round(server_round, nodes, k)
+        chosen = schedule.nodes_for_round(server_round, nodes, k, pairing=self.pairing, num_blocks=len(self.blocks),
+                                          blocks_per_round=1 if self.algorithm.average else k)
         if self.algorithm.average:
             block = self._next_blocks(1)[0]
             return [schedule.Assignment(n, block) for n in chosen]
