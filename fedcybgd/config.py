@@ -23,6 +23,7 @@ DROP_MODES = ("random", "keep-near")
 PRUNE_PATTERNS = ("unstructured", "2:4")
 QUANTIZATIONS = ("none", "int8", "nf4")
 PARTITIONERS = ("iid", "dirichlet")
+LR_SCHEDULES = ("constant", "cosine")
 FEDERATED_ALGORITHMS = ("fedcybgd", "fedbavg", "fedavg-full", "fedlora", "fedcybgd-lora")
 CENTRALIZED_ALGORITHMS = ("centralized-cy", "centralized-full")
 ALGORITHMS = FEDERATED_ALGORITHMS + CENTRALIZED_ALGORITHMS
@@ -63,9 +64,20 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    # Optimizer steps per client visit (one fresh AdamW per visit, on the block only).
-    local_steps: int = 10
+    """One client visit (one round of the centralized runners): a fresh AdamW on what trains."""
+
+    # Local work per visit: `local_steps` optimizer steps, or `local_epochs` passes over the
+    # node's shard (rounded up to whole steps). Exactly one of them is set, the other null.
+    local_steps: int | None = 10
+    local_epochs: float | None = None
     lr: float = 1e-4
+    # Learning rate over a visit's steps, restarted every visit: `constant`, or `cosine` decay
+    # to 0 after the warmup. `warmup_fraction` of the visit's steps ramp the rate up linearly
+    # from lr/warmup-steps (0: no warmup).
+    lr_schedule: str = "constant"
+    warmup_fraction: float = 0.0
+    # Clip the gradient norm of what trains to this before each step (null or 0: no clipping).
+    max_grad_norm: float | None = None
     weight_decay: float = 0.0
     batch_size: int = 4
     grad_accum: int = 1
@@ -193,7 +205,14 @@ def check(cfg: RunConfig) -> None:
         (0 < cfg.data.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)"),
         (cfg.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0"),
         (cfg.data.max_examples is None or cfg.data.max_examples > 0, "data.max_examples", "must be > 0"),
-        (cfg.train.local_steps >= 1, "train.local_steps", "must be >= 1"),
+        ((cfg.train.local_steps is None) != (cfg.train.local_epochs is None), "train.local_steps",
+         f"and train.local_epochs={cfg.train.local_epochs!r}: set exactly one of them (the other to null)"),
+        (cfg.train.local_steps is None or cfg.train.local_steps >= 1, "train.local_steps", "must be >= 1"),
+        (cfg.train.local_epochs is None or cfg.train.local_epochs > 0, "train.local_epochs", "must be > 0"),
+        (cfg.train.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"must be one of {LR_SCHEDULES}"),
+        (0 <= cfg.train.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)"),
+        (cfg.train.max_grad_norm is None or cfg.train.max_grad_norm >= 0, "train.max_grad_norm",
+         "must be >= 0 (0 or null: no clipping)"),
         (cfg.train.lr > 0, "train.lr", "must be > 0"),
         (cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),

@@ -97,12 +97,13 @@ class CyclicBlockStrategy(Strategy):
         self._round_start = 0.0
 
     def summary(self) -> None:
-        log(INFO, "\t├── %s: %d blocks, %d client(s) per round, allocation %s, min nodes %d",
+        log(INFO, "\t├── %s: %d blocks, %d client(s) per round, allocation %s, pairing %s, min nodes %d",
             self.algorithm.name, len(self.blocks), self.algorithm.clients_per_round,
-            self.allocation, self.min_nodes)
+            self.allocation, self.pairing, self.min_nodes)
         log(INFO, "\t├── compression %s", self.compression)
-        log(INFO, "\t└── local steps %d, lr %g, batch %d", self.train.local_steps,
-            self.train.lr, self.train.batch_size)
+        log(INFO, "\t└── local work %s, lr %g %s, batch %d",
+            f"{self.train.local_steps} steps" if self.train.local_steps else f"{self.train.local_epochs} epochs",
+            self.train.lr, self.train.lr_schedule, self.train.batch_size)
 
     def connected_nodes(self, grid: Grid) -> list[int]:
         """Connected nodes in a stable order: first come first, ties broken by id.
