@@ -144,6 +144,10 @@ class CompressionConfig:
     quantize: str = "none"
     # Embeddings and lm_head (never dropped): `none`, `int8`, `nf4`.
     head_quantize: str = "none"
+    # The reference code's `--compress p`: of the blocks updated since a node's last copy of
+    # them, a visit sends a random ceil(p x n); the node keeps its stale copy of the others
+    # until a later visit draws them. 1.0: always send the current version.
+    refresh_fraction: float = 1.0
 
 
 @dataclass
@@ -222,6 +226,7 @@ def check(cfg: RunConfig) -> None:
         (0 <= cfg.compression.prune_sparsity < 1, "compression.prune_sparsity", "must be in [0, 1)"),
         (cfg.compression.prune_pattern in PRUNE_PATTERNS, "compression.prune_pattern",
          f"must be one of {PRUNE_PATTERNS}"),
+        (0 < cfg.compression.refresh_fraction <= 1, "compression.refresh_fraction", "must be in (0, 1]"),
         (cfg.compression.quantize in QUANTIZATIONS, "compression.quantize", f"must be one of {QUANTIZATIONS}"),
         (cfg.compression.head_quantize in QUANTIZATIONS, "compression.head_quantize",
          f"must be one of {QUANTIZATIONS}"),
