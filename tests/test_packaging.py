@@ -1,3 +1,4 @@
+import json
 import random
 
 import torch
@@ -139,3 +140,21 @@ def test_the_clients_cache_resolves_the_manifest_and_the_digests_agree(tmp_path)
         loaded = cache.load(list(plan.manifest))  # the client's check: every tensor as the manifest says
         assert all(float(loaded[h.name].flatten()[0]) == h.version for h in plan.manifest)
         assert digest(cache.holdings()) == packager.confirm(7, plan, block, None)
+
+
+def test_a_run_with_refresh_trains_on_stale_copies_and_the_caches_agree(out_dir):
+    from fedcybgd.config import compose
+    from fedcybgd.protocol import CONFIG, TrainInstruction
+    from server_app.app import run
+    from tests.fake_grid import FakeGrid
+
+    grid = FakeGrid(3)
+    run(grid, compose(overrides="model=tiny-llama train=tiny train.local_steps=1 data.max_examples=300 "
+                                f"eval.every=100 rounds=4 compression=refresh output_dir={out_dir}"))
+    # Round 4: node 101 again (block 3); blocks 1 and 2 changed since (rounds 2 and 3): one is sent.
+    manifest = TrainInstruction.from_record(grid.sent[3].content[CONFIG]).manifest
+    versions = by_block(manifest)
+    assert versions[1] | versions[2] in ({0, 3}, {2, 0})  # one block current, the other stale
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(a["cache_confirmed"] for r in rows for a in r["assignments"])
+    assert not any(r["rejected"] for r in rows) and len(grid.queries) == 3
