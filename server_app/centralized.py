@@ -6,8 +6,9 @@ the whole run. A round is one client visit's local work (`train_params`, the one
 `train.local_steps` optimizer steps on batches of `train.batch_size`, so `rounds` x
 `local_steps` x `batch_size` x `grad_accum` examples are seen as in a federated run, or
 `train.local_epochs` passes over the pooled data (N visits' worth with N equal shards). The
-run's metrics.jsonl/summary.json read like a federated run's (with zero bytes on the wire). Its client peak memory is the training process's peak above its memory before the
-model and data were loaded.
+run's metrics.jsonl/summary.json read like a federated run's (with zero bytes on the wire). Its
+client peak memory is the training process's peak above its memory before the model and data
+were loaded.
 
     python -m scripts.centralized algorithm=centralized-full rounds=30
 """
