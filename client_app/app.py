@@ -63,7 +63,7 @@ def train(msg: Message, context: Context) -> Message:
                                instruction.train.max_seq_len)
     batches = data.train_batches(examples, instruction.train.batch_size, tokenizer.pad_token_id,
                                  seed=instruction.seed)
-    result = train_params(model, local_names, batches, instruction.train, device)
+    result = train_params(model, local_names, batches, instruction.train, device, num_examples=len(examples))
 
     uploaded = _upload(model, layer_map, instruction)
     if instruction.keep_upload:

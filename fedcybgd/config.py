@@ -18,10 +18,12 @@ from omegaconf import OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ALLOCATIONS = ("ascending", "descending", "random")
+PAIRINGS = ("rotate", "fixed")
 DROP_MODES = ("random", "keep-near")
 PRUNE_PATTERNS = ("unstructured", "2:4")
 QUANTIZATIONS = ("none", "int8", "nf4")
 PARTITIONERS = ("iid", "dirichlet")
+LR_SCHEDULES = ("constant", "cosine")
 FEDERATED_ALGORITHMS = ("fedcybgd", "fedbavg", "fedavg-full", "fedlora", "fedcybgd-lora")
 CENTRALIZED_ALGORITHMS = ("centralized-cy", "centralized-full")
 ALGORITHMS = FEDERATED_ALGORITHMS + CENTRALIZED_ALGORITHMS
@@ -66,9 +68,20 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    # Optimizer steps per client visit (one fresh AdamW per visit, on the block only).
-    local_steps: int = 10
+    """One client visit (one round of the centralized runners): a fresh AdamW on what trains."""
+
+    # Local work per visit: `local_steps` optimizer steps, or `local_epochs` passes over the
+    # node's shard (rounded up to whole steps). Exactly one of them is set, the other null.
+    local_steps: int | None = 10
+    local_epochs: float | None = None
     lr: float = 1e-4
+    # Learning rate over a visit's steps, restarted every visit: `constant`, or `cosine` decay
+    # to 0 after the warmup. `warmup_fraction` of the visit's steps ramp the rate up linearly
+    # from lr/warmup-steps (0: no warmup).
+    lr_schedule: str = "constant"
+    warmup_fraction: float = 0.0
+    # Clip the gradient norm of what trains to this before each step (null or 0: no clipping).
+    max_grad_norm: float | None = None
     weight_decay: float = 0.0
     batch_size: int = 4
     grad_accum: int = 1
@@ -90,6 +103,11 @@ class AlgorithmConfig:
     # Block order over the visits: `ascending`, `descending`, or `random` (a fresh permutation
     # of all blocks per cycle).
     allocation: str = "ascending"
+    # Which node trains which block. `rotate`: nodes take turns, and the pairing shifts by one
+    # node whenever it would repeat, so every block meets every node's data (within N cycles
+    # for ascending/descending). `fixed`: the reference's pairing; with N dividing the block
+    # count, node i trains the same blocks every cycle.
+    pairing: str = "rotate"
     # Rounds wait until this many nodes are connected.
     min_nodes: int = 1
     # Seconds to wait for a round's replies before the round counts as failed.
@@ -130,6 +148,10 @@ class CompressionConfig:
     quantize: str = "none"
     # Embeddings and lm_head (never dropped): `none`, `int8`, `nf4`.
     head_quantize: str = "none"
+    # The reference code's `--compress p`: of the blocks updated since a node's last copy of
+    # them, a visit sends a random ceil(p x n); the node keeps its stale copy of the others
+    # until a later visit draws them. 1.0: always send the current version.
+    refresh_fraction: float = 1.0
 
 
 @dataclass
@@ -187,6 +209,7 @@ def check(cfg: RunConfig) -> None:
         (cfg.rounds >= 1, "rounds", "must be >= 1"),
         (cfg.model.layers_per_block >= 1, "model.layers_per_block", "must be >= 1"),
         (cfg.algorithm.allocation in ALLOCATIONS, "algorithm.allocation", f"must be one of {ALLOCATIONS}"),
+        (cfg.algorithm.pairing in PAIRINGS, "algorithm.pairing", f"must be one of {PAIRINGS}"),
         (cfg.algorithm.name in ALGORITHMS, "algorithm.name", f"must be one of {ALGORITHMS}"),
         (cfg.algorithm.clients_per_round >= 1, "algorithm.clients_per_round", "must be >= 1"),
         (cfg.algorithm.min_nodes >= 1, "algorithm.min_nodes", "must be >= 1"),
@@ -195,7 +218,14 @@ def check(cfg: RunConfig) -> None:
         (0 < cfg.data.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)"),
         (cfg.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0"),
         (cfg.data.max_examples is None or cfg.data.max_examples > 0, "data.max_examples", "must be > 0"),
-        (cfg.train.local_steps >= 1, "train.local_steps", "must be >= 1"),
+        ((cfg.train.local_steps is None) != (cfg.train.local_epochs is None), "train.local_steps",
+         f"and train.local_epochs={cfg.train.local_epochs!r}: set exactly one of them (the other to null)"),
+        (cfg.train.local_steps is None or cfg.train.local_steps >= 1, "train.local_steps", "must be >= 1"),
+        (cfg.train.local_epochs is None or cfg.train.local_epochs > 0, "train.local_epochs", "must be > 0"),
+        (cfg.train.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"must be one of {LR_SCHEDULES}"),
+        (0 <= cfg.train.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)"),
+        (cfg.train.max_grad_norm is None or cfg.train.max_grad_norm >= 0, "train.max_grad_norm",
+         "must be >= 0 (0 or null: no clipping)"),
         (cfg.train.lr > 0, "train.lr", "must be > 0"),
         (cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
@@ -205,6 +235,7 @@ def check(cfg: RunConfig) -> None:
         (0 <= cfg.compression.prune_sparsity < 1, "compression.prune_sparsity", "must be in [0, 1)"),
         (cfg.compression.prune_pattern in PRUNE_PATTERNS, "compression.prune_pattern",
          f"must be one of {PRUNE_PATTERNS}"),
+        (0 < cfg.compression.refresh_fraction <= 1, "compression.refresh_fraction", "must be in (0, 1]"),
         (cfg.compression.quantize in QUANTIZATIONS, "compression.quantize", f"must be one of {QUANTIZATIONS}"),
         (cfg.compression.head_quantize in QUANTIZATIONS, "compression.head_quantize",
          f"must be one of {QUANTIZATIONS}"),

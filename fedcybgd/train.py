@@ -4,6 +4,8 @@ A visit trains only the parameters it is given (one block for FedCyBGD) with a f
 optimizer state never leaks from one block or client to the next (centralized full fine-tuning
 alone passes one optimizer through all its calls). Everything else is frozen, and
 since nothing before the block requires a gradient, backpropagation stops at the block.
+Every visit runs its own learning-rate schedule (warmup, then constant or cosine), as the
+reference's clients each run a fresh Hugging Face Trainer.
 """
 
 from __future__ import annotations
@@ -41,6 +43,30 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def visit_steps(cfg: TrainConfig, num_examples: int | None) -> int:
+    """Optimizer steps of one visit: `local_steps`, or `local_epochs` passes over the
+    `num_examples` of the node's shard, rounded up to whole steps."""
+    if cfg.local_steps is not None:
+        return cfg.local_steps
+    if cfg.local_epochs is None:
+        raise ValueError("train.local_steps and train.local_epochs are both null: set one")
+    if not num_examples:
+        raise ValueError("train.local_epochs needs the number of training examples")
+    return max(1, math.ceil(cfg.local_epochs * num_examples / (cfg.batch_size * cfg.grad_accum)))
+
+
+def lr_at(step: int, steps: int, cfg: TrainConfig) -> float:
+    """The learning rate of the visit's `step`-th optimizer step (0-based) of `steps`."""
+    warmup = round(cfg.warmup_fraction * steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / (warmup + 1)
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+    raise ValueError(f"unknown train.lr_schedule {cfg.lr_schedule!r}")
+
+
 def train_params(
     model: PreTrainedModel,
     trainable: list[str],
@@ -48,12 +74,15 @@ def train_params(
     cfg: TrainConfig,
     device: torch.device,
     optimizer: torch.optim.Optimizer | None = None,
+    num_examples: int | None = None,
 ) -> VisitResult:
-    """Train the parameters named in `trainable` for `cfg.local_steps` optimizer steps.
+    """Train the parameters named in `trainable` for one visit (`visit_steps` optimizer steps).
 
     A fresh AdamW unless `optimizer` is given: centralized full fine-tuning passes the same one
-    to every call, so its state carries over as in one long run.
+    to every call, so its state carries over as in one long run (the schedule still restarts).
+    `num_examples`: the size of the data `batches` cycles over (needed for `local_epochs`).
     """
+    steps = visit_steps(cfg, num_examples)
     wanted = set(trainable)
     params = []
     for name, param in model.named_parameters():
@@ -77,7 +106,9 @@ def train_params(
     samples = 0
     start = time.perf_counter()
     with PeakMemory(device) as peak:
-        for _ in range(cfg.local_steps):
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, steps, cfg)
             for _ in range(cfg.grad_accum):
                 batch = {k: v.to(device) for k, v in next(batches).items()}
                 loss = model(**batch).loss
@@ -86,6 +117,8 @@ def train_params(
                 (loss / cfg.grad_accum).backward()
                 losses.append(loss.item())
                 samples += batch["input_ids"].shape[0]
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
@@ -95,7 +128,7 @@ def train_params(
     return VisitResult(
         train_loss=sum(losses) / len(losses),
         samples_seen=samples,
-        steps=cfg.local_steps,
+        steps=steps,
         seconds=seconds,
         peak_mem_bytes=peak.bytes,
     )

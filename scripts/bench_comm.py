@@ -18,7 +18,7 @@ from fedcybgd.config import compose
 from scripts.inprocess import InProcessGrid
 from server_app.app import run
 
-POLICIES = ["none", "drop", "prune", "quantize", "hybrid"]
+POLICIES = ["none", "drop", "prune", "quantize", "hybrid", "refresh"]
 
 
 def measure(policy: str, out_root: Path, num_nodes: int, overrides: str) -> dict:

@@ -4,12 +4,17 @@ A client computes its block's gradient through the compressed frozen rest, so th
 of that compressed model (block dense, everything else as the client receives it) says how far
 its training signal is from the uncompressed one. No training happens here. Prints one table and
 writes outputs/bench/fidelity.json.
+
+With `--trained DIR` (a run's `final/` model, trained from `--model`), it also measures the
+refresh scheme (`compression.refresh_fraction=p`): a node whose copy is the base model receives
+a random ceil(p x n) of the n trained blocks; it sees those trained, the rest still at the base.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 from pathlib import Path
 
@@ -54,11 +59,44 @@ def compressed_loss(model, layout, batches, block: int, dropped: tuple[int, ...]
     return evaluate_loss(skeleton, batches, torch.device("cpu"))
 
 
+REFRESH_FRACTIONS = [1.0, 0.75, 0.5, 0.25]
+
+
+def refresh_loss(base, trained, layout, batches, block: int, fresh: set[int]) -> float:
+    """Held-out loss of a node's view after a refresh: the block and `fresh` layers trained,
+    every other decoder layer still at the base model's values (stale)."""
+    skeleton, layer_map = models.build_skeleton(models.model_spec(trained), ())
+    stale = models.named_tensors(base)
+    tensors = {}
+    for name, tensor in models.named_tensors(trained).items():
+        layer = layer_index(name, layout.layer_prefix)
+        tensors[layer_map.to_local(name)] = tensor if layer is None or layer == block or layer in fresh else stale[name]
+    models.load_tensors(skeleton, tensors)
+    return evaluate_loss(skeleton, batches, torch.device("cpu"))
+
+
+def refresh_rows(base, trained, layout, batches, block: int, draws: int) -> list[dict]:
+    others = [i for i in range(layout.num_layers) if i != block]
+    rows = []
+    for fraction in REFRESH_FRACTIONS:
+        count = math.ceil(fraction * len(others))
+        choices = [set(random.Random(s).sample(others, count)) for s in range(draws if count < len(others) else 1)]
+        losses = [refresh_loss(base, trained, layout, batches, block, c) for c in choices]
+        rows.append({"case": f"refresh {fraction:g} of trained blocks", "refresh_fraction": fraction,
+                     "fresh": [sorted(c) for c in choices], "losses": losses, "mean_loss": sum(losses) / len(losses)})
+        current = rows[0]["mean_loss"]
+        print(f"{rows[-1]['case']:<28}{rows[-1]['mean_loss']:>9.4f}{(rows[-1]['mean_loss'] - current) / current:>+9.1%}"
+              f"   {', '.join(f'{l:.3f}' for l in losses) if len(losses) > 1 else ''}", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=models.SMOLLM2)
     parser.add_argument("--examples", type=int, default=64, help="held-out examples evaluated")
     parser.add_argument("--draws", type=int, default=3, help="random layer choices per random case")
+    parser.add_argument("--trained", type=Path, default=None,
+                        help="a trained model of --model (a run's final/): adds the refresh rows")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
     args = parser.parse_args()
     model_dir = models.resolve_model_dir(args.model)
@@ -85,8 +123,13 @@ def main() -> None:
         base = rows[0]["mean_loss"]
         print(f"{label:<28}{rows[-1]['mean_loss']:>9.4f}{(rows[-1]['mean_loss'] - base) / base:>+9.1%}"
               f"   {', '.join(f'{l:.3f}' for l in losses) if len(losses) > 1 else ''}", flush=True)
+    if args.trained is not None:
+        print("\nrefresh from the base model (relative to a copy with every trained block):", flush=True)
+        trained = models.load_pretrained(args.trained)
+        rows += refresh_rows(model, trained, layout, batches, block, args.draws)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"model": args.model, "block_dense": block, "examples": len(examples), "rows": rows}
+    result = {"model": args.model, "trained": str(args.trained) if args.trained else None,
+              "block_dense": block, "examples": len(examples), "rows": rows}
     (args.out / "fidelity.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out / 'fidelity.json'}")
 

@@ -42,7 +42,7 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
         layout, algorithm=algorithm, model_name=cfg.model.name, model_spec=models.model_spec(setup.model),
         train=cfg.train, data=cfg.data, compression=cfg.compression,
         base_hashes={name: tensor_sha256(t) for name, t in initial_tensors.items()},
-        allocation=cfg.algorithm.allocation, min_nodes=cfg.algorithm.min_nodes,
+        allocation=cfg.algorithm.allocation, pairing=cfg.algorithm.pairing, min_nodes=cfg.algorithm.min_nodes,
         round_timeout=cfg.algorithm.round_timeout, seed=cfg.seed,
     )
     nodes = strategy.connected_nodes(grid)

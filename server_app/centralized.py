@@ -2,11 +2,13 @@
 
 `centralized-cy` trains one block per round in the allocation order with a fresh AdamW each time
 (BAdam's block coordinate descent); `centralized-full` trains every parameter with one AdamW for
-the whole run. A round is `train.local_steps` optimizer steps on batches of `train.batch_size`,
-as one client visit is, so `rounds` x `local_steps` x `batch_size` x `grad_accum` examples are
-seen, and the run's metrics.jsonl/summary.json read like a federated run's (with zero bytes on
-the wire). Its client peak memory is the training process's peak above its memory before the
-model and data were loaded.
+the whole run. A round is one client visit's local work (`train_params`, the one trainer):
+`train.local_steps` optimizer steps on batches of `train.batch_size`, so `rounds` x
+`local_steps` x `batch_size` x `grad_accum` examples are seen as in a federated run, or
+`train.local_epochs` passes over the pooled data (N visits' worth with N equal shards). The
+run's metrics.jsonl/summary.json read like a federated run's (with zero bytes on the wire). Its
+client peak memory is the training process's peak above its memory before the model and data
+were loaded.
 
     python -m scripts.centralized algorithm=centralized-full rounds=30
 """
@@ -50,7 +52,8 @@ def run_centralized(cfg: RunConfig) -> Path:
             block = schedule.block_at(server_round - 1, len(setup.layout.blocks), cfg.algorithm.allocation,
                                       cfg.seed)
             names = list(setup.layout.blocks[block].names)
-        result = train_params(model, names, batches, cfg.train, experiment.device, optimizer)
+        result = train_params(model, names, batches, cfg.train, experiment.device, optimizer,
+                              num_examples=len(examples))
         peak = max(result.peak_mem_bytes - memory_before, 0)
         stats = RoundStats(
             round=server_round,

@@ -63,6 +63,7 @@ class CyclicBlockStrategy(Strategy):
         compression: CompressionConfig,
         base_hashes: dict[str, str],
         allocation: str = "ascending",
+        pairing: str = "rotate",
         min_nodes: int = 1,
         round_timeout: float = 3600.0,
         seed: int = 0,
@@ -76,6 +77,7 @@ class CyclicBlockStrategy(Strategy):
         self.compression = compression
         self.base_hashes = base_hashes
         self.allocation = allocation
+        self.pairing = pairing
         self.min_nodes = max(min_nodes, algorithm.clients_per_round)
         self.round_timeout = round_timeout
         self.seed = seed
@@ -95,12 +97,13 @@ class CyclicBlockStrategy(Strategy):
         self._round_start = 0.0
 
     def summary(self) -> None:
-        log(INFO, "\t├── %s: %d blocks, %d client(s) per round, allocation %s, min nodes %d",
+        log(INFO, "\t├── %s: %d blocks, %d client(s) per round, allocation %s, pairing %s, min nodes %d",
             self.algorithm.name, len(self.blocks), self.algorithm.clients_per_round,
-            self.allocation, self.min_nodes)
+            self.allocation, self.pairing, self.min_nodes)
         log(INFO, "\t├── compression %s", self.compression)
-        log(INFO, "\t└── local steps %d, lr %g, batch %d", self.train.local_steps,
-            self.train.lr, self.train.batch_size)
+        log(INFO, "\t└── local work %s, lr %g %s, batch %d",
+            f"{self.train.local_steps} steps" if self.train.local_steps else f"{self.train.local_epochs} epochs",
+            self.train.lr, self.train.lr_schedule, self.train.batch_size)
 
     def connected_nodes(self, grid: Grid) -> list[int]:
         """Connected nodes in a stable order: first come first, ties broken by id.
@@ -164,7 +167,8 @@ class CyclicBlockStrategy(Strategy):
     def _assign(self, server_round: int, nodes: list[int]) -> list[schedule.Assignment]:
         """This round's (node, block) pairs: K nodes in turn, on one block or K distinct ones."""
         k = self.algorithm.clients_per_round
-        chosen = schedule.nodes_for_round(server_round, nodes, k)
+        chosen = schedule.nodes_for_round(server_round, nodes, k, pairing=self.pairing, num_blocks=len(self.blocks),
+                                          blocks_per_round=1 if self.algorithm.average else k)
         if self.algorithm.average:
             block = self._next_blocks(1)[0]
             return [schedule.Assignment(n, block) for n in chosen]

@@ -4,10 +4,15 @@ For each visit the `Packager` plans the client's model (which frozen layers are 
 form each tensor takes), then sends only what the node does not already hold at the current
 version: the assigned block dense, the rest compressed. A compressed tensor is computed once
 per (tensor, version, form) and reused for every node until the tensor changes.
+
+With `refresh_fraction` p < 1 (the reference's `--compress p`), a visit sends only a random
+ceil(p x n) of the n other blocks updated since the node's copy of them; the node trains
+against its stale copy of the rest, and the manifest names those stale versions.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -46,6 +51,11 @@ def drop_layers(frozen_layers: list[int], block: Block, num_layers: int, cfg: Co
     return tuple(sorted(farthest[:count]))
 
 
+def _usable(have: Holding | None, wanted: TensorForm) -> bool:
+    """The node holds the tensor (at some version) as wanted, or better: dense."""
+    return have is not None and have.form in (wanted.key, DENSE.key)
+
+
 class Packager:
     """Plans and builds each visit's download; tracks, per node, the tensors it holds."""
 
@@ -54,6 +64,7 @@ class Packager:
         self.cfg = cfg
         self.seed = seed
         self.holdings: dict[int, dict[str, Holding] | None] = {}  # None: unknown, ask the node
+        self._block_of = layout.block_of()
         self.encode_count = 0
         self._encoded: dict[tuple[str, str], tuple[int, dict[str, Array]]] = {}
 
@@ -95,15 +106,15 @@ class Packager:
         frozen_layers = [i for i in range(self.layout.num_layers) if i not in block.layers]
         rng = random.Random(f"{self.seed}:{server_round}:{node_id}")
         dropped = drop_layers(frozen_layers, block, self.layout.num_layers, self.cfg, rng)
+        needed = {n: v for n, v in versions.items() if layer_index(n, self.layout.layer_prefix) not in dropped}
+        stale = self.left_stale(held, block, needed, random.Random(f"{self.seed}:{server_round}:{node_id}:refresh"))
         in_block = set(block.names)
         manifest, send_block, send_frozen = [], [], []
-        for name, version in versions.items():
-            if layer_index(name, self.layout.layer_prefix) in dropped:
-                continue
+        for name, version in needed.items():
             wanted = DENSE if name in in_block else self.form_for(name)
             have = held.get(name)
-            if have is not None and have.version == version and have.form in (wanted.key, DENSE.key):
-                manifest.append(have)  # already there: as wanted, or better (dense)
+            if _usable(have, wanted) and (have.version == version or self._block_of.get(name) in stale):
+                manifest.append(have)  # already there (as wanted, or better: dense), or left stale
                 continue
             holding = Holding(name, version, wanted.key)
             manifest.append(holding)
@@ -112,6 +123,22 @@ class Packager:
             else:
                 send_frozen.append(holding)
         return VisitPlan(tuple(dropped), tuple(manifest), tuple(send_block), tuple(send_frozen))
+
+    def left_stale(self, held: dict[str, Holding], block: Block, needed: dict[str, int],
+                   rng: random.Random) -> set[int]:
+        """Blocks whose newer version this visit does not send (`refresh_fraction`): of the
+        other blocks the node holds whole but not at their current version, all but a random
+        ceil(p x n). Never the assigned block, which always trains from its newest version."""
+        if self.cfg.refresh_fraction >= 1.0:
+            return set()
+        updated = []
+        for other in self.layout.blocks:
+            names = [n for n in other.names if n in needed]
+            if (other.index != block.index and names and all(_usable(held.get(n), self.form_for(n)) for n in names)
+                    and any(held[n].version != needed[n] for n in names)):
+                updated.append(other.index)
+        refreshed = rng.sample(updated, math.ceil(self.cfg.refresh_fraction * len(updated)))
+        return set(updated) - set(refreshed)
 
     def content(self, global_arrays: ArrayRecord, plan: VisitPlan, instruction: TrainInstruction) -> RecordDict:
         frozen: dict[str, Array] = {}

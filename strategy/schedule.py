@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
+
+from fedcybgd.config import PAIRINGS
 
 
 @dataclass(frozen=True)
@@ -35,12 +38,37 @@ def block_at(position: int, num_blocks: int, allocation: str, seed: int) -> int:
     return block_order(cycle, num_blocks, allocation, seed)[index]
 
 
-def nodes_for_round(server_round: int, nodes: list[int], count: int = 1) -> list[int]:
-    """Nodes are visited in turn, `count` per round: round r takes the next `count` of the
-    stable order (wrapping around), so with one per round, round r goes to node (r-1) mod N."""
+def pairing_period(num_nodes: int, count: int, num_blocks: int, blocks_per_round: int) -> int:
+    """Visits after which taking nodes in turn meets the same (node, block) pairs again.
+
+    Visit v (0-based; round r holds visits (r-1)*count ... r*count-1) goes to node v mod N and
+    trains the block at allocation position v * blocks_per_round // count, which repeats every
+    B * count / blocks_per_round visits (ascending, descending). Both repeat after their lcm.
+    """
+    if count % blocks_per_round:
+        raise ValueError(f"blocks_per_round={blocks_per_round} must divide count={count}")
+    return math.lcm(num_nodes, num_blocks * count // blocks_per_round)
+
+
+def nodes_for_round(server_round: int, nodes: list[int], count: int = 1, *, pairing: str = "fixed",
+                    num_blocks: int = 1, blocks_per_round: int = 1) -> list[int]:
+    """The `count` nodes of round r, taken in turn from the stable node order (wrapping around).
+
+    `fixed` (the reference's pairing): visit v goes to node v mod N, so with one client per
+    round, round r goes to node (r-1) mod N. With ascending blocks and N dividing B, node i then
+    trains the same blocks every cycle; under non-IID data each block sees one node's data only.
+    `rotate` moves every later visit one node further each time the fixed pairing would repeat
+    (every `pairing_period` visits), so within N cycles every block meets every node (ascending
+    or descending order, any N, B and count). Nodes still take turns, and a round's nodes are
+    distinct: a shift inside a round skips one node, which matters only if count = N, and then
+    the period is a multiple of N, so the shift falls between rounds.
+    """
     if not nodes:
         raise ValueError("no nodes to assign")
     if count > len(nodes):
         raise ValueError(f"algorithm.clients_per_round={count} exceeds the {len(nodes)} connected nodes")
-    start = (server_round - 1) * count
-    return [nodes[(start + i) % len(nodes)] for i in range(count)]
+    if pairing not in PAIRINGS:
+        raise ValueError(f"unknown pairing {pairing!r}")
+    period = pairing_period(len(nodes), count, num_blocks, blocks_per_round)
+    visits = range((server_round - 1) * count, server_round * count)
+    return [nodes[(v + (v // period if pairing == "rotate" else 0)) % len(nodes)] for v in visits]

@@ -1,8 +1,12 @@
+import json
 import random
 
-from fedcybgd.blocks import Block
+import torch
+
+from fedcybgd.blocks import Block, ModelLayout
+from fedcybgd.client_cache import ClientCache, digest
 from fedcybgd.config import CompressionConfig
-from strategy.packaging import drop_layers
+from strategy.packaging import Packager, drop_layers
 
 
 def test_random_dropping_leaves_out_a_fraction_and_never_the_block():
@@ -30,3 +34,127 @@ def test_keep_near_for_the_head_block_drops_the_middle():
 def test_no_dropping_below_one_layer():
     cfg = CompressionConfig(drop_fraction=0.2)
     assert drop_layers([0, 1, 2], Block(0, (), (3,)), 4, cfg, random.Random(0)) == ()
+
+
+LAYERS = 20
+
+
+def layout():
+    """20 one-layer blocks of a weight matrix and a norm each, plus an embedding in no block."""
+    blocks = tuple(Block(i, (f"model.layers.{i}.w", f"model.layers.{i}.norm"), (i,)) for i in range(LAYERS))
+    matrices = frozenset({"model.embed"} | {f"model.layers.{i}.w" for i in range(LAYERS)})
+    return ModelLayout(blocks=blocks, layer_prefix="model.layers.", num_layers=LAYERS, matrices=matrices)
+
+
+def versions_with(updated: dict[int, int]) -> dict[str, int]:
+    """Every tensor's version: 0, except the blocks in `updated` (block -> version)."""
+    out = {"model.embed": 0}
+    for b in layout().blocks:
+        out.update({n: updated.get(b.index, 0) for n in b.names})
+    return out
+
+
+def by_block(holdings) -> dict[int, set[int]]:
+    out: dict[int, set[int]] = {}
+    for h in holdings:
+        if h.name.startswith("model.layers."):
+            out.setdefault(int(h.name.split(".")[2]), set()).add(h.version)
+    return out
+
+
+def first_visit(packager, node, versions):
+    plan = packager.plan(node, layout().blocks[0], versions, 1)
+    packager.confirm(node, plan, layout().blocks[0], None)
+
+
+def test_refresh_sends_about_half_of_the_updated_blocks_and_the_manifest_names_the_stale_rest():
+    packager = Packager(layout(), CompressionConfig(refresh_fraction=0.5), seed=0)
+    first_visit(packager, 7, versions_with({}))
+    current = versions_with({b: 5 for b in range(1, LAYERS)})  # every other block trained since
+    block = layout().blocks[0]
+    plan = packager.plan(7, block, current, 6)
+    sent = by_block(plan.send_frozen)
+    assert len(sent) == 10 and all(v == {5} for v in sent.values())  # ceil(0.5 x 19) blocks, current
+    manifest = by_block(plan.manifest)
+    assert {b for b, v in manifest.items() if v == {0} and b != 0} == set(range(1, LAYERS)) - set(sent)  # stale
+    assert set(plan.send_block) == set(block.names) or not plan.send_block
+    # Another round draws other blocks; over many visits the fraction stays about one half.
+    counts = [len(by_block(packager.plan(7, block, current, r).send_frozen)) for r in range(7, 40)]
+    assert set(counts) == {10}
+    assert len({frozenset(by_block(packager.plan(7, block, current, r).send_frozen)) for r in range(7, 12)}) > 1
+
+
+def test_the_assigned_block_always_comes_at_its_newest_version():
+    packager = Packager(layout(), CompressionConfig(refresh_fraction=0.1), seed=0)
+    first_visit(packager, 7, versions_with({}))
+    current = versions_with({b: 3 for b in range(LAYERS)})
+    for b in range(1, LAYERS):
+        plan = packager.plan(7, layout().blocks[b], current, 4)
+        assert {h.version for h in plan.manifest if h.name in layout().blocks[b].names} == {3}
+
+
+def test_stale_blocks_are_not_resent_until_drawn_and_a_newer_version_is_sent_once():
+    packager = Packager(layout(), CompressionConfig(refresh_fraction=0.5), seed=1)
+    first_visit(packager, 7, versions_with({}))
+    current = versions_with({b: 5 for b in range(1, LAYERS)})
+    block = layout().blocks[0]
+    sent_total: list[int] = []
+    for server_round in range(6, 12):
+        plan = packager.plan(7, block, current, server_round)
+        sent = sorted(by_block(plan.send_frozen))
+        assert not set(sent) & set(sent_total)  # what the node holds current is never resent
+        sent_total += sent
+        packager.confirm(7, plan, block, None)
+    assert sorted(sent_total) == list(range(1, LAYERS))  # 10, 5, 2, 1, 1: ceil of half the rest
+    assert by_block(packager.holdings[7].values()) == {0: {0}, **{b: {5} for b in range(1, LAYERS)}}
+
+
+def test_refresh_composes_with_dropping_and_quantization():
+    cfg = CompressionConfig(refresh_fraction=0.5, drop_fraction=0.25, quantize="int8", head_quantize="int8")
+    packager = Packager(layout(), cfg, seed=0)
+    node_plan = packager.plan(7, layout().blocks[0], versions_with({}), 1)
+    packager.confirm(7, node_plan, layout().blocks[0], None)
+    current = versions_with({b: 5 for b in range(1, LAYERS)})
+    plan = packager.plan(7, layout().blocks[0], current, 6)
+    assert len(plan.dropped_layers) == 4
+    in_manifest = by_block(plan.manifest)
+    assert not set(plan.dropped_layers) & set(in_manifest)
+    held = {b for b in range(1, LAYERS) if b not in node_plan.dropped_layers and b not in plan.dropped_layers}
+    stale = {b for b, v in in_manifest.items() if v == {0} and b != 0}
+    assert len(stale) == len(held) - -(-len(held) // 2)  # all but ceil(half) of the updated ones held
+    assert all(h.form == "int8" for h in plan.manifest if h.name.endswith(".w") and h.name != "model.layers.0.w")
+    assert stale <= held  # a layer the node never got (dropped before) cannot be left stale: it is sent
+
+
+def test_the_clients_cache_resolves_the_manifest_and_the_digests_agree(tmp_path):
+    packager = Packager(layout(), CompressionConfig(refresh_fraction=0.5), seed=0)
+    packager.set_holdings(7, [])
+    cache = ClientCache(tmp_path)
+    block = layout().blocks[0]
+    for server_round, current in enumerate([versions_with({}), versions_with({b: 5 for b in range(1, LAYERS)}),
+                                            versions_with({b: 9 for b in range(1, LAYERS, 2)})], start=1):
+        plan = packager.plan(7, block, current, server_round)
+        sent = [h for h in plan.manifest if h.name in plan.send_block] + list(plan.send_frozen)
+        cache.store({h: {"v": torch.full((2, 2) if h.name.endswith(("w", "embed")) else (2,), float(h.version))}
+                     for h in sent})
+        loaded = cache.load(list(plan.manifest))  # the client's check: every tensor as the manifest says
+        assert all(float(loaded[h.name].flatten()[0]) == h.version for h in plan.manifest)
+        assert digest(cache.holdings()) == packager.confirm(7, plan, block, None)
+
+
+def test_a_run_with_refresh_trains_on_stale_copies_and_the_caches_agree(out_dir):
+    from fedcybgd.config import compose
+    from fedcybgd.protocol import CONFIG, TrainInstruction
+    from server_app.app import run
+    from tests.fake_grid import FakeGrid
+
+    grid = FakeGrid(3)
+    run(grid, compose(overrides="model=tiny-llama train=tiny train.local_steps=1 data.max_examples=300 "
+                                f"eval.every=100 rounds=4 compression=refresh output_dir={out_dir}"))
+    # Round 4: node 101 again (block 3); blocks 1 and 2 changed since (rounds 2 and 3): one is sent.
+    manifest = TrainInstruction.from_record(grid.sent[3].content[CONFIG]).manifest
+    versions = by_block(manifest)
+    assert versions[1] | versions[2] in ({0, 3}, {2, 0})  # one block current, the other stale
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(a["cache_confirmed"] for r in rows for a in r["assignments"])
+    assert not any(r["rejected"] for r in rows) and len(grid.queries) == 3

@@ -1,10 +1,13 @@
+import math
+
+import pytest
 import torch
 
 from fedcybgd import models
 from fedcybgd.blocks import partition_blocks
-from fedcybgd.config import DataConfig, TrainConfig
+from fedcybgd.config import ConfigError, DataConfig, TrainConfig, compose
 from fedcybgd.data import eval_batches, load_examples, tokenize, train_batches
-from fedcybgd.train import evaluate_loss, train_params
+from fedcybgd.train import evaluate_loss, lr_at, train_params, visit_steps
 
 
 def setup(name="tiny-llama"):
@@ -44,3 +47,70 @@ def test_training_a_block_lowers_the_loss_it_trains_on():
     train_params(model, list(partition_blocks(model, 4)[0].names),
                  train_batches(examples, 8, tokenizer.pad_token_id, 0), cfg, torch.device("cpu"))
     assert evaluate_loss(model, batches, torch.device("cpu")) < before - 0.1
+
+
+def test_local_epochs_are_passes_over_the_shard_in_whole_steps():
+    cfg = TrainConfig(local_steps=None, local_epochs=2, batch_size=4, grad_accum=2)
+    assert visit_steps(cfg, 20) == 5  # 2 x 20 examples / 8 per step
+    assert visit_steps(cfg, 21) == 6  # rounded up: every example is seen twice
+    assert visit_steps(TrainConfig(local_steps=None, local_epochs=0.01), 3) == 1
+    assert visit_steps(TrainConfig(local_steps=7), None) == 7
+    with pytest.raises(ValueError, match="number of training examples"):
+        visit_steps(cfg, None)
+    model, tokenizer, examples = setup()
+    examples = examples[:10]
+    block = partition_blocks(model, 1)[0]
+    cfg = TrainConfig(local_steps=None, local_epochs=1.5, batch_size=4)
+    result = train_params(model, list(block.names), train_batches(examples, 4, tokenizer.pad_token_id, 0),
+                          cfg, torch.device("cpu"), num_examples=len(examples))
+    assert result.steps == math.ceil(1.5 * len(examples) / 4) and result.samples_seen == 4 * result.steps
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ("train.local_epochs=1", "set exactly one of them"),
+    ("train.local_steps=null", "set exactly one of them"),
+    ("train.local_steps=null train.local_epochs=0", "train.local_epochs=0.0 must be > 0"),
+    ("train.lr_schedule=linear", "train.lr_schedule"),
+    ("train.warmup_fraction=1.0", "train.warmup_fraction"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm"),
+])
+def test_bad_local_work_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose(overrides=overrides)
+    assert compose(overrides="train.local_steps=null train.local_epochs=2").train.local_epochs == 2
+
+
+def test_learning_rate_schedules():
+    constant = TrainConfig(lr=1.0)
+    assert [lr_at(s, 4, constant) for s in range(4)] == [1.0] * 4
+    cosine = TrainConfig(lr=1.0, lr_schedule="cosine", warmup_fraction=0.25)
+    rates = [lr_at(s, 8, cosine) for s in range(8)]
+    assert rates[:2] == [1 / 3, 2 / 3]  # 2 warmup steps, linear, never 0
+    assert rates[2] == 1.0 and all(a > b > 0 for a, b in zip(rates[2:], rates[3:]))
+    assert rates[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 6)))
+
+
+def test_the_optimizer_steps_at_the_scheduled_rate_and_clips_the_gradient():
+    model, tokenizer, examples = setup()
+    block = partition_blocks(model, 1)[1]
+    seen_lr, seen_norm = [], []
+    original_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen_lr.append(self.param_groups[0]["lr"])
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen_norm.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return original_step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = spy
+    try:
+        for clip in (None, 1e-3):
+            cfg = TrainConfig(local_steps=4, lr=1e-2, lr_schedule="cosine", warmup_fraction=0.25,
+                              max_grad_norm=clip)
+            train_params(model, list(block.names), train_batches(examples, 4, tokenizer.pad_token_id, 0),
+                         cfg, torch.device("cpu"))
+    finally:
+        torch.optim.AdamW.step = original_step
+    assert seen_lr[:4] == pytest.approx([lr_at(s, 4, cfg) for s in range(4)])
+    assert min(seen_norm[:4]) > 1e-2  # unclipped
+    assert seen_norm[4:] == pytest.approx([1e-3] * 4, rel=1e-3)
