@@ -10,33 +10,45 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from logging import WARNING
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 from torch import nn
 
 from fedcybgd import codec, data, lora, memory, models, protocol
 from fedcybgd.blocks import LayerMap
-from fedcybgd.client_cache import ClientCache, Holding, digest
+from client_app import faults
+from fedcybgd.client_cache import CacheWriteError, ClientCache, Holding, digest
 from fedcybgd.compression import DENSE
 from fedcybgd.config import DataConfig
 from fedcybgd.protocol import BLOCK, CONFIG, FROZEN, METRICS, TrainInstruction, VisitMetrics
 from fedcybgd.train import pick_device, train_params
 
-app = ClientApp()
+# Fault injection for tests exists only when the node's environment asks for it (client_app/faults.py).
+app = ClientApp(mods=faults.mods())
+
+
+class NodeConfigError(ValueError):
+    """A `node_config` value of the wrong type or range (a SuperNode's `--node-config`)."""
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     instruction = TrainInstruction.from_record(msg.content.config_records[CONFIG])
-    device = pick_device(str(context.node_config.get("device", "auto")))
+    device = pick_device(_node_str(context.node_config, "device", "auto"))
     memory_before = memory.baseline_bytes(device)
     cache = ClientCache(_cache_dir(context))
+    # Each raises its own error, and the server rejects the visit by it: CacheWriteError (the
+    # download cannot be stored: disk full), CacheMissError (cache lost or stale: never train on
+    # stale weights), CacheCorruptError (a file unreadable: its entries are dropped). The server
+    # then asks this node what it holds before its next visit and resends what it lacks.
     cache.store(_received(msg.content, instruction))
-    tensors = cache.load(list(instruction.manifest))  # CacheMissError: never train on stale weights
+    tensors = cache.load(list(instruction.manifest))
     adapters = {n: tensors.pop(n) for n in list(tensors) if lora.is_adapter(n)}
 
     model, layer_map = models.build_skeleton(instruction.model_spec, instruction.dropped_layers)
@@ -64,8 +76,12 @@ def train(msg: Message, context: Context) -> Message:
 
     uploaded = _upload(model, layer_map, instruction)
     if instruction.keep_upload:
-        cache.store({Holding(name, instruction.upload_version, DENSE.key): {"v": t}
-                     for name, t in uploaded.items()})
+        try:
+            cache.store({Holding(name, instruction.upload_version, DENSE.key): {"v": t}
+                         for name, t in uploaded.items()})
+        except CacheWriteError as err:
+            # The upload is still good; the digest below tells the server the cache lacks it.
+            log(WARNING, "Keeping the upload failed, replying without it: %s", err)
     metrics = VisitMetrics(
         train_loss=result.train_loss, num_examples=len(examples), samples_seen=result.samples_seen,
         steps=result.steps, seconds=result.seconds,
@@ -92,9 +108,9 @@ def _upload(model: nn.Module, layer_map: LayerMap, instruction: TrainInstruction
 def holdings(msg: Message, context: Context) -> Message:
     """Tell the server what this node's cache holds (seeding it from a local base model first)."""
     cache = ClientCache(_cache_dir(context))
-    base = context.node_config.get("base-model")
-    if base:
-        _seed_from_base(cache, str(base), protocol.parse_holdings_query(msg.content))
+    if "base-model" in context.node_config:
+        _seed_from_base(cache, _node_str(context.node_config, "base-model"),
+                        protocol.parse_holdings_query(msg.content))
     return Message(protocol.holdings_reply(cache.holdings()), reply_to=msg)
 
 
@@ -118,9 +134,24 @@ def _seed_from_base(cache: ClientCache, base: str, base_hashes: dict[str, str]) 
     })
 
 
+def _node_str(node_config: dict, key: str, default: str | None = None) -> str:
+    value = node_config.get(key, default)
+    if not isinstance(value, str):
+        raise NodeConfigError(f"node_config {key}={value!r} must be a string (quoted in --node-config: "
+                              f'{key}="...")')
+    return value
+
+
+def _node_int(node_config: dict, key: str) -> int:
+    value = node_config[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise NodeConfigError(f"node_config {key}={value!r} must be an integer")
+    return value
+
+
 def _cache_dir(context: Context) -> Path:
     if "cache-dir" in context.node_config:
-        return Path(str(context.node_config["cache-dir"])).expanduser() / f"run-{context.run_id}"
+        return Path(_node_str(context.node_config, "cache-dir")).expanduser() / f"run-{context.run_id}"
     return models.default_cache_dir() / "client-cache" / f"run-{context.run_id}" / f"node-{context.node_id}"
 
 
@@ -141,8 +172,8 @@ def _cached_examples(data_json: str, data_path: str | None, partition: tuple[int
 def _local_examples(node_config: dict, data_json: str, model_dir: str, max_seq_len: int) -> list[data.Example]:
     """This node's tokenized training data: its own file, or its partition of the shared source."""
     if "data-path" in node_config:
-        return _cached_examples(data_json, str(node_config["data-path"]), None, model_dir, max_seq_len)
+        return _cached_examples(data_json, _node_str(node_config, "data-path"), None, model_dir, max_seq_len)
     if "partition-id" not in node_config or "num-partitions" not in node_config:
         raise data.DataError("node_config needs data-path, or partition-id and num-partitions")
-    partition = (int(node_config["partition-id"]), int(node_config["num-partitions"]))
+    partition = (_node_int(node_config, "partition-id"), _node_int(node_config, "num-partitions"))
     return _cached_examples(data_json, None, partition, model_dir, max_seq_len)
