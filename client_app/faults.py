@@ -2,7 +2,8 @@
 
 Only when `FEDCYBGD_FAULT_INJECTION=1` is set in a SuperNode's environment (it reaches the
 ClientApp processes that node starts) does the ClientApp get the mod below, and the mod then reads
-one `node_config` key, `fault`: `<kind>@<n>` (this node's n-th train message), one of
+one `node_config` key, `fault`: `<kind>@<n>` (this node's n-th train message), several separated
+by commas, each kind one of
 
 - `hang@n`: never answer that message (sleep `fault-hang-s` seconds, default 3600),
 - `lose-cache@n`: delete this run's cache directory first (a node back with an empty disk),
@@ -39,11 +40,15 @@ def inject(msg: Message, context: Context, call_next: ClientAppCallable) -> Mess
     spec = context.node_config.get("fault")
     if not spec or msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
-    kind, _, at = str(spec).partition("@")
-    if kind not in KINDS or not at.isdigit():
-        raise ValueError(f"node_config fault={spec!r}: expected <kind>@<n>, kind one of {KINDS}")
+    plan = {}
+    for item in str(spec).split(","):
+        kind, _, at = item.strip().partition("@")
+        if kind not in KINDS or not at.isdigit():
+            raise ValueError(f"node_config fault={spec!r}: expected <kind>@<n>[,...], kind one of {KINDS}")
+        plan[int(at)] = kind
     root = Path(str(context.node_config["cache-dir"])).expanduser()
-    if _count_train_message(root) != int(at):
+    kind = plan.get(_count_train_message(root))
+    if kind is None:
         return call_next(msg, context)
     run_cache = root / f"run-{context.run_id}"
     if kind == "hang":
