@@ -107,7 +107,7 @@ def fault_rows(out: Path, plan: Plan, run: dict) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     injected: dict[str, int] = {}
     for spec in plan.node_faults:
-        for item in spec.split(","):
+        for item in filter(None, spec.split(",")):
             kind = item.split("@")[0]
             injected[kind] = injected.get(kind, 0) + 1
     if plan.kill_node is not None:

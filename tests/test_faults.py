@@ -226,3 +226,26 @@ def test_a_node_config_of_the_wrong_type_names_the_key(out_dir, node_config, mes
     (row,) = rows(out_dir)
     assert row["rejected"][0]["kind"] == "node-config"
     assert re.search(message, row["rejected"][0]["reason"]), row["rejected"][0]["reason"]
+
+
+# -- 3: a SuperNode killed mid-visit, in a real loopback deployment ---------------------------
+@pytest.mark.slow
+def test_a_supernode_killed_mid_visit_fails_over_when_flower_reports_it(tmp_path):
+    """Flower reports the dead node (from the SuperLink, node 1) within 2 heartbeats (60 s):
+    the round ends then, well inside its 300 s timeout, and the block goes to the next node."""
+    from scripts.bench_faults import Plan, fault_rows, run_faults
+
+    plan = Plan(node_faults=("", "", ""), kill_node=0, kill_at_visit=1, rounds=3, round_timeout=300)
+    out = tmp_path / "out"
+    run = run_faults(tmp_path, out, plan, timeout=900)
+    assert run["status"]["status"] == "finished:completed", run["status"]
+    r = rows(out)
+    assert [row["round"] for row in r] == [1, 2, 3]
+    rejected = [x for row in r for x in row["rejected"]]
+    assert [(x["node_id"], x["kind"]) for x in rejected] == [(run["killed"], "node-unavailable")], rejected
+    (failed,) = [row for row in r if row["rejected"]]
+    assert failed["round_seconds"] < plan.round_timeout
+    (kill,) = fault_rows(out, plan, run)
+    assert kill["fault"] == "kill" and kill["detected"] == 1 and kill["accepted_from_faulty_visits"] == 0
+    nxt = r[failed["round"]]["assignments"][0] if failed["round"] < 3 else None
+    assert nxt is None or (nxt["block"] == failed["assignments"][0]["block"] and "upload_keys" in nxt)
