@@ -42,9 +42,9 @@ class Plan:
     node_faults: tuple[str, str, str] = ("disk-full@1", "lose-cache@2", "corrupt-cache@2,hang@3")
     kill_node: int | None = 0  # index of the SuperNode to SIGKILL during a visit
     kill_at_visit: int = 3
-    rounds: int = 14
+    rounds: int = 12
     round_timeout: float = 90.0
-    hang_seconds: float = 150.0
+    hang_seconds: float = 100.0
 
 
 def run_faults(workdir: Path, out: Path, plan: Plan, timeout: float = 3600.0) -> dict:
