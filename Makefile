@@ -89,6 +89,12 @@ compare-allocations: setup
 	$(PY) -m scripts.compare --preset $(PRESET) --runs fedcybgd:ascending fedcybgd:descending \
 	  fedcybgd:random --out outputs/compare/$(PRESET)/allocations
 
+# Node faults injected into a loopback deployment of 3 SuperNodes (tiny model): one row per fault
+# in outputs/bench/faults.json (client_app/faults.py; scripts/bench_faults.py).
+.PHONY: bench-faults
+bench-faults: setup
+	$(PY) -m scripts.bench_faults
+
 # Held-out loss of the model a client trains in, under each compression choice (no training).
 bench-fidelity: setup
 	$(PY) -m scripts.bench_fidelity

@@ -22,23 +22,33 @@ from torch import nn
 
 from fedcybgd import codec, data, lora, memory, models, protocol
 from fedcybgd.blocks import LayerMap
-from fedcybgd.client_cache import ClientCache, Holding, digest
+from client_app import faults
+from fedcybgd.client_cache import CacheWriteError, ClientCache, Holding, digest
 from fedcybgd.compression import DENSE
 from fedcybgd.config import DataConfig
 from fedcybgd.protocol import BLOCK, CONFIG, FROZEN, METRICS, TrainInstruction, VisitMetrics
 from fedcybgd.train import pick_device, train_params
 
-app = ClientApp()
+# Fault injection for tests exists only when the node's environment asks for it (client_app/faults.py).
+app = ClientApp(mods=faults.mods())
+
+
+class NodeConfigError(ValueError):
+    """A `node_config` value of the wrong type or range (a SuperNode's `--node-config`)."""
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     instruction = TrainInstruction.from_record(msg.content.config_records[CONFIG])
-    device = pick_device(str(context.node_config.get("device", "auto")))
+    device = pick_device(_node_str(context.node_config, "device", "auto"))
     memory_before = memory.baseline_bytes(device)
     cache = ClientCache(_cache_dir(context))
+    # Each raises its own error, and the server rejects the visit by it: CacheWriteError (the
+    # download cannot be stored: disk full), CacheMissError (cache lost or stale: never train on
+    # stale weights), CacheCorruptError (a file unreadable: its entries are dropped). The server
+    # then asks this node what it holds before its next visit and resends what it lacks.
     cache.store(_received(msg.content, instruction))
-    tensors = cache.load(list(instruction.manifest))  # CacheMissError: never train on stale weights
+    tensors = cache.load(list(instruction.manifest))
     adapters = {n: tensors.pop(n) for n in list(tensors) if lora.is_adapter(n)}
 
     model, layer_map = models.build_skeleton(instruction.model_spec, instruction.dropped_layers)
@@ -67,8 +77,12 @@ def train(msg: Message, context: Context) -> Message:
 
     uploaded = _upload(model, layer_map, instruction)
     if instruction.keep_upload:
-        cache.store({Holding(name, instruction.upload_version, DENSE.key): {"v": t}
-                     for name, t in uploaded.items()})
+        try:
+            cache.store({Holding(name, instruction.upload_version, DENSE.key): {"v": t}
+                         for name, t in uploaded.items()})
+        except CacheWriteError as err:
+            # The upload is still good; the digest below tells the server the cache lacks it.
+            log(WARNING, "Keeping the upload failed, replying without it: %s", err)
     metrics = VisitMetrics(
         train_loss=result.train_loss, num_examples=len(examples), samples_seen=result.samples_seen,
         steps=result.steps, seconds=result.seconds,
@@ -95,9 +109,9 @@ def _upload(model: nn.Module, layer_map: LayerMap, instruction: TrainInstruction
 def holdings(msg: Message, context: Context) -> Message:
     """Tell the server what this node's cache holds (seeding it from a local base model first)."""
     cache = ClientCache(_cache_dir(context))
-    base = context.node_config.get("base-model")
-    if base:
-        _seed_from_base(cache, str(base), protocol.parse_holdings_query(msg.content))
+    if "base-model" in context.node_config:
+        _seed_from_base(cache, _node_str(context.node_config, "base-model"),
+                        protocol.parse_holdings_query(msg.content))
     return Message(protocol.holdings_reply(cache.holdings()), reply_to=msg)
 
 
@@ -121,9 +135,24 @@ def _seed_from_base(cache: ClientCache, base: str, base_hashes: dict[str, str]) 
     })
 
 
+def _node_str(node_config: dict, key: str, default: str | None = None) -> str:
+    value = node_config.get(key, default)
+    if not isinstance(value, str):
+        raise NodeConfigError(f"node_config {key}={value!r} must be a string (quoted in --node-config: "
+                              f'{key}="...")')
+    return value
+
+
+def _node_int(node_config: dict, key: str) -> int:
+    value = node_config[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise NodeConfigError(f"node_config {key}={value!r} must be an integer")
+    return value
+
+
 def _cache_dir(context: Context) -> Path:
     if "cache-dir" in context.node_config:
-        return Path(str(context.node_config["cache-dir"])).expanduser() / f"run-{context.run_id}"
+        return Path(_node_str(context.node_config, "cache-dir")).expanduser() / f"run-{context.run_id}"
     return models.default_cache_dir() / "client-cache" / f"run-{context.run_id}" / f"node-{context.node_id}"
 
 
@@ -148,13 +177,13 @@ def _local_examples(node_config: dict, data_json: str, model_dir: str, max_seq_l
     the host folder is missing) falls back to the node's partition when its node config has one,
     so a demo trains with nothing prepared. Without a partition, the loader's error names the file.
     """
-    path = node_config.get("data-path")
+    path = _node_str(node_config, "data-path") if "data-path" in node_config else None
     has_partition = "partition-id" in node_config and "num-partitions" in node_config
-    if path is not None and (not has_partition or _holds_data(Path(str(path)))):
-        return _cached_examples(data_json, str(path), None, model_dir, max_seq_len)
+    if path is not None and (not has_partition or _holds_data(Path(path))):
+        return _cached_examples(data_json, path, None, model_dir, max_seq_len)
     if not has_partition:
         raise data.DataError("node_config needs data-path, or partition-id and num-partitions")
-    partition = (int(node_config["partition-id"]), int(node_config["num-partitions"]))
+    partition = (_node_int(node_config, "partition-id"), _node_int(node_config, "num-partitions"))
     if path is not None:
         log(WARNING, "data-path %s holds no data: training on partition %d of %d of the packaged data",
             path, *partition)

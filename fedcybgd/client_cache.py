@@ -29,6 +29,14 @@ class CacheMissError(RuntimeError):
     """The cache lacks a tensor (or holds another version or form) that this visit needs."""
 
 
+class CacheCorruptError(RuntimeError):
+    """A cache file cannot be read; its entries are dropped, so the node reports it lacks them."""
+
+
+class CacheWriteError(RuntimeError):
+    """The cache cannot be written (disk full, read-only, ...); what it held before stays valid."""
+
+
 @dataclass(frozen=True, order=True)
 class Holding:
     """One tensor at one version in one form: the unit of the cache and of the wire."""
@@ -86,11 +94,17 @@ class ClientCache:
         file = f"t-{uuid.uuid4().hex}.safetensors"
         flat = {f"{h.name}/{part}": t.contiguous() for h, parts in tensors.items() for part, t in parts.items()}
         tmp = self.dir / f".{file}.tmp"
-        save_file(flat, str(tmp))
-        os.replace(tmp, self.dir / file)
+        try:
+            save_file(flat, str(tmp))
+            os.replace(tmp, self.dir / file)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise CacheWriteError(f"cannot write {len(tensors)} tensors to the cache in {self.dir}: "
+                                  f"{err.strerror or err}") from err
+        entries = dict(self._entries)
         for h in tensors:
-            self._entries[h.name] = {"version": h.version, "form": h.form, "file": file}
-        self._write_manifest()
+            entries[h.name] = {"version": h.version, "form": h.form, "file": file}
+        self._write_manifest(entries)
 
     def load(self, needed: list[Holding]) -> dict[str, torch.Tensor]:
         """Decoded fp32 tensors for exactly `needed`; raises CacheMissError for anything else."""
@@ -109,22 +123,52 @@ class ClientCache:
         out = {}
         for file, holdings in by_file.items():
             wanted = {h.name: h for h in holdings}
-            parts: dict[str, dict[str, torch.Tensor]] = {}
-            with safe_open(str(self.dir / file), framework="pt") as f:
-                for key in f.keys():
-                    name, part = key.rsplit("/", 1)
-                    if name in wanted:
-                        parts.setdefault(name, {})[part] = f.get_tensor(key)
-            for name, h in wanted.items():
-                out[name] = compression.decode(parts[name], compression.TensorForm.parse(h.form))
+            try:
+                parts = _read_parts(self.dir / file, set(wanted))
+                for name, h in wanted.items():
+                    out[name] = compression.decode(parts[name], compression.TensorForm.parse(h.form))
+            except Exception as err:  # safetensors and the decoders raise many types on bad bytes
+                self._drop_file(file)
+                raise CacheCorruptError(f"cache file {self.dir / file} is unreadable ({type(err).__name__}: "
+                                        f"{err}); its tensors are dropped and will be sent again") from err
         return out
 
-    def _write_manifest(self) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=self.dir)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(self._entries, f)
-        os.replace(tmp, self.dir / MANIFEST)
+    def _drop_file(self, file: str) -> None:
+        """Forget every entry stored in `file`: deleted first, so even an unwritable manifest
+        no longer counts it (entries whose file is gone are not read back)."""
+        (self.dir / file).unlink(missing_ok=True)
+        entries = {n: e for n, e in self._entries.items() if e["file"] != file}
+        try:
+            self._write_manifest(entries)
+        except CacheWriteError:
+            pass
+
+    def _write_manifest(self, entries: dict[str, dict]) -> None:
+        """Make `entries` the cache's manifest atomically; on failure the old one stays."""
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=self.dir)
+        except OSError as err:
+            raise CacheWriteError(f"cannot write the cache manifest in {self.dir}: {err.strerror or err}") from err
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(entries, f)
+            os.replace(tmp, self.dir / MANIFEST)
+        except OSError as err:
+            Path(tmp).unlink(missing_ok=True)
+            raise CacheWriteError(f"cannot write the cache manifest in {self.dir}: {err.strerror or err}") from err
+        self._entries = entries
         used = {e["file"] for e in self._entries.values()}
         for path in self.dir.glob("t-*.safetensors"):
             if path.name not in used:
                 path.unlink(missing_ok=True)
+
+
+def _read_parts(path: Path, names: set[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The stored parts of `names` in one cache file, by tensor name."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            name, part = key.rsplit("/", 1)
+            if name in names:
+                parts.setdefault(name, {})[part] = f.get_tensor(key)
+    return parts

@@ -110,8 +110,17 @@ class AlgorithmConfig:
     pairing: str = "rotate"
     # Rounds wait until this many nodes are connected.
     min_nodes: int = 1
-    # Seconds to wait for a round's replies before the round counts as failed.
-    round_timeout: float = 3600.0
+    # Seconds a round waits for its replies (and the run for `min_nodes`). A node that dies is
+    # reported by Flower within 2 x its 30 s heartbeat and its block moves on then; this bounds
+    # only a node that stays connected but never answers. 900 s: about 100 x a measured SmolLM2
+    # round on a 2-core CPU (8.7 s), and room for a 7B's first visit (about 7 GB of frozen int8
+    # weights, under 10 minutes at 100 Mbit/s). Raise it for slower links or bigger models.
+    round_timeout: float = 900.0
+    # A reply larger than this many times its block's bytes (plus 64 KiB for its metrics) is
+    # rejected before any of it is decoded.
+    max_upload_ratio: float = 1.5
+    # Reject an upload whose L2 norm exceeds this many times the block's present norm (null: off).
+    max_norm_ratio: float | None = None
 
 
 @dataclass
@@ -214,6 +223,9 @@ def check(cfg: RunConfig) -> None:
         (cfg.algorithm.clients_per_round >= 1, "algorithm.clients_per_round", "must be >= 1"),
         (cfg.algorithm.min_nodes >= 1, "algorithm.min_nodes", "must be >= 1"),
         (cfg.algorithm.round_timeout > 0, "algorithm.round_timeout", "must be > 0"),
+        (cfg.algorithm.max_upload_ratio >= 1, "algorithm.max_upload_ratio", "must be >= 1"),
+        (cfg.algorithm.max_norm_ratio is None or cfg.algorithm.max_norm_ratio > 0, "algorithm.max_norm_ratio",
+         "must be > 0 (or null: off)"),
         (cfg.data.partitioner in PARTITIONERS, "data.partitioner", f"must be one of {PARTITIONERS}"),
         (0 < cfg.data.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)"),
         (cfg.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0"),

@@ -8,8 +8,10 @@ renders the chat with the tokenizer's own template; only the response tokens car
 
 from __future__ import annotations
 
+import csv
 import glob
 import importlib.util
+import json
 import math
 import random
 from collections.abc import Iterator
@@ -148,6 +150,10 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) 
 
     Examples whose response is truncated away entirely are dropped; none left is an error.
     """
+    overhead = len(_template_ids(tokenizer, _pair("", ""), add_generation_prompt=False))
+    if overhead >= max_seq_len:
+        raise DataError(f"train.max_seq_len={max_seq_len} is too short: the chat template alone (an empty "
+                        f"prompt and response) takes {overhead} tokens")
     examples = []
     for messages in ds["messages"]:
         prompt = _template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
@@ -234,6 +240,7 @@ def _load_source(source: str) -> Dataset:
             raise DataError(f"data file {source!r} does not exist or is not a file")
         if path.stat().st_size == 0:
             raise DataError(f"data file {source!r} is empty")
+        _check_lines(path)
         try:
             return load_dataset(_FILE_LOADERS[path.suffix.lower()], data_files=str(path), split="train")
         except Exception as err:  # datasets raises many parser-specific types
@@ -247,6 +254,37 @@ def _load_source(source: str) -> Dataset:
             f"data.path={source!r} is neither a local data file nor a dataset reachable "
             f"offline ({type(err).__name__}: {err})"
         ) from err
+
+
+def _check_lines(path: Path) -> None:
+    """Name the file and line of a malformed JSONL record or CSV row (the parsers name neither)."""
+    suffix = path.suffix.lower()
+    with open(path, encoding="utf-8", newline="") as f:
+        try:
+            if suffix == ".jsonl":
+                for number, line in enumerate(f, start=1):
+                    if line.strip():
+                        _check_json_line(path, number, line)
+            elif suffix == ".csv":
+                reader = csv.reader(f)
+                header = next(reader, [])
+                for row in reader:
+                    if row and len(row) != len(header):
+                        raise DataError(f"{path}:{reader.line_num}: {len(row)} fields, the header has "
+                                        f"{len(header)} ({header})")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        except csv.Error as err:
+            raise DataError(f"{path}: malformed CSV: {err}") from err
+
+
+def _check_json_line(path: Path, number: int, line: str) -> None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{number}: not one JSON object per line ({err.msg} at column {err.colno})") from err
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
 
 
 def _normalise(ds: Dataset, source: str) -> Dataset:

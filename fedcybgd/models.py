@@ -75,6 +75,11 @@ def resolve_model_dir(name: str, cache_dir: Path | None = None) -> Path:
             _materialize(name, target)
         return target
     path = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) and not path.exists():
+        raise ModelLoadError(
+            f"model.name={name!r}: no such directory. Expected a Hugging Face model directory "
+            f"(config.json, *.safetensors or *.bin weights, tokenizer files), one of the packaged "
+            f"models {list(PACKAGED_MODELS)}, or a hub id in the local Hugging Face cache.")
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"model.name={name!r} is a directory without config.json")

@@ -43,11 +43,16 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
         train=cfg.train, data=cfg.data, compression=cfg.compression,
         base_hashes={name: tensor_sha256(t) for name, t in initial_tensors.items()},
         allocation=cfg.algorithm.allocation, pairing=cfg.algorithm.pairing, min_nodes=cfg.algorithm.min_nodes,
-        round_timeout=cfg.algorithm.round_timeout, seed=cfg.seed,
+        round_timeout=cfg.algorithm.round_timeout, max_upload_ratio=cfg.algorithm.max_upload_ratio,
+        max_norm_ratio=cfg.algorithm.max_norm_ratio, seed=cfg.seed,
     )
     nodes = strategy.connected_nodes(grid)
-    for partition_id in range(len(nodes)):  # fail now, not in round k, if a partition is empty
-        data.load_partition(setup.train_data, partition_id, len(nodes), cfg.data)
+    for partition_id in range(len(nodes)):  # fail now, not in round k, if a partition is unusable
+        part = data.load_partition(setup.train_data, partition_id, len(nodes), cfg.data)
+        try:
+            data.tokenize(part, setup.tokenizer, cfg.train.max_seq_len)
+        except data.DataError as err:
+            raise data.DataError(f"partition {partition_id} of {len(nodes)}: {err}") from err
     log(INFO, "[fedcybgd] %s on %s: %d blocks, %d nodes, output %s", algorithm.name, cfg.model.name,
         len(layout.blocks), len(nodes), experiment.out_dir)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from logging import INFO
@@ -135,6 +136,7 @@ class Experiment:
             "client_peak_mem_bytes": sum(peaks) / len(peaks) if peaks else None,
             "max_client_peak_mem_bytes": max(peaks) if peaks else None,
             "rejected_replies": sum(len(r["rejected"]) for r in rows),
+            "rejected_by_reason": dict(Counter(x["kind"] for r in rows for x in r["rejected"])),
             **extra,
             "wall_seconds": time.perf_counter() - self.started,
             "config": asdict(self.cfg),

@@ -30,7 +30,7 @@ from fedcybgd.report import RoundStats
 from strategy import schedule
 from strategy.algorithms import Algorithm
 from strategy.packaging import Packager, VisitPlan
-from strategy.validation import reply_problem
+from strategy.validation import Rejection, UploadRules, error_rejection, reply_problem
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,9 @@ class _Visit:
     assignment: schedule.Assignment
     plan: VisitPlan
     entry: dict  # this visit's row in RoundStats.assignments
+    # The instruction sent; the Grid gives it its message id when it pushes it, and every reply,
+    # the node's or Flower's own error for it (from the SuperLink, node 1), names that id.
+    message: Message
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,9 @@ class CyclicBlockStrategy(Strategy):
         allocation: str = "ascending",
         pairing: str = "rotate",
         min_nodes: int = 1,
-        round_timeout: float = 3600.0,
+        round_timeout: float = 900.0,
+        max_upload_ratio: float = 1.5,
+        max_norm_ratio: float | None = None,
         seed: int = 0,
     ) -> None:
         self.blocks: list[Block] = list(layout.blocks)
@@ -80,6 +85,8 @@ class CyclicBlockStrategy(Strategy):
         self.pairing = pairing
         self.min_nodes = max(min_nodes, algorithm.clients_per_round)
         self.round_timeout = round_timeout
+        self.max_upload_ratio = max_upload_ratio
+        self.max_norm_ratio = max_norm_ratio
         self.seed = seed
         self.packager = Packager(layout, compression, seed)
         # A block's version: the round of its last accepted upload (0: not trained yet).
@@ -160,8 +167,9 @@ class CyclicBlockStrategy(Strategy):
             stats.bytes_down += entry["bytes_down"]
             stats.bytes_down_block += entry["bytes_down_block"]
             stats.bytes_down_frozen += entry["bytes_down_frozen"]
-            self._pending[a.node_id] = _Visit(a, plan, entry)
-            messages.append(Message(content, dst_node_id=a.node_id, message_type=MessageType.TRAIN))
+            message = Message(content, dst_node_id=a.node_id, message_type=MessageType.TRAIN)
+            self._pending[a.node_id] = _Visit(a, plan, entry, message)
+            messages.append(message)
         return messages
 
     def _assign(self, server_round: int, nodes: list[int]) -> list[schedule.Assignment]:
@@ -200,8 +208,12 @@ class CyclicBlockStrategy(Strategy):
                            message_type=MessageType.QUERY) for n in node_ids]
         stats.bytes_down += sum(record_bytes(q.content) for q in queries)
         answered = set()
-        for reply in grid.send_and_receive(queries, timeout=self.round_timeout):
-            node_id = reply.metadata.src_node_id
+        replies = list(grid.send_and_receive(queries, timeout=self.round_timeout))
+        asked = {q.metadata.message_id: q.metadata.dst_node_id for q in queries}
+        for reply in replies:
+            node_id = asked.get(reply.metadata.reply_to_message_id)
+            if node_id is None:
+                continue  # answers no query of ours
             if reply.has_error():
                 log(WARNING, "Node %d did not say what it holds (%s): sending it everything",
                     node_id, reply.error.reason)
@@ -237,18 +249,23 @@ class CyclicBlockStrategy(Strategy):
         assert self._global is not None, "configure_train must run first"
         stats = self.rounds[server_round]
         accepted: dict[int, list[_Upload]] = {}
+        # Match each reply to the visit whose message it answers, not to its source node: Flower's
+        # error for an unreachable node comes from the SuperLink (node 1), not from the node.
+        waiting = {v.message.metadata.message_id: v for v in self._pending.values()}
         for reply in replies:
-            node_id = reply.metadata.src_node_id
-            visit = self._pending.pop(node_id, None)
+            visit = waiting.pop(reply.metadata.reply_to_message_id, None)
             if visit is None:
-                self._reject(stats, node_id, "reply from a node with no assignment this round")
+                self._reject(stats, reply.metadata.src_node_id, Rejection(
+                    "unmatched-reply", "reply to no message of this round (late, duplicate or forged)"))
                 continue
-            if reply.has_content():
-                visit.entry["bytes_up"] = record_bytes(reply.content)
-                stats.bytes_up += visit.entry["bytes_up"]
+            node_id = visit.assignment.node_id
+            if reply.has_error():
+                self._reject(stats, node_id, error_rejection(reply))
+                continue
+            visit.entry["bytes_up"] = record_bytes(reply.content)
+            stats.bytes_up += visit.entry["bytes_up"]
             block = self.blocks[visit.assignment.block]
-            problem = reply_problem(reply, self._upload_template(block), block.index,
-                                    self.block_versions[block.index])
+            problem = reply_problem(reply, self._upload_rules(block))
             if problem:
                 self._reject(stats, node_id, problem)
                 continue
@@ -257,8 +274,9 @@ class CyclicBlockStrategy(Strategy):
             visit.entry["peak_mem_bytes"] = metrics.peak_mem_bytes
             accepted.setdefault(block.index, []).append(_Upload(
                 visit, reply.content.array_records[BLOCK], metrics, str(reply.content[CONFIG]["cache-digest"])))
-        for node_id in self._pending:
-            self._reject(stats, node_id, "no reply within the round timeout")
+        for visit in waiting.values():
+            self._reject(stats, visit.assignment.node_id, Rejection(
+                "timeout", f"no reply within the round timeout ({self.round_timeout:g} s)"))
         self._pending = {}
         assigned = {a["block"] for a in stats.assignments}
         self.retry.extend(sorted(assigned - set(accepted)))
@@ -279,6 +297,16 @@ class CyclicBlockStrategy(Strategy):
         if stats.train_loss is not None:
             metrics["train-loss"] = stats.train_loss
         return (self._global if uploads else None), metrics
+
+    def _upload_rules(self, block: Block) -> UploadRules:
+        """What this round accepts for `block`: see strategy/validation.py."""
+        assert self._global is not None
+        replaces = not self.algorithm.merge_adapters
+        return UploadRules(
+            expected=self._upload_template(block), block=block.index,
+            block_version=self.block_versions[block.index], owner=self._block_of,
+            max_upload_ratio=self.max_upload_ratio, max_norm_ratio=self.max_norm_ratio,
+            current={n: self._global[n] for n in block.names} if replaces else None)
 
     def _upload_template(self, block: Block) -> dict[str, Array]:
         """What a valid upload for `block` holds: names, shapes and dtypes (the values unused)."""
@@ -328,10 +356,10 @@ class CyclicBlockStrategy(Strategy):
                 node_id, reported, expected)
             self.packager.forget(node_id)
 
-    def _reject(self, stats: RoundStats, node_id: int, reason: str) -> None:
+    def _reject(self, stats: RoundStats, node_id: int, rejection: Rejection) -> None:
         """Log and record a failed visit (`aggregate_train` re-queues blocks nobody delivered)."""
-        log(WARNING, "Round %d: rejected reply from node %d: %s", stats.round, node_id, reason)
-        stats.rejected.append({"node_id": node_id, "reason": reason})
+        log(WARNING, "Round %d: rejected the visit of node %d: %s", stats.round, node_id, rejection)
+        stats.rejected.append({"node_id": node_id, "kind": rejection.kind, "reason": rejection.reason})
         self.packager.forget(node_id)  # its cache may not be what we think: ask next time
 
     def configure_evaluate(
