@@ -9,6 +9,7 @@ Node-local facts come from `node_config`: `partition-id`/`num-partitions` (simul
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
@@ -34,7 +35,7 @@ def train(msg: Message, context: Context) -> Message:
     instruction = TrainInstruction.from_record(msg.content.config_records[CONFIG])
     device = pick_device(str(context.node_config.get("device", "auto")))
     memory_before = memory.baseline_bytes(device)
-    cache = ClientCache(_cache_dir(context))
+    cache = ClientCache(_cache_dir(context, instruction.cache_id))
     cache.store(_received(msg.content, instruction))
     tensors = cache.load(list(instruction.manifest))  # CacheMissError: never train on stale weights
     adapters = {n: tensors.pop(n) for n in list(tensors) if lora.is_adapter(n)}
@@ -60,6 +61,7 @@ def train(msg: Message, context: Context) -> Message:
                                instruction.train.max_seq_len)
     batches = data.train_batches(examples, instruction.train.batch_size, tokenizer.pad_token_id,
                                  seed=instruction.seed)
+    torch.manual_seed(instruction.seed)  # dropout, if any, draws the same on a rerun of the round
     result = train_params(model, local_names, batches, instruction.train, device)
 
     uploaded = _upload(model, layer_map, instruction)
@@ -90,12 +92,14 @@ def _upload(model: nn.Module, layer_map: LayerMap, instruction: TrainInstruction
 
 @app.query()
 def holdings(msg: Message, context: Context) -> Message:
-    """Tell the server what this node's cache holds (seeding it from a local base model first)."""
-    cache = ClientCache(_cache_dir(context))
+    """Tell the server what this node's cache holds (seeding it from a local base model first),
+    and the node's stable key, by which the server orders nodes."""
+    base_hashes, cache_id = protocol.parse_holdings_query(msg.content)
+    cache = ClientCache(_cache_dir(context, cache_id))
     base = context.node_config.get("base-model")
     if base:
-        _seed_from_base(cache, str(base), protocol.parse_holdings_query(msg.content))
-    return Message(protocol.holdings_reply(cache.holdings()), reply_to=msg)
+        _seed_from_base(cache, str(base), base_hashes)
+    return Message(protocol.holdings_reply(cache.holdings(), _node_key(context)), reply_to=msg)
 
 
 def _received(content: RecordDict, instruction: TrainInstruction) -> dict[Holding, dict]:
@@ -118,10 +122,17 @@ def _seed_from_base(cache: ClientCache, base: str, base_hashes: dict[str, str]) 
     })
 
 
-def _cache_dir(context: Context) -> Path:
+def _node_key(context: Context) -> str:
+    return protocol.node_key(context.node_config, context.node_id)
+
+
+def _cache_dir(context: Context, cache_id: str) -> Path:
+    """The server's run (`cache_id`, the same after a resume), not Flower's run id, names it."""
+    run = f"run-{re.sub(r'[^A-Za-z0-9._-]', '_', cache_id)}"
     if "cache-dir" in context.node_config:
-        return Path(str(context.node_config["cache-dir"])).expanduser() / f"run-{context.run_id}"
-    return models.default_cache_dir() / "client-cache" / f"run-{context.run_id}" / f"node-{context.node_id}"
+        return Path(str(context.node_config["cache-dir"])).expanduser() / run
+    node = re.sub(r"[^A-Za-z0-9._-]", "_", _node_key(context))
+    return models.default_cache_dir() / "client-cache" / run / node
 
 
 # Simulation reuses one process for many visits: keep the tokenized data between them.
