@@ -154,3 +154,16 @@ def test_node_order_follows_partitions_not_flower_node_ids(tmp_path):
     assert [x["node_key"] for r in rows(a) for x in r["assignments"]] == \
         ["partition-0", "partition-1", "partition-2", "partition-0"]
     assert_bitwise_equal(final_tensors(a), final_tensors(b))
+
+
+def test_flowers_exit_handlers_write_the_last_completed_round(out_dir):
+    """On SIGTERM Flower runs its registered exit handlers (the ServerApp may be a thread, so it
+    cannot install its own signal handler); ours saves the last completed round."""
+    from flwr.supercore.exit.exit_handler import trigger_exit_handlers
+
+    with pytest.raises(Crash):
+        run(CrashingGrid(2, crash_round=3), cfg_for(out_dir, "rounds=4 checkpoint.every=100"))
+    assert not (out_dir / CHECKPOINT_FILE).exists()
+    trigger_exit_handlers(run_before_force_exit=True)  # what Flower's SIGTERM handler does first
+    saved = state.load(out_dir)
+    assert saved.completed_round == 2 and [r["round"] for r in saved.rows] == [1, 2]
