@@ -54,8 +54,29 @@ def test_same_config_and_seed_give_bitwise_the_same_model(uninterrupted, tmp_pat
 
 def _serverapp_processes() -> list[psutil.Process]:
     """The flwr-simulation process (it runs the ServerApp) under this test's SuperLink."""
-    return [p for p in psutil.Process(os.getpid()).children(recursive=True)
-            if any("flwr-simulation" in part for part in p.cmdline())]
+    found = []
+    for process in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if any("flwr-simulation" in part for part in process.cmdline()):
+                found.append(process)
+        except psutil.Error:
+            pass  # exited meanwhile
+    return found
+
+
+def _sigkill(process: psutil.Process) -> None:
+    """SIGKILL it; then its own children (Ray), which would otherwise outlive it, by PID."""
+    try:
+        children = process.children(recursive=True)
+        process.send_signal(signal.SIGKILL)
+    except psutil.Error:
+        return
+    time.sleep(5)
+    for child in children:
+        try:
+            child.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
 
 
 def test_serverapp_killed_with_sigkill_then_resumed_ends_bitwise_like_an_uninterrupted_run(uninterrupted, tmp_path):
@@ -69,7 +90,7 @@ def test_serverapp_killed_with_sigkill_then_resumed_ends_bitwise_like_an_uninter
     while thread.is_alive() and time.monotonic() < deadline:
         if (out / state.CHECKPOINT_FILE).exists() and state.load(out).completed_round >= 2:
             for process in _serverapp_processes():
-                os.kill(process.pid, signal.SIGKILL)
+                _sigkill(process)
                 killed.append(process.pid)
             break
         time.sleep(0.2)
