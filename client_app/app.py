@@ -9,6 +9,7 @@ Node-local facts come from `node_config`: `partition-id`/`num-partitions` (simul
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from functools import lru_cache
 from logging import WARNING
@@ -42,7 +43,7 @@ def train(msg: Message, context: Context) -> Message:
     instruction = TrainInstruction.from_record(msg.content.config_records[CONFIG])
     device = pick_device(_node_str(context.node_config, "device", "auto"))
     memory_before = memory.baseline_bytes(device)
-    cache = ClientCache(_cache_dir(context))
+    cache = ClientCache(_cache_dir(context, instruction.cache_id))
     # Each raises its own error, and the server rejects the visit by it: CacheWriteError (the
     # download cannot be stored: disk full), CacheMissError (cache lost or stale: never train on
     # stale weights), CacheCorruptError (a file unreadable: its entries are dropped). The server
@@ -73,6 +74,7 @@ def train(msg: Message, context: Context) -> Message:
                                instruction.train.max_seq_len)
     batches = data.train_batches(examples, instruction.train.batch_size, tokenizer.pad_token_id,
                                  seed=instruction.seed)
+    torch.manual_seed(instruction.seed)  # dropout, if any, draws the same on a rerun of the round
     result = train_params(model, local_names, batches, instruction.train, device, num_examples=len(examples))
 
     uploaded = _upload(model, layer_map, instruction)
@@ -107,12 +109,13 @@ def _upload(model: nn.Module, layer_map: LayerMap, instruction: TrainInstruction
 
 @app.query()
 def holdings(msg: Message, context: Context) -> Message:
-    """Tell the server what this node's cache holds (seeding it from a local base model first)."""
-    cache = ClientCache(_cache_dir(context))
+    """Tell the server what this node's cache holds (seeding it from a local base model first),
+    and the node's stable key, by which the server orders nodes."""
+    base_hashes, cache_id = protocol.parse_holdings_query(msg.content)
+    cache = ClientCache(_cache_dir(context, cache_id))
     if "base-model" in context.node_config:
-        _seed_from_base(cache, _node_str(context.node_config, "base-model"),
-                        protocol.parse_holdings_query(msg.content))
-    return Message(protocol.holdings_reply(cache.holdings()), reply_to=msg)
+        _seed_from_base(cache, _node_str(context.node_config, "base-model"), base_hashes)
+    return Message(protocol.holdings_reply(cache.holdings(), _node_key(context)), reply_to=msg)
 
 
 def _received(content: RecordDict, instruction: TrainInstruction) -> dict[Holding, dict]:
@@ -150,10 +153,17 @@ def _node_int(node_config: dict, key: str) -> int:
     return value
 
 
-def _cache_dir(context: Context) -> Path:
+def _node_key(context: Context) -> str:
+    return protocol.node_key(context.node_config, context.node_id)
+
+
+def _cache_dir(context: Context, cache_id: str) -> Path:
+    """The server's run (`cache_id`, the same after a resume), not Flower's run id, names it."""
+    run = f"run-{re.sub(r'[^A-Za-z0-9._-]', '_', cache_id)}"
     if "cache-dir" in context.node_config:
-        return Path(_node_str(context.node_config, "cache-dir")).expanduser() / f"run-{context.run_id}"
-    return models.default_cache_dir() / "client-cache" / f"run-{context.run_id}" / f"node-{context.node_id}"
+        return Path(_node_str(context.node_config, "cache-dir")).expanduser() / run
+    node = re.sub(r"[^A-Za-z0-9._-]", "_", _node_key(context))
+    return models.default_cache_dir() / "client-cache" / run / node
 
 
 # Simulation reuses one process for many visits: keep the tokenized data between them.

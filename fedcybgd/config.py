@@ -178,6 +178,13 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # Write the run's state (model, schedule, node order, metrics, RNG) to
+    # <output_dir>/checkpoint.pt every N rounds, at the end, and on SIGTERM.
+    every: int = 5
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -186,10 +193,13 @@ class RunConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     rounds: int = 30
     seed: int = 0
     # Where metrics, plots and the final model go (null: outputs/<algorithm>-<time> in the cwd).
     output_dir: str | None = None
+    # Continue the run in output_dir from its last checkpoint (same model, data and algorithm).
+    resume: bool = False
 
 
 def _register_schema() -> None:
@@ -258,6 +268,10 @@ def check(cfg: RunConfig) -> None:
         (cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1"),
         (cfg.eval.task_examples >= 0, "eval.task_examples", "must be >= 0"),
         (cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1"),
+        (cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1"),
+        (not cfg.resume or cfg.output_dir is not None, "resume", "needs output_dir: the run to continue"),
+        (not cfg.resume or cfg.algorithm.name in FEDERATED_ALGORITHMS, "resume",
+         "works for the federated algorithms only"),
     ]
     bad = [f"{key}={_value(cfg, key)!r} {why}" for ok, key, why in rules if not ok]
     if bad:

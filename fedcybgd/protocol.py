@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -57,6 +59,8 @@ class TrainInstruction:
     # The server writes the upload back as is (fedcybgd): the client may keep it as the block's
     # next version. Not when the server averages or merges it.
     keep_upload: bool = True
+    # Names the node's cache for this run; it outlives a Flower run, so a resumed run finds it.
+    cache_id: str = ""
 
     def upload_names(self) -> tuple[str, ...]:
         """The tensors the reply must carry."""
@@ -81,6 +85,7 @@ class TrainInstruction:
             "lora": json.dumps(asdict(self.lora) if self.lora else None),
             "lora-modules": json.dumps(list(self.lora_modules)),
             "keep-upload": self.keep_upload,
+            "cache-id": self.cache_id,
         })
 
     @classmethod
@@ -101,6 +106,7 @@ class TrainInstruction:
             lora=LoraConfig(**spec) if (spec := json.loads(str(record["lora"]))) else None,
             lora_modules=tuple(json.loads(str(record["lora-modules"]))),
             keep_upload=bool(record["keep-upload"]),
+            cache_id=str(record["cache-id"]),
         )
 
 
@@ -148,22 +154,49 @@ def decode_parts(record: ArrayRecord, manifest: tuple[Holding, ...]) -> dict[Hol
     return out
 
 
-# Holdings query: the server asks, the node answers with what its cache holds.
-def holdings_query(base_hashes: dict[str, str]) -> RecordDict:
-    """`base_hashes`: sha256 of each version-0 tensor, so a node with the base model can match."""
-    return RecordDict({CONFIG: ConfigRecord({"base-hashes": json.dumps(base_hashes, sort_keys=True)})})
+# Holdings query: the server asks, the node answers with what its cache holds and its stable key.
+def holdings_query(base_hashes: dict[str, str], cache_id: str) -> RecordDict:
+    """`base_hashes`: sha256 of each version-0 tensor, so a node with the base model can match;
+    `cache_id`: which of the node's caches to report (the run's, as in `TrainInstruction`)."""
+    return RecordDict({CONFIG: ConfigRecord({"base-hashes": json.dumps(base_hashes, sort_keys=True),
+                                             "cache-id": cache_id})})
 
 
-def parse_holdings_query(content: RecordDict) -> dict[str, str]:
-    return json.loads(str(content.config_records[CONFIG]["base-hashes"]))
+def parse_holdings_query(content: RecordDict) -> tuple[dict[str, str], str]:
+    """(base hashes, cache id)."""
+    record = content.config_records[CONFIG]
+    return json.loads(str(record["base-hashes"])), str(record["cache-id"])
 
 
-def holdings_reply(holdings: list[Holding]) -> RecordDict:
-    return RecordDict({CONFIG: ConfigRecord({"holdings": encode_holdings(holdings)})})
+def holdings_reply(holdings: list[Holding], node_key: str) -> RecordDict:
+    return RecordDict({CONFIG: ConfigRecord({"holdings": encode_holdings(holdings), "node-key": node_key})})
 
 
-def parse_holdings_reply(content: RecordDict) -> list[Holding]:
-    return decode_holdings(str(content.config_records[CONFIG]["holdings"]))
+def parse_holdings_reply(content: RecordDict) -> tuple[list[Holding], str]:
+    """(what the node holds, its stable key)."""
+    record = content.config_records[CONFIG]
+    return decode_holdings(str(record["holdings"])), str(record["node-key"])
+
+
+FALLBACK_KEY_PREFIX = "node-id-"
+
+
+def node_key(node_config: Mapping[str, object], node_id: int) -> str:
+    """A name for the node that does not change when Flower assigns new node ids.
+
+    The declared `node-name` (deployment), else the partition (simulation), else the Flower node
+    id (`node-id-...`: stable only as long as the node keeps its id; the server warns).
+    """
+    if "node-name" in node_config:
+        return f"name-{node_config['node-name']}"
+    if "partition-id" in node_config:
+        return f"partition-{int(node_config['partition-id'])}"  # type: ignore[call-overload]
+    return f"{FALLBACK_KEY_PREFIX}{node_id}"
+
+
+def node_order_key(key: str) -> list[object]:
+    """Sort keys naturally: partition-2 before partition-10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:

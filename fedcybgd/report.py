@@ -6,6 +6,7 @@ metrics.jsonl is appended and flushed line by line so a running job can be follo
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -37,21 +38,40 @@ class RoundStats:
         return asdict(self)
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Replace `path` with `content` so that a crash leaves the old file or the new, never half.
+
+    Temp file in the same directory, fsync, rename, fsync the directory: after return the new
+    file survives a power cut too. A temp file a crash left behind (`.<name>.*`) is never read.
+    """
+    data = content.encode("utf-8") if isinstance(content, str) else content
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class RunReport:
     """Collects one row per round and writes the run's report files into `out_dir`."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, rows: list[dict] | None = None) -> None:
+        """`rows`: the rounds a resumed run already has; metrics.jsonl is rewritten to exactly
+        those, dropping any round logged after the checkpoint (it runs again)."""
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.rows: list[dict] = []
-        (out_dir / METRICS_FILE).write_text("", encoding="utf-8")
+        self.rows: list[dict] = list(rows or [])
+        write_atomic(out_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def add_round(self, row: dict) -> None:
         self.rows.append(row)
@@ -105,9 +125,9 @@ class RunReport:
 
     def _save(self, fig: object, name: str) -> Path:
         path = self.out_dir / name
-        tmp = path.with_name(f".{name}.tmp.png")
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")  # type: ignore[attr-defined]
-        os.replace(tmp, path)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100, bbox_inches="tight")  # type: ignore[attr-defined]
+        write_atomic(path, png.getvalue())
         return path
 
 

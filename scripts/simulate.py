@@ -18,6 +18,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -81,8 +82,13 @@ def run_status(run_id: int, env: dict[str, str], connection: str | None = None) 
 
 
 def simulate(overrides: str, num_supernodes: int, *, cpus_per_client: int = 2,
-             flwr_home: Path | None = None, timeout: float = 3600.0, stream: bool = True) -> dict:
-    """Run one simulation to the end; returns the run's final entry from `flwr list`."""
+             flwr_home: Path | None = None, timeout: float = 3600.0, stream: bool = True,
+             abort: threading.Event | None = None) -> dict:
+    """Run one simulation to the end; returns the run's final entry from `flwr list`.
+
+    `abort` (set by another thread, e.g. after killing the ServerApp) stops waiting at once and
+    returns the run's entry as it is; the SuperLink is stopped as always.
+    """
     cfg = compose(overrides=overrides)  # a bad config fails here, before any process starts
     needed = max(cfg.algorithm.min_nodes, cfg.algorithm.clients_per_round)
     if needed > num_supernodes:
@@ -115,6 +121,8 @@ def simulate(overrides: str, num_supernodes: int, *, cpus_per_client: int = 2,
             _flwr(["log", str(run_id), "--stream"], env, timeout=timeout)
         deadline = time.monotonic() + timeout
         while not (status := run_status(run_id, env)).get("status", "").startswith("finished"):
+            if abort is not None and abort.is_set():
+                return status
             if time.monotonic() > deadline:
                 raise TimeoutError(f"run {run_id} not finished after {timeout:.0f} s")
             time.sleep(2)

@@ -3,7 +3,9 @@
 The algorithm (FedCyBGD or a baseline) is `algorithm.name`; the centralized references run
 without Flower (server_app/centralized.py).
 
-Every input problem (config, model, data, partitions) surfaces here before round 1.
+Every input problem (config, model, data, partitions, a checkpoint to resume) surfaces here
+before round 1. The run's state is checkpointed every `checkpoint.every` rounds, at the end, and
+on SIGTERM; `resume=true` continues from the output directory's checkpoint.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.exit import add_exit_handler
 
 from fedcybgd import codec, data, models
 from fedcybgd.config import RunConfig, compose
 from fedcybgd.protocol import tensor_sha256
-from server_app.experiment import Experiment, prepare
-from strategy import CyclicBlockStrategy, algorithms
+from server_app.experiment import Experiment, output_dir, prepare
+from strategy import CyclicBlockStrategy, algorithms, state
 
 app = ServerApp()
 
@@ -35,30 +38,45 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
     """Run the configured federated algorithm on `grid`; returns the output directory."""
     setup = prepare(cfg)
     algorithm, layout, extra_tensors = algorithms.build(cfg, setup.model, setup.layout)
-    experiment = Experiment.start(cfg, setup)
-
     initial_tensors = {**models.named_tensors(setup.model), **extra_tensors}
+    base_hashes = {name: tensor_sha256(t) for name, t in initial_tensors.items()}
+    identity = state.run_identity(cfg, base_hashes, len(setup.train_data))
+    out_dir = output_dir(cfg)
+    saved = state.load(out_dir) if cfg.resume else None
+    if saved is not None:
+        state.check_resumable(saved, identity, cfg.rounds, out_dir / state.CHECKPOINT_FILE)
+    experiment = Experiment.start(cfg, setup, out_dir, saved.rows if saved else None,
+                                  saved.evals if saved else None)
+
     strategy = CyclicBlockStrategy(
         layout, algorithm=algorithm, model_name=cfg.model.name, model_spec=models.model_spec(setup.model),
-        train=cfg.train, data=cfg.data, compression=cfg.compression,
-        base_hashes={name: tensor_sha256(t) for name, t in initial_tensors.items()},
+        train=cfg.train, data=cfg.data, compression=cfg.compression, base_hashes=base_hashes,
         allocation=cfg.algorithm.allocation, pairing=cfg.algorithm.pairing, min_nodes=cfg.algorithm.min_nodes,
         round_timeout=cfg.algorithm.round_timeout, max_upload_ratio=cfg.algorithm.max_upload_ratio,
         max_norm_ratio=cfg.algorithm.max_norm_ratio, seed=cfg.seed,
     )
-    nodes = strategy.connected_nodes(grid)
+    # The global model: the strategy updates this record in place, block by block.
+    if saved is not None:
+        global_arrays = strategy.restore(saved)
+        state.restore_rng(saved.rng)
+    else:
+        global_arrays = codec.encode_tensors(initial_tensors)
+    nodes = strategy.connected_nodes(grid)  # asks every node what it holds and who it is
     for partition_id in range(len(nodes)):  # fail now, not in round k, if a partition is unusable
         part = data.load_partition(setup.train_data, partition_id, len(nodes), cfg.data)
         try:
             data.tokenize(part, setup.tokenizer, cfg.train.max_seq_len)
         except data.DataError as err:
             raise data.DataError(f"partition {partition_id} of {len(nodes)}: {err}") from err
-    log(INFO, "[fedcybgd] %s on %s: %d blocks, %d nodes, output %s", algorithm.name, cfg.model.name,
-        len(layout.blocks), len(nodes), experiment.out_dir)
-
-    # The global model: the strategy updates this record in place, block by block.
-    global_arrays = codec.encode_tensors(initial_tensors)
+    log(INFO, "[fedcybgd] %s on %s: %d blocks, %d nodes, output %s%s", algorithm.name, cfg.model.name,
+        len(layout.blocks), len(nodes), experiment.out_dir,
+        f", resumed after round {saved.completed_round}" if saved else "")
     full_model_bytes = sum(len(global_arrays[n].data) for n in models.named_tensors(setup.model))
+
+    checkpoints = state.Checkpoints(out_dir / state.CHECKPOINT_FILE, cfg.checkpoint.every, cfg.rounds)
+    # Flower's SIGTERM handler (the ServerApp may run in a thread, where signal.signal is not
+    # possible) calls its registered exit handlers before exiting: the last round is saved.
+    add_exit_handler(checkpoints.write, run_before_force_exit=True)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         due = experiment.eval_due(server_round)
@@ -66,6 +84,8 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
             experiment.evaluate(server_round, codec.decode_record(arrays))
         if server_round > 0:
             experiment.add_round(strategy.rounds[server_round].as_dict())
+            checkpoints.after_round(strategy.state(identity=identity, rows=experiment.report.rows,
+                                                   evals=experiment.evals, rng=state.capture_rng()))
         return MetricRecord({"eval-loss": experiment.evals[server_round]}) if due else None
 
     strategy.start(grid, global_arrays, num_rounds=cfg.rounds,

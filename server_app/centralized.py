@@ -24,7 +24,7 @@ from fedcybgd import data, memory, models
 from fedcybgd.config import CENTRALIZED_ALGORITHMS, RunConfig
 from fedcybgd.report import RoundStats
 from fedcybgd.train import pick_device, train_params
-from server_app.experiment import Experiment, prepare
+from server_app.experiment import Experiment, output_dir, prepare
 from strategy import schedule
 
 
@@ -34,7 +34,7 @@ def run_centralized(cfg: RunConfig) -> Path:
         raise ValueError(f"algorithm.name={cfg.algorithm.name!r} is not a centralized algorithm")
     memory_before = memory.baseline_bytes(pick_device())  # the peak counts the model and data too
     setup = prepare(cfg)
-    experiment = Experiment.start(cfg, setup)
+    experiment = Experiment.start(cfg, setup, output_dir(cfg))
     model = setup.model
     examples = data.tokenize(setup.train_data, setup.tokenizer, cfg.train.max_seq_len)
     batches = data.train_batches(examples, cfg.train.batch_size, setup.tokenizer.pad_token_id, seed=cfg.seed)

@@ -61,6 +61,12 @@ def prepare(cfg: RunConfig) -> ServerSetup:
                        lora.transposed_modules(model))
 
 
+def output_dir(cfg: RunConfig) -> Path:
+    """`output_dir`, or a fresh outputs/<algorithm>-<time> in the working directory."""
+    return Path(cfg.output_dir or Path.cwd() / "outputs" /
+                f"{cfg.algorithm.name}-{datetime.now():%Y%m%d-%H%M%S}").expanduser().resolve()
+
+
 @dataclass
 class Experiment:
     """One run's outputs: its report, held-out losses and task scores by round, and the clock."""
@@ -75,12 +81,12 @@ class Experiment:
     device: torch.device = field(default_factory=pick_device)
 
     @classmethod
-    def start(cls, cfg: RunConfig, setup: ServerSetup) -> Experiment:
-        out_dir = Path(cfg.output_dir or Path.cwd() / "outputs" /
-                       f"{cfg.algorithm.name}-{datetime.now():%Y%m%d-%H%M%S}").expanduser().resolve()
-        report = RunReport(out_dir)
+    def start(cls, cfg: RunConfig, setup: ServerSetup, out_dir: Path, rows: list[dict] | None = None,
+              evals: dict[int, float] | None = None) -> Experiment:
+        """`rows`, `evals`: what a resumed run had at its checkpoint; metrics.jsonl goes on from there."""
+        report = RunReport(out_dir, rows)
         write_atomic(out_dir / "config.yaml", to_yaml(cfg))
-        return cls(cfg, setup, out_dir, report)
+        return cls(cfg, setup, out_dir, report, dict(evals or {}))
 
     def eval_due(self, server_round: int) -> bool:
         return server_round in (0, self.cfg.rounds) or server_round % self.cfg.eval.every == 0

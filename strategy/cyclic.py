@@ -5,14 +5,15 @@ clients a round takes, whether they share one block (averaged) or take distinct 
 back), and whether they train the weights or LoRA adapters.
 
 The strategy holds the run's global state: the global `ArrayRecord` (updated in place, block by
-block), each block's version, the stable node order, what every node holds (in its `Packager`),
-and the statistics of each round.
+block), each block's version, the node order by stable key (strategy/state.py checkpoints it),
+what every node holds (in its `Packager`), and the statistics of each round.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
@@ -20,7 +21,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from fedcybgd import codec, lora, protocol
 from fedcybgd.blocks import Block, ModelLayout
@@ -30,6 +31,7 @@ from fedcybgd.report import RoundStats
 from strategy import schedule
 from strategy.algorithms import Algorithm
 from strategy.packaging import Packager, VisitPlan
+from strategy.state import RunState
 from strategy.validation import Rejection, UploadRules, error_rejection, reply_problem
 
 
@@ -91,8 +93,13 @@ class CyclicBlockStrategy(Strategy):
         self.packager = Packager(layout, compression, seed)
         # A block's version: the round of its last accepted upload (0: not trained yet).
         self.block_versions = [0] * len(self.blocks)
-        self.node_order: list[int] = []
-        self.visits: dict[int, int] = {}
+        # Nodes are ordered by a key they report (partition, declared node-name), never by
+        # Flower's random node ids, so a seed reproduces a run and a resumed run maps its nodes.
+        self.node_order: list[str] = []
+        self.node_keys: dict[int, str] = {}  # Flower node id -> stable key, this session
+        self.visits: dict[str, int] = {}  # by node key
+        self.cache_id = secrets.token_hex(8)  # names the nodes' caches; kept across a resume
+        self.completed_round = 0
         self.position = 0  # blocks taken from the allocation order so far
         # Blocks to assign before the allocation order: those whose visits all failed, and those
         # deferred because a round had already drawn them.
@@ -102,6 +109,7 @@ class CyclicBlockStrategy(Strategy):
         self._global: ArrayRecord | None = None
         self._pending: dict[int, _Visit] = {}
         self._round_start = 0.0
+        self._round_offset = 0  # rounds done before this session's `start` (a resumed run)
 
     def summary(self) -> None:
         log(INFO, "\t├── %s: %d blocks, %d client(s) per round, allocation %s, pairing %s, min nodes %d",
@@ -113,7 +121,7 @@ class CyclicBlockStrategy(Strategy):
             self.train.lr, self.train.lr_schedule, self.train.batch_size)
 
     def connected_nodes(self, grid: Grid) -> list[int]:
-        """Connected nodes in a stable order: first come first, ties broken by id.
+        """Connected nodes in a stable order: first come first, ties by key (not by node id).
 
         Waits (up to the round timeout) until `min_nodes` are connected, then fails naming the
         shortfall, instead of waiting forever for nodes that will never come (a simulation with
@@ -129,11 +137,19 @@ class CyclicBlockStrategy(Strategy):
                 log(INFO, "Waiting for nodes: %d connected, %d needed", len(connected), self.min_nodes)
                 reported = len(connected)
             time.sleep(1)
+        self._sync_holdings(grid, [n for n in connected if n not in self.node_keys], None)
+        new_keys = {self.node_keys[n] for n in connected if n in self.node_keys} - set(self.node_order)
+        self.node_order.extend(sorted(new_keys, key=protocol.node_order_key))
+        node_of_key = {}
         for node_id in sorted(connected):
-            if node_id not in self.node_order:
-                self.node_order.append(node_id)
-        online = set(connected)
-        return [n for n in self.node_order if n in online]
+            key = self.node_keys.get(node_id)
+            if key is None:
+                continue  # did not say who it is: asked again next round
+            if key in node_of_key:
+                log(WARNING, "Nodes %d and %d both report key %r: using %d; give each node its own "
+                    "node-name", node_of_key[key], node_id, key, node_id)
+            node_of_key[key] = node_id
+        return [node_of_key[k] for k in self.node_order if k in node_of_key]
 
     def tensor_versions(self) -> dict[str, int]:
         """Current version of every tensor: its block's version; 0 for what never trains."""
@@ -145,6 +161,7 @@ class CyclicBlockStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self._round_offset
         self._round_start = time.perf_counter()
         self._global = arrays
         stats = self.rounds[server_round] = RoundStats(round=server_round)
@@ -155,10 +172,11 @@ class CyclicBlockStrategy(Strategy):
         messages = []
         for a in assignments:
             block = self.blocks[a.block]
-            plan = self.packager.plan(a.node_id, block, versions, server_round)
+            key = self.node_keys[a.node_id]
+            plan = self.packager.plan(a.node_id, block, versions, server_round, node_key=key)
             content = self.packager.content(arrays, plan, self._instruction(server_round, block, plan))
-            self.visits[a.node_id] = self.visits.get(a.node_id, 0) + 1
-            entry = {"node_id": a.node_id, "block": a.block, "visit": self.visits[a.node_id],
+            self.visits[key] = self.visits.get(key, 0) + 1
+            entry = {"node_id": a.node_id, "node_key": key, "block": a.block, "visit": self.visits[key],
                      "bytes_down": record_bytes(content),
                      "bytes_down_block": content[BLOCK].count_bytes(),
                      "bytes_down_frozen": content[FROZEN].count_bytes(),
@@ -200,13 +218,18 @@ class CyclicBlockStrategy(Strategy):
         self.retry[:0] = later
         return chosen
 
-    def _sync_holdings(self, grid: Grid, node_ids: list[int], stats: RoundStats) -> None:
-        """Ask nodes whose cache state is unknown what they hold (first contact, after a failure)."""
+    def _sync_holdings(self, grid: Grid, node_ids: list[int], stats: RoundStats | None) -> None:
+        """Ask nodes what they hold and who they are (first contact, after a failure, on resume).
+
+        A holding newer than the last completed round is an upload the server never accepted
+        (kept by the node in a round a crash cut short and a resume runs again): not counted.
+        """
         if not node_ids:
             return
-        queries = [Message(protocol.holdings_query(self.base_hashes), dst_node_id=n,
+        queries = [Message(protocol.holdings_query(self.base_hashes, self.cache_id), dst_node_id=n,
                            message_type=MessageType.QUERY) for n in node_ids]
-        stats.bytes_down += sum(record_bytes(q.content) for q in queries)
+        if stats is not None:
+            stats.bytes_down += sum(record_bytes(q.content) for q in queries)
         answered = set()
         replies = list(grid.send_and_receive(queries, timeout=self.round_timeout))
         asked = {q.metadata.message_id: q.metadata.dst_node_id for q in queries}
@@ -218,8 +241,14 @@ class CyclicBlockStrategy(Strategy):
                 log(WARNING, "Node %d did not say what it holds (%s): sending it everything",
                     node_id, reply.error.reason)
                 continue
-            stats.bytes_up += record_bytes(reply.content)
-            self.packager.set_holdings(node_id, protocol.parse_holdings_reply(reply.content))
+            if stats is not None:
+                stats.bytes_up += record_bytes(reply.content)
+            holdings, key = protocol.parse_holdings_reply(reply.content)
+            if key.startswith(protocol.FALLBACK_KEY_PREFIX) and node_id not in self.node_keys:
+                log(WARNING, "Node %d declares no node-name (node config): ordered by its node id, "
+                    "so a restart or resume may pair it with other blocks", node_id)
+            self.node_keys[node_id] = key
+            self.packager.set_holdings(node_id, [h for h in holdings if h.version <= self.completed_round])
             answered.add(node_id)
         for node_id in set(node_ids) - answered:
             self.packager.set_holdings(node_id, [])
@@ -241,12 +270,14 @@ class CyclicBlockStrategy(Strategy):
             lora=self.algorithm.lora,
             lora_modules=self.algorithm.lora_modules.get(block.index, ()),
             keep_upload=self.algorithm.keeps_upload,
+            cache_id=self.cache_id,
         )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self._global is not None, "configure_train must run first"
+        server_round += self._round_offset
         stats = self.rounds[server_round]
         accepted: dict[int, list[_Upload]] = {}
         # Match each reply to the visit whose message it answers, not to its source node: Flower's
@@ -296,6 +327,7 @@ class CyclicBlockStrategy(Strategy):
                                 "accepted": len(uploads), "rejected": len(stats.rejected)})
         if stats.train_loss is not None:
             metrics["train-loss"] = stats.train_loss
+        self.completed_round = server_round
         return (self._global if uploads else None), metrics
 
     def _upload_rules(self, block: Block) -> UploadRules:
@@ -361,6 +393,52 @@ class CyclicBlockStrategy(Strategy):
         log(WARNING, "Round %d: rejected the visit of node %d: %s", stats.round, node_id, rejection)
         stats.rejected.append({"node_id": node_id, "kind": rejection.kind, "reason": rejection.reason})
         self.packager.forget(node_id)  # its cache may not be what we think: ask next time
+
+    # -- run state: resume and checkpoint --------------------------------------------------
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
+        """Flower's round loop over the rounds not yet completed (all of them, unless `restore`d).
+
+        Flower counts this session's rounds from 1; the strategy and `evaluate_fn` see the
+        run's true round numbers. A resumed run does not evaluate round 0 again.
+        """
+        offset = self._round_offset = self.completed_round
+        self._global = initial_arrays
+
+        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0 and offset:
+                return None
+            assert evaluate_fn is not None
+            return evaluate_fn(server_round + offset, arrays)
+
+        return super().start(grid, initial_arrays, num_rounds - offset, timeout, train_config,
+                             evaluate_config, evaluate if evaluate_fn else None)
+
+    def state(self, *, identity: dict[str, object], rows: list[dict], evals: dict[int, float],
+              rng: dict[str, object]) -> RunState:
+        """A snapshot after the last completed round. The arrays are copied by reference: a merge
+        replaces a record's `Array`s, never changes one, so later rounds leave the snapshot as is."""
+        assert self._global is not None, "start must run first"
+        return RunState(
+            identity=identity, cache_id=self.cache_id, completed_round=self.completed_round,
+            arrays=dict(self._global.items()), block_versions=list(self.block_versions),
+            position=self.position, retry=list(self.retry), node_order=list(self.node_order),
+            visits=dict(self.visits), rows=list(rows), evals=dict(evals), rng=rng,
+        )
+
+    def restore(self, state: RunState) -> ArrayRecord:
+        """Continue from `state`; returns the global model to `start` from."""
+        if len(state.block_versions) != len(self.blocks):
+            raise ValueError(f"the checkpoint has {len(state.block_versions)} blocks, the model {len(self.blocks)}")
+        self.cache_id = state.cache_id
+        self.completed_round = state.completed_round
+        self.block_versions = list(state.block_versions)
+        self.position = state.position
+        self.retry = list(state.retry)
+        self.node_order = list(state.node_order)
+        self.visits = dict(state.visits)
+        return ArrayRecord(dict(state.arrays))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -70,8 +70,8 @@ def test_a_node_that_lost_its_cache_is_resynced_and_the_run_goes_on(out_dir):
     def lose_cache(reply):
         if reply.metadata.src_node_id == 101 and not hasattr(lose_cache, "done"):
             lose_cache.done = True
-            ctx = grid.context(101)
-            shutil.rmtree(models.default_cache_dir() / "client-cache" / f"run-{ctx.run_id}" / "node-101")
+            caches = (models.default_cache_dir() / "client-cache").glob("run-*/partition-0")
+            shutil.rmtree(max(caches, key=lambda p: p.stat().st_mtime))  # this run's node 101
         return reply
 
     grid = FakeGrid(3, tamper=lose_cache)
