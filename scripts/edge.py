@@ -159,8 +159,13 @@ class EdgeDeployment:
         self.dep = LoopbackDeployment(self.workdir, host=self.net.ip(SUPERLINK), tls=tls or node_auth,
                                       node_auth=node_auth)
         self.nodes: dict[str, SuperNodeProcess] = {}
+        self._previous_sigterm: object = None
 
     def __enter__(self) -> EdgeDeployment:
+        # SIGTERM (`timeout`, a CI runner) would end the process without unwinding: make it an
+        # exception, so processes and namespaces are removed (only the main thread may do this).
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
         self.net.__enter__()
         try:
             with self.net.inside(SUPERLINK):
@@ -176,6 +181,9 @@ class EdgeDeployment:
             self.dep.stop()
         finally:
             self.net.delete()
+            if self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+                self._previous_sigterm = None
 
     def _start_supernodes(self) -> None:
         names = [name for name, _ in self.config.supernodes]
@@ -493,7 +501,6 @@ def main() -> int:
     config = load_edge_config(args.config)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
     summaries = []
     with EdgeDeployment(config, Path(tempfile.mkdtemp(prefix="work-", dir=out)), tls=args.tls,
                         node_auth=args.node_auth) as edge:
