@@ -106,3 +106,19 @@ memory-estimate: setup
 # The estimate checked against SmolLM2-135M measured on this machine (within 25 %).
 memory-check: setup
 	$(PY) -m scripts.memory_estimate --config smollm2-135m-instruct --check
+
+# --- Edge machines (README "Edge machines"): root and `ip netns` needed, else it says so and skips ---
+.PHONY: edge test-edge
+EDGE_OUT    ?= $(CURDIR)/outputs/edge
+EDGE_CONFIG ?= conf/edge/default.yaml
+EDGE_RUNS   ?= fedcybgd
+EDGE_PRESET ?= smollm2
+# SuperLink and each SuperNode on a host of its own (network namespaces, a private bridge, tbf
+# rate limits from $(EDGE_CONFIG)); one cycle per run; EDGE_RUNS="fedcybgd fedcybgd-none
+# fedavg-full fedlora" compares them. Table, edge.json, loss_vs_wall.png in outputs/edge/.
+edge: setup
+	$(PY) -m scripts.edge --config $(EDGE_CONFIG) --preset $(EDGE_PRESET) --runs $(EDGE_RUNS) --out $(EDGE_OUT)
+
+# The network checks (seconds) and the tiny run with a cut link (a few minutes).
+test-edge: setup
+	$(PY) -m pytest tests/test_edge.py

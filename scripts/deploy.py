@@ -33,7 +33,7 @@ from typing import IO
 
 import yaml
 
-from scripts.certs import NodeKeys, ServerCredentials, generate_node_keys, generate_server_credentials
+from scripts.certs import DEFAULT_HOSTS, NodeKeys, ServerCredentials, generate_node_keys, generate_server_credentials
 from scripts.simulate import _flwr, _wait_healthy, flower_env, free_port, run_status
 
 DEFAULT_CONNECTION = "loopback"
@@ -133,9 +133,12 @@ class LoopbackDeployment:
     """A SuperLink and SuperNodes as separate processes on 127.0.0.1; use it as a context manager.
 
     `workdir` receives the FLWR_HOME, the certificates (with `tls`) and one log per process.
+    `host` is the SuperLink's address for the nodes and the CLI; other than loopback, the
+    SuperLink listens on all its addresses and its certificate names `host` too (scripts/edge.py).
     """
 
     workdir: Path
+    host: str = "127.0.0.1"
     tls: bool = False
     node_auth: bool = False
     connection: str = DEFAULT_CONNECTION
@@ -170,7 +173,7 @@ class LoopbackDeployment:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def superlink_log(self) -> Path:
@@ -180,10 +183,11 @@ class LoopbackDeployment:
         """Start the SuperLink, wait until it answers, and point the `flwr` CLI at it."""
         self.logs.mkdir(parents=True, exist_ok=True)
         if self.tls:
-            self.credentials = generate_server_credentials(self.certs)
+            self.credentials = generate_server_credentials(self.certs, tuple(dict.fromkeys((*DEFAULT_HOSTS, self.host))))
         self.port = free_port()
         self._write_connection()
-        flags = superlink_flags(host="127.0.0.1", port=self.port, isolation="subprocess",
+        bind = "127.0.0.1" if self.host == "127.0.0.1" else "0.0.0.0"
+        flags = superlink_flags(host=bind, port=self.port, isolation="subprocess",
                                 tls=self.credentials, node_auth=self.node_auth, database=self.database)
         self._superlink = self._spawn(["flower-superlink", *flags], self.superlink_log)
         _wait_healthy(self.port, self._superlink, timeout=90,

@@ -1,0 +1,174 @@
+"""Edge machines: hosts in network namespaces, rate-limited links, bytes on the wire, cut links.
+
+Needs root and `ip netns` (scripts/netns.py); without them every test here is skipped, saying why.
+The slow test runs the tiny model on 1 SuperLink host and 3 SuperNode hosts (10/50/100 Mbit/s),
+cuts the link of the node that trains round 1 during its visit, slows another link down and cuts
+the SuperLink off for a few seconds, and checks that the run completes with nothing lost.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from scripts import netns
+from scripts.deploy import _alive
+from scripts.edge import (EdgeConfig, EdgeDeployment, Event, explained_down, load_edge_config,
+                          markdown, run_overrides, summarize, transfer_times)
+from scripts.netns import Host, Network
+
+REASON = netns.unavailable_reason()
+needs_netns = pytest.mark.skipif(REASON is not None, reason=f"edge emulation unavailable: {REASON}")
+
+
+def namespaces() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def send(net: Network, src: str, dst: str, payload: int) -> float:
+    """Send `payload` bytes from host `src` to host `dst` over TCP; returns the seconds it took."""
+    ready, received = threading.Event(), []
+
+    def serve() -> None:
+        with net.inside(dst), socket.socket() as server:
+            server.bind(("0.0.0.0", 5000))
+            server.listen()
+            ready.set()
+            conn, _ = server.accept()
+            with conn:
+                received.append(sum(iter(lambda: len(conn.recv(1 << 16)), 0)))
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    ready.wait(10)
+    with net.inside(src):
+        start = time.monotonic()
+        with socket.create_connection((net.ip(dst), 5000), timeout=30) as conn:
+            conn.sendall(b"x" * payload)
+    thread.join(60)
+    assert received == [payload]
+    return time.monotonic() - start
+
+
+# -- the network alone (seconds) --------------------------------------------------------------
+@needs_netns
+def test_rate_limit_counters_cut_and_cleanup() -> None:
+    payload = 2_000_000
+    with Network([Host("a", 1, None), Host("b", 2, 10)], prefix=f"fet{time.monotonic_ns() % 10**6}") as net:
+        assert f"{net.prefix}-b" in namespaces()
+        before = net.counters("b")
+        seconds = send(net, "b", "a", payload)
+        moved = net.counters("b") - before
+        # 2 MB at 10 Mbit/s: 1.6 s at least (less the 64 KiB bucket), and the counters saw it all
+        assert seconds > 1.4, seconds
+        assert payload <= moved.tx_bytes <= payload * 1.05, moved
+        net.set_rate("b", 100)
+        assert send(net, "b", "a", payload) < seconds / 3
+        net.set_link("b", up=False)
+        with pytest.raises(OSError), net.inside("b"):
+            socket.create_connection((net.ip("a"), 5001), timeout=2)
+        prefix = net.prefix
+    assert prefix not in namespaces()
+
+
+@needs_netns
+def test_network_is_removed_after_a_failure() -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        with Network([Host("a", 1, 10)], prefix=f"fef{time.monotonic_ns() % 10**6}") as net:
+            prefix = net.prefix
+            raise RuntimeError("boom")
+    assert prefix not in namespaces()
+
+
+# -- config and log parsing (no root needed) ---------------------------------------------------
+def test_edge_config_names_the_bad_key(tmp_path: Path) -> None:
+    config = load_edge_config(Path(__file__).parent.parent / "conf" / "edge" / "default.yaml")
+    assert [rate for _, rate in config.supernodes] == [10, 50, 100]
+    bad = tmp_path / "edge.yaml"
+    bad.write_text("supernodes:\n  - {name: a, rate_mbit: -5}\n")
+    with pytest.raises(ValueError, match=r"edge.yaml: supernodes\[0\].rate_mbit"):
+        load_edge_config(bad)
+    bad.write_text("supernodes:\n  - {name: a}\nevents:\n  - {host: a, at: 3}\n")
+    with pytest.raises(ValueError, match=r"events\[0\]: give either `cut`"):
+        load_edge_config(bad)
+
+
+def test_transfer_times_pair_each_message_with_its_end() -> None:
+    log = "\n".join([
+        "10:00:00.000 INFO :      [RUN 7]", "10:00:00.000 INFO :      Receiving: query message (ID: q)",
+        "10:00:00.500 INFO :      Received successfully",
+        "10:00:01.000 INFO :      [RUN 7]", "10:00:01.000 INFO :      Receiving: train message (ID: t)",
+        "10:00:03.250 INFO :      Received successfully",
+        "10:00:09.000 INFO :      [RUN 7]", "10:00:09.000 INFO :      Sending: train message (ID: r)",
+        "10:00:09.750 INFO :      Sent successfully",
+        "10:00:20.000 INFO :      [RUN 8]", "10:00:20.000 INFO :      Receiving: train message (ID: o)",
+        "10:00:21.000 INFO :      Received successfully"])
+    assert transfer_times(log, 7) == {"down": [2.25], "up": [0.75]}
+
+
+# -- the product on the edge network (minutes) ---------------------------------------------------
+TINY = ("rounds=4 eval.every=1 data.max_examples=400 eval.max_examples=40 train.local_steps=5 "
+        "algorithm.round_timeout=100")
+RATES = {"node-1": 10, "node-2": 50, "node-3": 100}
+
+
+@needs_netns
+@pytest.mark.slow
+def test_tiny_run_survives_a_cut_link_a_slow_link_and_a_lost_superlink(tmp_path: Path) -> None:
+    config = EdgeConfig(None, list(RATES.items()))
+    out = tmp_path / "out"
+    started = time.monotonic()
+    with EdgeDeployment(config, tmp_path / "work") as edge:
+        ids = {name: node.node_id() for name, node in edge.nodes.items()}
+        first = min(ids, key=ids.get)  # the strategy orders nodes by id: this one trains round 1
+        others = [name for name in RATES if name != first]
+        events = [Event(host=first, visit=1, after=5, cut=110),  # past the 100 s round timeout
+                  Event(host=others[0], at=5, rate_mbit=5),
+                  Event(host="superlink", at=60, cut=6)]
+        overrides = run_overrides("fedcybgd", "tiny", TINY, out, len(RATES))
+        result = edge.run("fedcybgd", overrides, out, timeout=600, events=events)
+        pids = edge.dep.process_ids()
+        prefix = edge.net.prefix
+    print(f"edge test: {time.monotonic() - started:.0f} s in all, run {result.wall_seconds:.0f} s")
+    assert result.completed, (result.status, (out.parent / "fedcybgd-serverapp.log").read_text()
+                              if (out.parent / "fedcybgd-serverapp.log").exists() else "")
+    assert prefix not in namespaces()
+    time.sleep(1)
+    assert not {pid for pid in pids if _alive(pid)}
+    assert len(result.events) == 3, result.events
+
+    report = summarize(result, config)
+    print(markdown([report]))
+    rows = report["rounds"]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    cut_id = ids[first]
+    # Round 1: the cut node never answered; the round ended at its timeout, or earlier when the
+    # SuperLink, missing two heartbeats (60 s), answered for it with an error from node 1.
+    assert metrics[0]["train_loss"] is None
+    rejected = {r["node_id"]: r["reason"] for r in metrics[0]["rejected"]}
+    assert rejected.pop(cut_id) == "no reply within the round timeout"
+    assert set(rejected.items()) <= {(1, "reply from a node with no assignment this round")}
+    # Round 2: the same block, handed to the next node, accepted.
+    assert metrics[1]["assignments"][0]["block"] == metrics[0]["assignments"][0]["block"]
+    assert metrics[1]["assignments"][0]["node_id"] != cut_id and not metrics[1]["rejected"]
+    # Nothing lost: after round 1 every visit was accepted, blocks 0, 1, 2 in order.
+    assert all(not m["rejected"] and m["train_loss"] is not None for m in metrics[1:])
+    assert [m["assignments"][0]["block"] for m in metrics[1:]] == [0, 1, 2]
+    # The cut node came back, was asked what it holds, and its cache matched the server's view.
+    last = metrics[3]["assignments"][0]
+    assert last["node_id"] == cut_id and last["cache_confirmed"] is True
+
+    # Wire vs app bytes, per node: the link carried at least the records, the FAB and Flower's
+    # idle traffic (polling at the idle rate for the whole run), and at most 25 % more (headers).
+    for name, node in report["nodes"].items():
+        wire, expected = node["wire_bytes_down"], explained_down(node)
+        assert node["app_bytes_down"] > 0 and node["visits"] >= 1, (name, node)
+        assert node["app_bytes_down"] + node["fab_bytes"] <= wire <= expected * 1.25, (name, node)
+        assert node["wire_bytes_up"] >= node["app_bytes_up"], (name, node)
