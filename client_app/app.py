@@ -2,7 +2,8 @@
 
 Node-local facts come from `node_config`: `partition-id`/`num-partitions` (simulation),
 `data-path` (a node's own data file), `device` (`auto`, `cpu`, `cuda`, `cuda:1`, ...),
-`cache-dir` (where this node keeps its frozen copy; default under ~/.cache/fedcybgd), and
+`cache-dir` (where this node keeps its frozen copy; default under ~/.cache/fedcybgd),
+`cache-keep-runs` (how many past runs' caches survive a new run; default 2), and
 `base-model` (a local path or hub id of the base model this node already has).
 """
 
@@ -20,13 +21,16 @@ from torch import nn
 
 from fedcybgd import codec, data, lora, memory, models, protocol
 from fedcybgd.blocks import LayerMap
-from fedcybgd.client_cache import ClientCache, Holding, digest
+from fedcybgd.client_cache import RUN_PREFIX, ClientCache, Holding, digest, prune_runs
 from fedcybgd.compression import DENSE
 from fedcybgd.config import DataConfig
 from fedcybgd.protocol import BLOCK, CONFIG, FROZEN, METRICS, TrainInstruction, VisitMetrics
 from fedcybgd.train import pick_device, train_params
 
 app = ClientApp()
+
+# Past runs' caches a node keeps (node config `cache-keep-runs`); each is a copy of the model.
+DEFAULT_KEEP_RUNS = 2
 
 
 @app.train()
@@ -119,9 +123,20 @@ def _seed_from_base(cache: ClientCache, base: str, base_hashes: dict[str, str]) 
 
 
 def _cache_dir(context: Context) -> Path:
+    """This node's cache for this run; on first contact with a run, old runs' caches go."""
+    run = f"{RUN_PREFIX}{context.run_id}"
     if "cache-dir" in context.node_config:
-        return Path(str(context.node_config["cache-dir"])).expanduser() / f"run-{context.run_id}"
-    return models.default_cache_dir() / "client-cache" / f"run-{context.run_id}" / f"node-{context.node_id}"
+        root = Path(str(context.node_config["cache-dir"])).expanduser()
+        directory = root / run
+    else:
+        root = models.default_cache_dir() / "client-cache"
+        directory = root / run / f"node-{context.node_id}"
+    if not directory.exists():
+        keep = context.node_config.get("cache-keep-runs", DEFAULT_KEEP_RUNS)
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+            raise ValueError(f"node config cache-keep-runs={keep!r} must be an integer >= 0")
+        prune_runs(root, run, keep)
+    return directory
 
 
 # Simulation reuses one process for many visits: keep the tokenized data between them.
