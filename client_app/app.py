@@ -2,7 +2,8 @@
 
 Node-local facts come from `node_config`: `partition-id`/`num-partitions` (simulation),
 `data-path` (a node's own data file), `device` (`auto`, `cpu`, `cuda`, `cuda:1`, ...),
-`cache-dir` (where this node keeps its frozen copy; default under ~/.cache/fedcybgd), and
+`cache-dir` (where this node keeps its frozen copy; default under ~/.cache/fedcybgd),
+`cache-keep-runs` (how many past runs' caches survive a new run; default 2), and
 `base-model` (a local path or hub id of the base model this node already has).
 """
 
@@ -24,7 +25,7 @@ from torch import nn
 from fedcybgd import codec, data, lora, memory, models, protocol
 from fedcybgd.blocks import LayerMap
 from client_app import faults
-from fedcybgd.client_cache import CacheWriteError, ClientCache, Holding, digest
+from fedcybgd.client_cache import RUN_PREFIX, CacheWriteError, ClientCache, Holding, digest, prune_runs
 from fedcybgd.compression import DENSE
 from fedcybgd.config import DataConfig
 from fedcybgd.protocol import BLOCK, CONFIG, FROZEN, METRICS, TrainInstruction, VisitMetrics
@@ -36,6 +37,9 @@ app = ClientApp(mods=faults.mods())
 
 class NodeConfigError(ValueError):
     """A `node_config` value of the wrong type or range (a SuperNode's `--node-config`)."""
+
+# Past runs' caches a node keeps (node config `cache-keep-runs`); each is a copy of the model.
+DEFAULT_KEEP_RUNS = 2
 
 
 @app.train()
@@ -146,8 +150,8 @@ def _node_str(node_config: dict, key: str, default: str | None = None) -> str:
     return value
 
 
-def _node_int(node_config: dict, key: str) -> int:
-    value = node_config[key]
+def _node_int(node_config: dict, key: str, default: int | None = None) -> int:
+    value = node_config[key] if default is None else node_config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):
         raise NodeConfigError(f"node_config {key}={value!r} must be an integer")
     return value
@@ -158,12 +162,21 @@ def _node_key(context: Context) -> str:
 
 
 def _cache_dir(context: Context, cache_id: str) -> Path:
-    """The server's run (`cache_id`, the same after a resume), not Flower's run id, names it."""
-    run = f"run-{re.sub(r'[^A-Za-z0-9._-]', '_', cache_id)}"
+    """This node's cache for the server's run (`cache_id`, the same after a resume, unlike
+    Flower's run id). When a node first meets a run, all but its newest past runs' caches go."""
+    run = f"{RUN_PREFIX}{re.sub(r'[^A-Za-z0-9._-]', '_', cache_id)}"
     if "cache-dir" in context.node_config:
-        return Path(_node_str(context.node_config, "cache-dir")).expanduser() / run
-    node = re.sub(r"[^A-Za-z0-9._-]", "_", _node_key(context))
-    return models.default_cache_dir() / "client-cache" / run / node
+        root = Path(_node_str(context.node_config, "cache-dir")).expanduser()
+        directory = root / run
+    else:
+        root = models.default_cache_dir() / "client-cache"
+        directory = root / run / re.sub(r"[^A-Za-z0-9._-]", "_", _node_key(context))
+    if not directory.exists():
+        keep = _node_int(context.node_config, "cache-keep-runs", DEFAULT_KEEP_RUNS)
+        if keep < 0:
+            raise NodeConfigError(f"node_config cache-keep-runs={keep} must be >= 0")
+        prune_runs(root, run, keep)
+    return directory
 
 
 # Simulation reuses one process for many visits: keep the tokenized data between them.

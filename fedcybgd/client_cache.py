@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 from fedcybgd import compression
 
 MANIFEST = "manifest.json"
+RUN_PREFIX = "run-"
 
 
 class CacheMissError(RuntimeError):
@@ -172,3 +174,30 @@ def _read_parts(path: Path, names: set[str]) -> dict[str, dict[str, torch.Tensor
             if name in names:
                 parts.setdefault(name, {})[part] = f.get_tensor(key)
     return parts
+
+
+def prune_runs(root: Path, current: str, keep: int) -> list[Path]:
+    """Delete all but the `keep` most recently used run caches under `root`; returns what went.
+
+    Called when a node first meets a run, so a long-lived node holds at most `keep` past runs'
+    frozen copies besides the current one (each is a whole model: hundreds of MB for SmolLM2).
+    "Recently used" is the newest modification time of a run folder or anything directly in it,
+    since a cache writes its manifest there (or in a per-node folder inside it) on every visit.
+    """
+    if keep < 0:
+        raise ValueError(f"cache-keep-runs={keep} must be >= 0")
+    if not root.is_dir():
+        return []
+    past = [d for d in root.iterdir() if d.is_dir() and d.name.startswith(RUN_PREFIX) and d.name != current]
+    past.sort(key=_last_used, reverse=True)
+    removed = past[keep:]
+    for run_dir in removed:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return removed
+
+
+def _last_used(run_dir: Path) -> float:
+    try:
+        return max([run_dir.stat().st_mtime] + [child.stat().st_mtime for child in run_dir.iterdir()])
+    except FileNotFoundError:  # another node of this machine is removing it right now
+        return 0.0
