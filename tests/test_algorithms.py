@@ -236,7 +236,7 @@ def test_our_lora_merge_matches_peft_on_every_structure(structure):
 @pytest.mark.parametrize("structure", ["tiny-gpt2", "tiny-neox"])
 @pytest.mark.parametrize("algorithm", ["fedlora", "fedcybgd-lora"])
 def test_lora_algorithms_run_on_every_structure(out_dir, structure, algorithm):
-    cfg = cfg_for(out_dir, f"model.name={structure} algorithm={algorithm} rounds=2 lora.r=4")
+    cfg = cfg_for(out_dir, f"model.name={structure} algorithm={algorithm} algorithm.clients_per_round=1 rounds=2 lora.r=4")
     run(FakeGrid(2), cfg)
     s = summary(out_dir)
     assert s["rejected_replies"] == 0 and s["final_eval_loss"] < s["initial_eval_loss"]
