@@ -25,7 +25,7 @@ from torch import nn
 from fedcybgd import codec, data, lora, memory, models, protocol
 from fedcybgd.blocks import LayerMap
 from client_app import faults
-from fedcybgd.client_cache import RUN_PREFIX, CacheWriteError, ClientCache, Holding, digest, prune_runs
+from fedcybgd.client_cache import CacheWriteError, ClientCache, Holding, digest, prune_runs, run_dir_name
 from fedcybgd.compression import DENSE
 from fedcybgd.config import DataConfig
 from fedcybgd.protocol import BLOCK, CONFIG, FROZEN, METRICS, TrainInstruction, VisitMetrics
@@ -164,7 +164,7 @@ def _node_key(context: Context) -> str:
 def _cache_dir(context: Context, cache_id: str) -> Path:
     """This node's cache for the server's run (`cache_id`, the same after a resume, unlike
     Flower's run id). When a node first meets a run, all but its newest past runs' caches go."""
-    run = f"{RUN_PREFIX}{re.sub(r'[^A-Za-z0-9._-]', '_', cache_id)}"
+    run = run_dir_name(cache_id)
     if "cache-dir" in context.node_config:
         root = Path(_node_str(context.node_config, "cache-dir")).expanduser()
         directory = root / run

@@ -27,6 +27,9 @@ from unittest import mock
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from fedcybgd.client_cache import run_dir_name
+from fedcybgd.protocol import CONFIG, TrainInstruction
+
 ENV = "FEDCYBGD_FAULT_INJECTION"
 KINDS = ("hang", "lose-cache", "corrupt-cache", "disk-full")
 
@@ -50,7 +53,7 @@ def inject(msg: Message, context: Context, call_next: ClientAppCallable) -> Mess
     kind = plan.get(_count_train_message(root))
     if kind is None:
         return call_next(msg, context)
-    run_cache = root / f"run-{context.run_id}"
+    run_cache = root / run_dir_name(TrainInstruction.from_record(msg.content.config_records[CONFIG]).cache_id)
     if kind == "hang":
         time.sleep(float(context.node_config.get("fault-hang-s", 3600)))
     elif kind == "lose-cache":

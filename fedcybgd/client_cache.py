@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -25,6 +26,11 @@ from fedcybgd import compression
 
 MANIFEST = "manifest.json"
 RUN_PREFIX = "run-"
+
+
+def run_dir_name(cache_id: str) -> str:
+    """The folder of one server run's cache (`cache_id`: the server's run, kept across a resume)."""
+    return RUN_PREFIX + re.sub(r"[^A-Za-z0-9._-]", "_", cache_id)
 
 
 class CacheMissError(RuntimeError):

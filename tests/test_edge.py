@@ -120,6 +120,7 @@ RATES = {"node-1": 10, "node-2": 50, "node-3": 100}
 
 @needs_netns
 @pytest.mark.slow
+@pytest.mark.edge
 def test_tiny_run_survives_a_cut_link_a_slow_link_and_a_lost_superlink(tmp_path: Path) -> None:
     config = EdgeConfig(None, list(RATES.items()))
     out = tmp_path / "out"

@@ -209,7 +209,7 @@ def test_max_seq_len_shorter_than_the_template_says_so():
 def test_a_partition_with_no_usable_example_stops_before_round_1(out_dir, tmp_path):
     path = tmp_path / "long.jsonl"
     # Every prompt is far longer than max_seq_len: no response token survives truncation.
-    path.write_text("".join(json.dumps({"instruction": "word " * 300, "output": f"a{i}"}) + "\n" for i in range(20)))
+    path.write_text("".join(json.dumps({"instruction": f"{i} " + "word " * 300, "output": f"a{i}"}) + "\n" for i in range(20)))
     grid = FakeGrid(2)
     with pytest.raises(data.DataError, match=r"no example keeps a response token within train.max_seq_len=64"):
         run(grid, compose(overrides=f"{TINY} rounds=1 train.max_seq_len=64 data.path={path} output_dir={out_dir}"))

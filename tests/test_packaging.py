@@ -63,7 +63,7 @@ def by_block(holdings) -> dict[int, set[int]]:
 
 
 def first_visit(packager, node, versions):
-    plan = packager.plan(node, layout().blocks[0], versions, 1)
+    plan = packager.plan(node, layout().blocks[0], versions, 1, f"node-{node}")
     packager.confirm(node, plan, layout().blocks[0], None)
 
 
@@ -72,16 +72,16 @@ def test_refresh_sends_about_half_of_the_updated_blocks_and_the_manifest_names_t
     first_visit(packager, 7, versions_with({}))
     current = versions_with({b: 5 for b in range(1, LAYERS)})  # every other block trained since
     block = layout().blocks[0]
-    plan = packager.plan(7, block, current, 6)
+    plan = packager.plan(7, block, current, 6, "node-7")
     sent = by_block(plan.send_frozen)
     assert len(sent) == 10 and all(v == {5} for v in sent.values())  # ceil(0.5 x 19) blocks, current
     manifest = by_block(plan.manifest)
     assert {b for b, v in manifest.items() if v == {0} and b != 0} == set(range(1, LAYERS)) - set(sent)  # stale
     assert set(plan.send_block) == set(block.names) or not plan.send_block
     # Another round draws other blocks; over many visits the fraction stays about one half.
-    counts = [len(by_block(packager.plan(7, block, current, r).send_frozen)) for r in range(7, 40)]
+    counts = [len(by_block(packager.plan(7, block, current, r, "node-7").send_frozen)) for r in range(7, 40)]
     assert set(counts) == {10}
-    assert len({frozenset(by_block(packager.plan(7, block, current, r).send_frozen)) for r in range(7, 12)}) > 1
+    assert len({frozenset(by_block(packager.plan(7, block, current, r, "node-7").send_frozen)) for r in range(7, 12)}) > 1
 
 
 def test_the_assigned_block_always_comes_at_its_newest_version():
@@ -89,7 +89,7 @@ def test_the_assigned_block_always_comes_at_its_newest_version():
     first_visit(packager, 7, versions_with({}))
     current = versions_with({b: 3 for b in range(LAYERS)})
     for b in range(1, LAYERS):
-        plan = packager.plan(7, layout().blocks[b], current, 4)
+        plan = packager.plan(7, layout().blocks[b], current, 4, "node-7")
         assert {h.version for h in plan.manifest if h.name in layout().blocks[b].names} == {3}
 
 
@@ -100,7 +100,7 @@ def test_stale_blocks_are_not_resent_until_drawn_and_a_newer_version_is_sent_onc
     block = layout().blocks[0]
     sent_total: list[int] = []
     for server_round in range(6, 12):
-        plan = packager.plan(7, block, current, server_round)
+        plan = packager.plan(7, block, current, server_round, "node-7")
         sent = sorted(by_block(plan.send_frozen))
         assert not set(sent) & set(sent_total)  # what the node holds current is never resent
         sent_total += sent
@@ -112,10 +112,10 @@ def test_stale_blocks_are_not_resent_until_drawn_and_a_newer_version_is_sent_onc
 def test_refresh_composes_with_dropping_and_quantization():
     cfg = CompressionConfig(refresh_fraction=0.5, drop_fraction=0.25, quantize="int8", head_quantize="int8")
     packager = Packager(layout(), cfg, seed=0)
-    node_plan = packager.plan(7, layout().blocks[0], versions_with({}), 1)
+    node_plan = packager.plan(7, layout().blocks[0], versions_with({}), 1, "node-7")
     packager.confirm(7, node_plan, layout().blocks[0], None)
     current = versions_with({b: 5 for b in range(1, LAYERS)})
-    plan = packager.plan(7, layout().blocks[0], current, 6)
+    plan = packager.plan(7, layout().blocks[0], current, 6, "node-7")
     assert len(plan.dropped_layers) == 4
     in_manifest = by_block(plan.manifest)
     assert not set(plan.dropped_layers) & set(in_manifest)
@@ -133,7 +133,7 @@ def test_the_clients_cache_resolves_the_manifest_and_the_digests_agree(tmp_path)
     block = layout().blocks[0]
     for server_round, current in enumerate([versions_with({}), versions_with({b: 5 for b in range(1, LAYERS)}),
                                             versions_with({b: 9 for b in range(1, LAYERS, 2)})], start=1):
-        plan = packager.plan(7, block, current, server_round)
+        plan = packager.plan(7, block, current, server_round, "node-7")
         sent = [h for h in plan.manifest if h.name in plan.send_block] + list(plan.send_frozen)
         cache.store({h: {"v": torch.full((2, 2) if h.name.endswith(("w", "embed")) else (2,), float(h.version))}
                      for h in sent})
