@@ -24,6 +24,7 @@ PRUNE_PATTERNS = ("unstructured", "2:4")
 QUANTIZATIONS = ("none", "int8", "nf4")
 PARTITIONERS = ("iid", "dirichlet")
 LR_SCHEDULES = ("constant", "cosine")
+EVAL_SPLITS = ("heldout", "validation")
 FEDERATED_ALGORITHMS = ("fedcybgd", "fedbavg", "fedavg-full", "fedlora", "fedcybgd-lora")
 CENTRALIZED_ALGORITHMS = ("centralized-cy", "centralized-full")
 ALGORITHMS = FEDERATED_ALGORITHMS + CENTRALIZED_ALGORITHMS
@@ -55,6 +56,9 @@ class DataConfig:
     # Repeated (prompt, response) pairs are dropped first and whole prompts are held out, so no
     # prompt is on both sides.
     heldout_fraction: float = 0.1
+    # Fraction of the examples set aside, by prompt as above, to choose hyper-parameters on
+    # (`eval.split=validation`); no client trains on them either. 0: none.
+    validation_fraction: float = 0.0
     # How the remaining examples are split over clients: `iid` or `dirichlet`.
     partitioner: str = "iid"
     # Dirichlet concentration (smaller = more skewed), and the column whose values it skews.
@@ -175,6 +179,9 @@ class EvalConfig:
     task_examples: int = 16
     # Longest generated answer, in tokens.
     max_new_tokens: int = 32
+    # What is evaluated: `heldout` (the reported held-out split) or `validation` (the split
+    # hyper-parameters are chosen on; needs data.validation_fraction > 0).
+    split: str = "heldout"
 
 
 @dataclass
@@ -238,6 +245,11 @@ def check(cfg: RunConfig) -> None:
          "must be > 0 (or null: off)"),
         (cfg.data.partitioner in PARTITIONERS, "data.partitioner", f"must be one of {PARTITIONERS}"),
         (0 < cfg.data.heldout_fraction < 1, "data.heldout_fraction", "must be in (0, 1)"),
+        (0 <= cfg.data.validation_fraction < 1 - cfg.data.heldout_fraction, "data.validation_fraction",
+         "must be in [0, 1 - data.heldout_fraction)"),
+        (cfg.eval.split in EVAL_SPLITS, "eval.split", f"must be one of {EVAL_SPLITS}"),
+        (cfg.eval.split != "validation" or cfg.data.validation_fraction > 0, "eval.split",
+         "=validation needs data.validation_fraction > 0"),
         (cfg.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0"),
         (cfg.data.max_examples is None or cfg.data.max_examples > 0, "data.max_examples", "must be > 0"),
         ((cfg.train.local_steps is None) != (cfg.train.local_epochs is None), "train.local_steps",

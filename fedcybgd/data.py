@@ -67,6 +67,9 @@ class HeldoutSplit:
     train: Dataset
     heldout: Dataset
     duplicates_dropped: int  # rows whose (prompt, response) repeated an earlier row
+    # Prompt groups taken from the training side for choosing hyper-parameters
+    # (`data.validation_fraction`); empty by default. Disjoint by prompt from both other sides.
+    validation: Dataset | None = None
 
 
 def split_heldout(ds: Dataset, cfg: DataConfig) -> HeldoutSplit:
@@ -75,8 +78,10 @@ def split_heldout(ds: Dataset, cfg: DataConfig) -> HeldoutSplit:
     Rows are the same (prompt, response) when their normalised texts match (`prompt_key`); the
     first is kept. The prompts, sorted and shuffled by `cfg.seed`, go to the held-out side until
     it holds `cfg.heldout_fraction` of the rows, so the server and every client compute the same
-    split from the same data. Both sides come back shuffled by the seed (the IID partitioner
-    cuts contiguous shards, so order matters).
+    split from the same data. The next prompts in that order form the validation side
+    (`cfg.validation_fraction`), so the held-out side does not depend on whether one is taken.
+    The train side comes back shuffled by the seed (the IID partitioner cuts contiguous shards,
+    so order matters).
     """
     unique, seen = [], set()
     for i, messages in enumerate(ds["messages"]):
@@ -94,17 +99,26 @@ def split_heldout(ds: Dataset, cfg: DataConfig) -> HeldoutSplit:
         )
     order = sorted(groups)
     random.Random(cfg.seed).shuffle(order)
-    target = max(1, round(cfg.heldout_fraction * len(deduped)))
-    heldout: list[int] = []
-    for taken, key in enumerate(order):
-        if len(heldout) >= target or taken == len(order) - 1:  # keep at least one train group
-            break
-        heldout.extend(groups[key])
-    held = set(heldout)
-    train = [i for i in range(len(deduped)) if i not in held]
-    rng = random.Random(cfg.seed + 1)
-    rng.shuffle(train)
-    return HeldoutSplit(deduped.select(train), deduped.select(heldout), len(ds) - len(deduped))
+    heldout, rest = _take_groups(order, groups, max(1, round(cfg.heldout_fraction * len(deduped))))
+    validation, rest = _take_groups(rest, groups, round(cfg.validation_fraction * len(deduped)))
+    if cfg.validation_fraction and not validation:
+        raise DataError(f"data.validation_fraction={cfg.validation_fraction} leaves no validation prompt: "
+                        f"{len(groups)} distinct prompts in all")
+    train = [i for key in rest for i in groups[key]]
+    random.Random(cfg.seed + 1).shuffle(train)
+    return HeldoutSplit(deduped.select(train), deduped.select(heldout), len(ds) - len(deduped),
+                        deduped.select(validation) if validation else None)
+
+
+def _take_groups(order: list[str], groups: dict[str, list[int]], target: int) -> tuple[list[int], list[str]]:
+    """Whole prompt groups from the front of `order` until they hold `target` rows, always
+    leaving one group behind for training; returns their rows and the groups left."""
+    taken: list[int] = []
+    count = 0
+    while count < len(order) - 1 and len(taken) < target:
+        taken.extend(groups[order[count]])
+        count += 1
+    return taken, order[count:]
 
 
 def prompt_key(messages: list[dict[str, str]]) -> str:

@@ -6,8 +6,16 @@ the rounds. Federated runs go through the real strategy and ClientApp with the i
 (the bytes are those of the records Flower would carry); the centralized ones train on the
 pooled client data. Each run is a fresh process, so one run's memory never counts in another's.
 
-Prints one table and writes outputs/compare/<preset>/compare.json (one row per run), and the
-plots loss_vs_samples.png and bytes.png. Each run's own outputs are in its subdirectory.
+A preset with a learning-rate grid first tunes each algorithm: one shorter run per rate,
+evaluated on the validation split (`data.validation_fraction`: prompts that are neither trained
+on nor in the reported held-out set), and the rate with the lowest validation loss is used for
+the algorithm's full run, evaluated on the held-out split.
+
+Prints one table and writes outputs/compare/<preset>/compare.json (one row per run, rewritten
+as each run finishes), tuning.json (one row per tuning run), and the plots loss_vs_samples.png
+and bytes.png. Each run's own outputs are in its subdirectory (tuning runs under tune/). Run the
+same command again after an interruption: finished runs (their summary.json, for the same
+config) are read back, not redone.
 """
 
 from __future__ import annotations
@@ -20,8 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedcybgd.config import ALGORITHMS, ALLOCATIONS, compose
+from fedcybgd.report import write_atomic
 
 REFERENCE = "centralized-full"
+
+
+LORA_ALGORITHMS = ("fedlora", "fedcybgd-lora")
 
 
 @dataclass(frozen=True)
@@ -30,14 +42,34 @@ class Preset:
     nodes: int  # simulated clients
     rounds: int  # rounds of a one-client-per-round algorithm; K clients per round get rounds / K
     eval_points: int  # held-out evaluations per run, besides round 0
+    # Learning rates tried per algorithm before its run (empty: no tuning, train.lr as set).
+    # LoRA adapters start at zero and are commonly trained at higher rates, so they get their own.
+    lr_grid: tuple[float, ...] = ()
+    lora_lr_grid: tuple[float, ...] = ()
+    tune_rounds: int = 0  # rounds of one tuning run (as `rounds`)
+
+    def grid(self, algorithm: str) -> tuple[float, ...]:
+        return self.lora_lr_grid if algorithm in LORA_ALGORITHMS else self.lr_grid
 
 
 PRESETS = {
     # The tiny random Llama (4 blocks): two cycles, a few minutes on 2 CPU cores.
     "tiny": Preset("model=tiny-llama train=tiny train.local_steps=5 data.max_examples=600",
                    nodes=3, rounds=12, eval_points=4),
+    # The tiny model with a two-rate grid, tuned on half the budget: the tuning path, in minutes.
+    "tiny-tuned": Preset("model=tiny-llama train=tiny train.local_steps=5 data.max_examples=600 "
+                         "data.validation_fraction=0.1",
+                         nodes=3, rounds=12, eval_points=2, lr_grid=(1e-3, 1e-2), lora_lr_grid=(1e-2, 3e-2),
+                         tune_rounds=6),
     # SmolLM2-135M-Instruct (30 blocks): one cycle of FedCyBGD, 600 examples per run.
     "smollm2": Preset("train.local_steps=5", nodes=3, rounds=30, eval_points=5),
+    # SmolLM2 over three cycles of its 30 blocks: 900 of the chatterbot rows (348 training
+    # pairs after de-duplication and the held-out and validation splits), 90 rounds of 3 steps of
+    # 4 = 1,080 examples, three epochs. Each algorithm's rate is picked on one cycle (a third of
+    # the budget) from a grid of three.
+    "smollm2-long": Preset("data.max_examples=900 data.validation_fraction=0.1 train.local_steps=3",
+                           nodes=3, rounds=90, eval_points=6, lr_grid=(1e-4, 3e-4, 1e-3),
+                           lora_lr_grid=(3e-4, 1e-3, 3e-3), tune_rounds=30),
 }
 
 
@@ -57,16 +89,36 @@ class RunSpec:
         return cls(f"{algorithm}/{allocation}" if allocation else algorithm, algorithm, allocation or "ascending")
 
 
-def overrides_for(spec: RunSpec, preset: Preset, out_dir: Path) -> str:
+@dataclass(frozen=True)
+class Trial:
+    """One run of one RunSpec: its budget, where it evaluates, and its learning rate."""
+
+    spec: RunSpec
+    rounds: int  # of a one-client-per-round algorithm, as Preset.rounds
+    eval_points: int
+    lr: float | None = None  # None: the preset's train.lr
+    tuning: bool = False  # evaluate on the validation split, loss only
+
+    @property
+    def name(self) -> str:
+        label = self.spec.label.replace("/", "-")
+        return f"tune/{label}-lr{self.lr:g}" if self.tuning else label
+
+
+def overrides_for(trial: Trial, preset: Preset, out_dir: Path) -> str:
     """The run's config: the preset, the algorithm (with its own clients per round, K), and
     rounds that give every run equal samples."""
+    spec = trial.spec
     k = compose(overrides=f"{preset.overrides} algorithm={spec.algorithm}").algorithm.clients_per_round
-    if preset.rounds % k:
-        raise SystemExit(f"preset rounds {preset.rounds} is not a multiple of clients_per_round {k}")
-    rounds = preset.rounds // k
-    every = max(1, rounds // preset.eval_points)
+    if trial.rounds % k:
+        raise SystemExit(f"preset rounds {trial.rounds} is not a multiple of clients_per_round {k}")
+    rounds = trial.rounds // k
+    every = max(1, rounds // trial.eval_points)
+    extra = "" if trial.lr is None else f" train.lr={trial.lr:g}"
+    if trial.tuning:
+        extra += " eval.split=validation eval.task_examples=0"
     return (f"{preset.overrides} algorithm={spec.algorithm} "
-            f"algorithm.allocation={spec.allocation} rounds={rounds} eval.every={every} "
+            f"algorithm.allocation={spec.allocation} rounds={rounds} eval.every={every}{extra} "
             f"output_dir={out_dir}")
 
 
@@ -84,15 +136,25 @@ def run_one(spec: RunSpec, overrides: str, nodes: int) -> None:
         run(InProcessGrid(client_app, nodes), cfg)
 
 
-def measure(spec: RunSpec, preset: Preset, out_root: Path) -> dict:
-    out_dir = out_root / spec.label.replace("/", "-")
-    overrides = overrides_for(spec, preset, out_dir)
-    print(f"[compare] {spec.label}: {overrides}", flush=True)
-    process = multiprocessing.get_context("spawn").Process(target=run_one, args=(spec, overrides, preset.nodes))
-    process.start()
-    process.join()
-    if process.exitcode != 0:
-        return {"algorithm": spec.label, "error": f"run failed (exit code {process.exitcode}); see the log above"}
+def measure(trial: Trial, preset: Preset, out_root: Path) -> dict:
+    """Run the trial in a fresh process, or read back its finished run of the same config."""
+    spec, out_dir = trial.spec, out_root / trial.name
+    overrides = overrides_for(trial, preset, out_dir)
+    stamp = out_dir / "compare-run.json"
+    finished = (out_dir / "summary.json").exists() and stamp.exists() and \
+        json.loads(stamp.read_text()) == {"overrides": overrides}
+    if finished:
+        print(f"[compare] {trial.name}: finished earlier, read back from {out_dir}", flush=True)
+    else:
+        print(f"[compare] {trial.name}: {overrides}", flush=True)
+        (out_dir / "summary.json").unlink(missing_ok=True)
+        process = multiprocessing.get_context("spawn").Process(target=run_one, args=(spec, overrides, preset.nodes))
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            return {"algorithm": spec.label, "lr": trial.lr,
+                    "error": f"run failed (exit code {process.exitcode}); see the log above"}
+        write_atomic(stamp, json.dumps({"overrides": overrides}))
     summary = json.loads((out_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     samples, curve = 0, [(0, summary["initial_eval_loss"])]
@@ -103,8 +165,13 @@ def measure(spec: RunSpec, preset: Preset, out_root: Path) -> dict:
     return {
         "algorithm": spec.label,
         "allocation": spec.allocation,
+        "lr": summary["config"]["train"]["lr"],
+        "evaluated_split": summary["config"]["eval"]["split"],
         "final_eval_loss": summary["final_eval_loss"],
         "initial_eval_loss": summary["initial_eval_loss"],
+        "task_metric": summary["task_metric"],
+        "initial_task_score": summary["initial_task_score"],
+        "final_task_score": summary["final_task_score"],
         "bytes_down": summary["total_bytes_down"],
         "bytes_up": summary["total_bytes_up"],
         "max_upload_bytes_per_visit": max((a.get("bytes_up", 0) for r in rows for a in r["assignments"]),
@@ -121,18 +188,41 @@ def measure(spec: RunSpec, preset: Preset, out_root: Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     ref = next((r["final_eval_loss"] for r in rows if r["algorithm"] == REFERENCE and "error" not in r), None)
-    head = (f"{'algorithm':<24}{'final loss':>11}{'vs ' + REFERENCE:>22}{'MB down':>10}{'MB up':>10}"
-            f"{'client peak MB':>16}{'wall s':>8}{'samples':>9}")
+    head = (f"{'algorithm':<24}{'lr':>8}{'final loss':>11}{'vs ' + REFERENCE:>22}{'task score':>12}"
+            f"{'MB down':>10}{'MB up':>10}{'client peak MB':>16}{'wall s':>8}{'samples':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['algorithm']:<24}{r['error']}")
             continue
         ratio = "-" if ref is None else f"{r['final_eval_loss'] / ref:.3f}"
+        task = "-" if r["final_task_score"] is None else f"{r['final_task_score']:.3f}"
         peak = "-" if r["client_peak_mem_bytes"] is None else f"{r['client_peak_mem_bytes'] / 1e6:,.0f}"
-        lines.append(f"{r['algorithm']:<24}{r['final_eval_loss']:>11.4f}{ratio:>22}{r['bytes_down'] / 1e6:>10,.1f}"
-                     f"{r['bytes_up'] / 1e6:>10,.1f}{peak:>16}{r['wall_seconds']:>8.0f}{r['samples_seen']:>9}")
+        lines.append(f"{r['algorithm']:<24}{r['lr']:>8g}{r['final_eval_loss']:>11.4f}{ratio:>22}{task:>12}"
+                     f"{r['bytes_down'] / 1e6:>10,.1f}{r['bytes_up'] / 1e6:>10,.1f}{peak:>16}"
+                     f"{r['wall_seconds']:>8.0f}{r['samples_seen']:>9}")
     return "\n".join(lines)
+
+
+def tune(spec: RunSpec, preset: Preset, out_root: Path, tuning_rows: list[dict]) -> float | None:
+    """The grid's rate with the lowest validation loss after `tune_rounds` (None: no grid)."""
+    grid = preset.grid(spec.algorithm)
+    if not grid:
+        return None
+    trials = [Trial(spec, preset.tune_rounds, 1, lr, tuning=True) for lr in grid]
+    rows = []
+    for trial in trials:
+        rows.append(measure(trial, preset, out_root))
+        tuning_rows.append(rows[-1])
+        write_atomic(out_root / "tuning.json", json.dumps(tuning_rows, indent=2) + "\n")
+    done = [r for r in rows if "error" not in r]
+    if not done:
+        raise SystemExit(f"every tuning run of {spec.label} failed; see the log above")
+    best = min(done, key=lambda r: r["final_eval_loss"])
+    print(f"[compare] {spec.label}: validation loss by lr "
+          + ", ".join(f"{r['lr']:g}: {r['final_eval_loss']:.4f}" for r in done)
+          + f" -> lr {best['lr']:g}", flush=True)
+    return best["lr"]
 
 
 def plot(rows: list[dict], out_root: Path) -> None:
@@ -174,8 +264,16 @@ def main() -> int:
     preset = PRESETS[args.preset]
     out_root = (args.out or Path("outputs") / "compare" / args.preset).resolve()
     out_root.mkdir(parents=True, exist_ok=True)
-    rows = [{**measure(spec, preset, out_root), "preset": args.preset} for spec in specs]
-    (out_root / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+    for spec in specs:  # a budget that does not divide fails now, not after hours of runs
+        for rounds in (preset.rounds, preset.tune_rounds) if preset.grid(spec.algorithm) else (preset.rounds,):
+            overrides_for(Trial(spec, rounds, preset.eval_points), preset, out_root)
+    rows: list[dict] = []
+    tuning_rows: list[dict] = []
+    for spec in specs:
+        lr = tune(spec, preset, out_root, tuning_rows)
+        rows.append({**measure(Trial(spec, preset.rounds, preset.eval_points, lr), preset, out_root),
+                     "preset": args.preset})
+        write_atomic(out_root / "compare.json", json.dumps(rows, indent=2) + "\n")
     plot(rows, out_root)
     print(table(rows))
     print(f"[compare] outputs in {out_root}")

@@ -51,12 +51,16 @@ def prepare(cfg: RunConfig) -> ServerSetup:
               "data_train_examples": len(split.train), "data_heldout_examples": len(split.heldout)}
     log(INFO, "[fedcybgd] data: %d rows, %d duplicate (prompt, response) rows dropped, "
         "%d train / %d held-out, no prompt on both sides", *counts.values())
-    heldout = split.heldout
+    if split.validation is not None:
+        counts["data_validation_examples"] = len(split.validation)
+    evaluated = split.validation if cfg.eval.split == "validation" else split.heldout
+    log(INFO, "[fedcybgd] evaluating on the %s split (%d examples)", cfg.eval.split, len(evaluated))
+    capped = evaluated
     if cfg.eval.max_examples is not None:
-        heldout = heldout.select(range(min(cfg.eval.max_examples, len(heldout))))
-    eval_examples = data.tokenize(heldout, tokenizer, cfg.train.max_seq_len)
+        capped = evaluated.select(range(min(cfg.eval.max_examples, len(evaluated))))
+    eval_examples = data.tokenize(capped, tokenizer, cfg.train.max_seq_len)
     eval_batches = data.eval_batches(eval_examples, cfg.eval.batch_size, tokenizer.pad_token_id)
-    task_examples = scoring.task_examples(split.heldout, cfg.eval.task_examples)
+    task_examples = scoring.task_examples(evaluated, cfg.eval.task_examples)
     return ServerSetup(model, tokenizer, layout, split.train, eval_batches, task_examples, counts,
                        lora.transposed_modules(model))
 

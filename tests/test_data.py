@@ -111,6 +111,20 @@ def test_user_file_is_deduplicated_and_split_by_normalised_prompt(tmp_path):
     assert len(split.heldout) == 20  # whole prompt groups of two
 
 
+def test_validation_split_is_disjoint_by_prompt_and_leaves_heldout_unchanged():
+    cfg = DataConfig()
+    rows = load_examples(cfg)
+    plain = split_heldout(rows, cfg)
+    assert plain.validation is None
+    split = split_heldout(rows, DataConfig(validation_fraction=0.1))
+    assert split.heldout["messages"] == plain.heldout["messages"]
+    sides = [contents(side)[0] for side in (split.train, split.heldout, split.validation)]
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert not set(sides[i]) & set(sides[j]), "a prompt is on two sides"
+    assert len(split.train) + len(split.validation) == len(plain.train)
+    assert abs(len(split.validation) - len(split.heldout)) <= 10
+
+
 def test_a_single_prompt_cannot_be_split(tmp_path):
     path = write_jsonl(tmp_path / "one.jsonl", [{"instruction": "q", "output": f"a{i}"} for i in range(5)])
     with pytest.raises(DataError, match="1 distinct prompt"):
