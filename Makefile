@@ -81,8 +81,9 @@ deploy-tools:
 # outputs/compare/$(PRESET)/. PRESET=tiny (a few minutes) or smollm2 (about an hour on 2 cores).
 PRESET ?= tiny
 .PHONY: compare compare-allocations
+RUNS ?=
 compare: setup
-	$(PY) -m scripts.compare --preset $(PRESET)
+	$(PY) -m scripts.compare --preset $(PRESET) $(if $(RUNS),--runs $(RUNS))
 
 # FedCyBGD's block allocation modes, the same way: outputs/compare/$(PRESET)/allocations/.
 compare-allocations: setup
