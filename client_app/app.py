@@ -1,7 +1,11 @@
 """ClientApp: merge the download into the node's cache, rebuild the model, train the block, reply.
 
+Evaluation (`eval.where` nodes or both): the same cache update, the whole global model, its
+loss and task score on the node's held-out data.
+
 Node-local facts come from `node_config`: `partition-id`/`num-partitions` (simulation),
-`data-path` (a node's own data file), `device` (`auto`, `cpu`, `cuda`, `cuda:1`, ...),
+`data-path` (a node's own data file: de-duplicated and split by prompt as the server splits its
+data, so the held-out part is never trained on), `device` (`auto`, `cpu`, `cuda`, `cuda:1`, ...),
 `cache-dir` (where this node keeps its frozen copy; default under ~/.cache/fedcybgd),
 `cache-keep-runs` (how many past runs' caches survive a new run; default 2), and
 `base-model` (a local path or hub id of the base model this node already has).
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import asdict
 from functools import lru_cache
 from logging import WARNING
@@ -22,14 +27,15 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from torch import nn
 
-from fedcybgd import codec, data, lora, memory, models, protocol
+from fedcybgd import codec, data, lora, memory, models, protocol, scoring
 from fedcybgd.blocks import LayerMap
 from client_app import faults
 from fedcybgd.client_cache import CacheWriteError, ClientCache, Holding, digest, prune_runs, run_dir_name
 from fedcybgd.compression import DENSE
 from fedcybgd.config import DataConfig
-from fedcybgd.protocol import BLOCK, CONFIG, FROZEN, METRICS, TrainInstruction, VisitMetrics
-from fedcybgd.train import pick_device, train_params
+from fedcybgd.protocol import (BLOCK, CONFIG, FROZEN, METRICS, EvalInstruction, HoldingsReply, NodeEvalMetrics,
+                               TrainInstruction, VisitMetrics)
+from fedcybgd.train import evaluate_loss, pick_device, train_params
 
 # Fault injection for tests exists only when the node's environment asks for it (client_app/faults.py).
 app = ClientApp(mods=faults.mods())
@@ -111,6 +117,39 @@ def _upload(model: nn.Module, layer_map: LayerMap, instruction: TrainInstruction
     return {name: params[layer_map.to_local(name)].detach().to("cpu") for name in names}
 
 
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The global model's loss and task score on this node's held-out data."""
+    instruction = EvalInstruction.from_record(msg.content.config_records[CONFIG])
+    started = time.perf_counter()
+    device = pick_device(_node_str(context.node_config, "device", "auto"))
+    cache = ClientCache(_cache_dir(context, instruction.cache_id))
+    cache.store(protocol.decode_parts(msg.content.array_records[FROZEN], instruction.manifest))
+    tensors = cache.load(list(instruction.manifest))
+    model, _ = models.build_skeleton(instruction.model_spec)
+    if instruction.lora is not None:
+        tensors = lora.merge_into(tensors, instruction.lora, lora.transposed_modules(model))
+    models.load_tensors(model, tensors)
+    del tensors
+
+    model_dir = str(models.resolve_model_dir(instruction.model_name))
+    tokenizer = models.load_tokenizer(model_dir)
+    cfg = instruction.eval
+    heldout = _local_split(context.node_config, json.dumps(asdict(instruction.data)), cfg.split)
+    capped = heldout if cfg.max_examples is None else heldout.select(range(min(cfg.max_examples, len(heldout))))
+    examples = data.tokenize(capped, tokenizer, instruction.max_seq_len)
+    loss = evaluate_loss(model, data.eval_batches(examples, cfg.batch_size, tokenizer.pad_token_id), device)
+    task = scoring.task_examples(heldout, cfg.task_examples)
+    score, metric = (scoring.task_score(model, tokenizer, task, device, cfg.max_new_tokens, cfg.batch_size)
+                     if task else (0.0, ""))
+    metrics = NodeEvalMetrics(eval_loss=loss, num_examples=len(examples), task_examples=len(task),
+                              task_score=score, seconds=time.perf_counter() - started)
+    return Message(RecordDict({
+        METRICS: metrics.to_record(),
+        CONFIG: protocol.eval_echo(digest(cache.holdings()), metric),
+    }), reply_to=msg)
+
+
 @app.query()
 def holdings(msg: Message, context: Context) -> Message:
     """Tell the server what this node's cache holds (seeding it from a local base model first),
@@ -119,7 +158,8 @@ def holdings(msg: Message, context: Context) -> Message:
     cache = ClientCache(_cache_dir(context, cache_id))
     if "base-model" in context.node_config:
         _seed_from_base(cache, _node_str(context.node_config, "base-model"), base_hashes)
-    return Message(protocol.holdings_reply(cache.holdings(), _node_key(context)), reply_to=msg)
+    has_data = "data-path" in context.node_config and _holds_data(Path(_node_str(context.node_config, "data-path")))
+    return Message(HoldingsReply(cache.holdings(), _node_key(context), has_data).to_content(), reply_to=msg)
 
 
 def _received(content: RecordDict, instruction: TrainInstruction) -> dict[Holding, dict]:
@@ -179,22 +219,32 @@ def _cache_dir(context: Context, cache_id: str) -> Path:
     return directory
 
 
-# Simulation reuses one process for many visits: keep the tokenized data between them.
+# Simulation reuses one process for many visits: keep the split and the tokenized data between them.
 @lru_cache(maxsize=2)
-def _cached_examples(data_json: str, data_path: str | None, partition: tuple[int, int] | None,
-                     model_dir: str, max_seq_len: int) -> list[data.Example]:
+def _split(data_json: str, data_path: str | None, partition: tuple[int, int] | None) -> data.HeldoutSplit:
+    """This node's data, split by prompt as the server splits its own: from its own file, or its
+    partition of each side of the shared source's split."""
     cfg = DataConfig(**json.loads(data_json))
     if data_path is not None:
-        ds = data.load_examples(cfg, path=data_path)
-    else:
-        train_split = data.split_heldout(data.load_examples(cfg), cfg).train
-        assert partition is not None
-        ds = data.load_partition(train_split, partition[0], partition[1], cfg)
-    return data.tokenize(ds, models.load_tokenizer(model_dir), max_seq_len)
+        return data.split_heldout(data.load_examples(cfg, path=data_path), cfg)
+    assert partition is not None
+    shared = data.split_heldout(data.load_examples(cfg), cfg)
+    validation = shared.validation
+    return data.HeldoutSplit(
+        train=data.load_partition(shared.train, *partition, cfg),
+        heldout=data.load_partition(shared.heldout, *partition, cfg),
+        duplicates_dropped=shared.duplicates_dropped,
+        validation=None if validation is None else data.load_partition(validation, *partition, cfg))
 
 
-def _local_examples(node_config: dict, data_json: str, model_dir: str, max_seq_len: int) -> list[data.Example]:
-    """This node's tokenized training data: its own file, or its partition of the shared source.
+@lru_cache(maxsize=2)
+def _tokenized_train(data_json: str, data_path: str | None, partition: tuple[int, int] | None,
+                     model_dir: str, max_seq_len: int) -> list[data.Example]:
+    return data.tokenize(_split(data_json, data_path, partition).train, models.load_tokenizer(model_dir), max_seq_len)
+
+
+def _data_source(node_config: dict) -> tuple[str | None, tuple[int, int] | None]:
+    """(this node's data file, or its partition of the shared source).
 
     A `data-path` with nothing there (no such path, or an empty folder: what Docker mounts when
     the host folder is missing) falls back to the node's partition when its node config has one,
@@ -203,14 +253,28 @@ def _local_examples(node_config: dict, data_json: str, model_dir: str, max_seq_l
     path = _node_str(node_config, "data-path") if "data-path" in node_config else None
     has_partition = "partition-id" in node_config and "num-partitions" in node_config
     if path is not None and (not has_partition or _holds_data(Path(path))):
-        return _cached_examples(data_json, path, None, model_dir, max_seq_len)
+        return path, None
     if not has_partition:
         raise data.DataError("node_config needs data-path, or partition-id and num-partitions")
     partition = (_node_int(node_config, "partition-id"), _node_int(node_config, "num-partitions"))
     if path is not None:
-        log(WARNING, "data-path %s holds no data: training on partition %d of %d of the packaged data",
-            path, *partition)
-    return _cached_examples(data_json, None, partition, model_dir, max_seq_len)
+        log(WARNING, "data-path %s holds no data: using partition %d of %d of the packaged data", path, *partition)
+    return None, partition
+
+
+def _local_examples(node_config: dict, data_json: str, model_dir: str, max_seq_len: int) -> list[data.Example]:
+    """This node's tokenized training examples."""
+    return _tokenized_train(data_json, *_data_source(node_config), model_dir, max_seq_len)
+
+
+def _local_split(node_config: dict, data_json: str, side: str) -> data.Dataset:
+    """This node's held-out (`heldout`) or validation (`validation`) examples: never trained on."""
+    split = _split(data_json, *_data_source(node_config))
+    chosen = split.validation if side == "validation" else split.heldout
+    if chosen is None:
+        raise data.DataError("eval.split=validation, but this node's data has no validation side "
+                             "(data.validation_fraction)")
+    return chosen
 
 
 def _holds_data(path: Path) -> bool:

@@ -25,6 +25,8 @@ QUANTIZATIONS = ("none", "int8", "nf4")
 PARTITIONERS = ("iid", "dirichlet")
 LR_SCHEDULES = ("constant", "cosine")
 EVAL_SPLITS = ("heldout", "validation")
+EVAL_WHERE = ("auto", "server", "nodes", "both")
+NODE_EVAL_MODELS = ("exact", "compressed")
 FEDERATED_ALGORITHMS = ("fedcybgd", "fedbavg", "fedavg-full", "fedlora", "fedcybgd-lora")
 CENTRALIZED_ALGORITHMS = ("centralized-cy", "centralized-full")
 ALGORITHMS = FEDERATED_ALGORITHMS + CENTRALIZED_ALGORITHMS
@@ -182,6 +184,19 @@ class EvalConfig:
     # What is evaluated: `heldout` (the reported held-out split) or `validation` (the split
     # hyper-parameters are chosen on; needs data.validation_fraction > 0).
     split: str = "heldout"
+    # Where the global model is evaluated: `server` (on the server's held-out split of
+    # `data.path`), `nodes` (each node on the held-out split of its own data, aggregated weighted
+    # by examples: the server then needs no data), `both`, or `auto`: `nodes` when every
+    # connected node has its own `data-path`, `server` otherwise (the log says which).
+    where: str = "auto"
+    # The model a node evaluates: `exact` (the current global model; the node is sent, dense,
+    # only what its cache lacks) or `compressed` (its compressed frozen copy brought to the
+    # current versions in compressed form: fewer bytes, but an approximation, and reported so).
+    node_model: str = "exact"
+
+    def due(self, server_round: int, rounds: int) -> bool:
+        """Whether round `server_round` of `rounds` is evaluated: 0, the last, every `every`."""
+        return server_round in (0, rounds) or server_round % self.every == 0
 
 
 @dataclass
@@ -250,6 +265,10 @@ def check(cfg: RunConfig) -> None:
         (cfg.eval.split in EVAL_SPLITS, "eval.split", f"must be one of {EVAL_SPLITS}"),
         (cfg.eval.split != "validation" or cfg.data.validation_fraction > 0, "eval.split",
          "=validation needs data.validation_fraction > 0"),
+        (cfg.eval.where in EVAL_WHERE, "eval.where", f"must be one of {EVAL_WHERE}"),
+        (cfg.eval.where in ("auto", "server") or cfg.algorithm.name in FEDERATED_ALGORITHMS, "eval.where",
+         "must be auto or server for the centralized algorithms (they have no nodes)"),
+        (cfg.eval.node_model in NODE_EVAL_MODELS, "eval.node_model", f"must be one of {NODE_EVAL_MODELS}"),
         (cfg.data.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0"),
         (cfg.data.max_examples is None or cfg.data.max_examples > 0, "data.max_examples", "must be > 0"),
         ((cfg.train.local_steps is None) != (cfg.train.local_epochs is None), "train.local_steps",

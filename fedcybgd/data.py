@@ -121,6 +121,25 @@ def _take_groups(order: list[str], groups: dict[str, list[int]], target: int) ->
     return taken, order[count:]
 
 
+def write_node_files(ds: Dataset, num_nodes: int, out_dir: Path, seed: int) -> list[Path]:
+    """Give each of `num_nodes` nodes a data file of its own: whole prompt groups of `ds`, dealt
+    out in a seeded order, as chat JSONL (`messages`) in `out_dir/node-<i>.jsonl`. For trying a
+    deployment where the data lives only on the nodes."""
+    groups: dict[str, list[int]] = {}
+    for i, messages in enumerate(ds["messages"]):
+        groups.setdefault(prompt_key(messages), []).append(i)
+    if len(groups) < num_nodes:
+        raise DataError(f"{len(groups)} distinct prompts cannot give {num_nodes} nodes data of their own")
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"node-{i + 1}.jsonl" for i in range(num_nodes)]
+    for node, path in enumerate(paths):
+        rows = [i for key in order[node::num_nodes] for i in groups[key]]
+        path.write_text("".join(json.dumps({"messages": ds[i]["messages"]}) + "\n" for i in rows), encoding="utf-8")
+    return paths
+
+
 def prompt_key(messages: list[dict[str, str]]) -> str:
     """What makes two prompts the same: every message but the response, normalised."""
     return "\n".join(f"{m['role']}: {_norm(m['content'])}" for m in messages[:-1])

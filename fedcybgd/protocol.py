@@ -8,8 +8,12 @@ A train instruction is a `RecordDict` with
   at which version and in which form).
 The reply holds `"block"` (exactly the assigned keys), `"metrics"` (a `VisitMetrics`) and
 `"config"` (block id and version echoed, and the digest of the client's cache).
-A holdings query (`MessageType.QUERY`) asks a node what its cache holds. Both sides import these
-names; neither spells a key by hand.
+An evaluate instruction (`MessageType.EVALUATE`, `eval.where=nodes`) has the same `"block"`
+(empty), `"frozen"` and `"config"` (an `EvalInstruction`) records; the node evaluates the global
+model on its own held-out data and replies `"metrics"` (a `NodeEvalMetrics`) and `"config"` (its
+cache digest and the task metric's name).
+A holdings query (`MessageType.QUERY`) asks a node what its cache holds, who it is and whether it
+has data of its own. Both sides import these names; neither spells a key by hand.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedcybgd import codec
 from fedcybgd.lora import adapter_names
 from fedcybgd.client_cache import Holding, decode_holdings, encode_holdings
-from fedcybgd.config import DataConfig, LoraConfig, TrainConfig
+from fedcybgd.config import DataConfig, EvalConfig, LoraConfig, TrainConfig
 
 BLOCK = "block"
 FROZEN = "frozen"
@@ -127,6 +131,72 @@ class VisitMetrics:
         return cls(**{f.name: record[f.name.replace("_", "-")] for f in fields(cls)})
 
 
+@dataclass(frozen=True)
+class EvalInstruction:
+    """Evaluate the global model, as the `manifest` lists it, on the node's held-out data."""
+
+    round: int
+    manifest: tuple[Holding, ...]  # every tensor of the model, at its current version
+    model_name: str
+    model_spec: str
+    data: DataConfig  # how the node splits its data: the same rule as the server's
+    eval: EvalConfig
+    max_seq_len: int
+    lora: LoraConfig | None  # adapters in the manifest are merged with it (fedlora)
+    cache_id: str
+    # The manifest holds compressed forms (eval.node_model=compressed): an approximation.
+    approximate: bool = False
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({
+            "round": self.round,
+            "manifest": encode_holdings(list(self.manifest)),
+            "model-name": self.model_name,
+            "model-spec": self.model_spec,
+            "data": json.dumps(asdict(self.data)),
+            "eval": json.dumps(asdict(self.eval)),
+            "max-seq-len": self.max_seq_len,
+            "lora": json.dumps(asdict(self.lora) if self.lora else None),
+            "cache-id": self.cache_id,
+            "approximate": self.approximate,
+        })
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> EvalInstruction:
+        return cls(
+            round=int(record["round"]),
+            manifest=tuple(decode_holdings(str(record["manifest"]))),
+            model_name=str(record["model-name"]),
+            model_spec=str(record["model-spec"]),
+            data=DataConfig(**json.loads(str(record["data"]))),
+            eval=EvalConfig(**json.loads(str(record["eval"]))),
+            max_seq_len=int(record["max-seq-len"]),
+            lora=LoraConfig(**spec) if (spec := json.loads(str(record["lora"]))) else None,
+            cache_id=str(record["cache-id"]),
+            approximate=bool(record["approximate"]),
+        )
+
+
+@dataclass(frozen=True)
+class NodeEvalMetrics:
+    eval_loss: float  # mean cross-entropy per response token on the node's held-out examples
+    num_examples: int  # held-out examples evaluated
+    task_examples: int  # of them, answered by generation (0: no task score)
+    task_score: float  # mean task score over those (0.0 when task_examples is 0)
+    seconds: float
+
+    def to_record(self) -> MetricRecord:
+        return MetricRecord({f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_record(cls, record: MetricRecord) -> NodeEvalMetrics:
+        return cls(**{f.name: record[f.name.replace("_", "-")] for f in fields(cls)})
+
+
+def eval_echo(cache_digest: str, task_metric: str) -> ConfigRecord:
+    return ConfigRecord({"cache-digest": cache_digest, "task-metric": task_metric})
+
+
 def reply_echo(block: int, block_version: int, cache_digest: str) -> ConfigRecord:
     return ConfigRecord({"block": block, "block-version": block_version, "cache-digest": cache_digest})
 
@@ -168,14 +238,21 @@ def parse_holdings_query(content: RecordDict) -> tuple[dict[str, str], str]:
     return json.loads(str(record["base-hashes"])), str(record["cache-id"])
 
 
-def holdings_reply(holdings: list[Holding], node_key: str) -> RecordDict:
-    return RecordDict({CONFIG: ConfigRecord({"holdings": encode_holdings(holdings), "node-key": node_key})})
+@dataclass(frozen=True)
+class HoldingsReply:
+    holdings: list[Holding]  # what the node's cache holds
+    node_key: str  # its stable key (`node_key`)
+    has_data: bool  # it has a data file of its own (node config `data-path`)
 
+    def to_content(self) -> RecordDict:
+        return RecordDict({CONFIG: ConfigRecord({"holdings": encode_holdings(self.holdings),
+                                                 "node-key": self.node_key, "has-data": self.has_data})})
 
-def parse_holdings_reply(content: RecordDict) -> tuple[list[Holding], str]:
-    """(what the node holds, its stable key)."""
-    record = content.config_records[CONFIG]
-    return decode_holdings(str(record["holdings"])), str(record["node-key"])
+    @classmethod
+    def from_content(cls, content: RecordDict) -> HoldingsReply:
+        record = content.config_records[CONFIG]
+        return cls(decode_holdings(str(record["holdings"])), str(record["node-key"]),
+                   bool(record.get("has-data", False)))
 
 
 FALLBACK_KEY_PREFIX = "node-id-"

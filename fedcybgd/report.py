@@ -38,6 +38,26 @@ class RoundStats:
         return asdict(self)
 
 
+@dataclass
+class NodeEvaluation:
+    """One round's evaluation on the nodes' own held-out data (`eval.where` nodes or both)."""
+
+    round: int
+    model: str  # "exact", or "compressed (approximation)"
+    # Per node that answered: {node_id, node_key, eval_loss, num_examples, task_score,
+    # task_examples, bytes_down, bytes_up, seconds}.
+    nodes: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)  # {node_id, kind, reason}: left out of the mean
+    eval_loss: float | None = None  # over the nodes that answered, weighted by their examples
+    task_score: float | None = None  # weighted by task examples
+    task_metric: str | None = None
+    bytes_down: int = 0  # evaluation traffic, apart from training's
+    bytes_up: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 def write_atomic(path: Path, content: str | bytes) -> None:
     """Replace `path` with `content` so that a crash leaves the old file or the new, never half.
 
@@ -81,41 +101,45 @@ class RunReport:
     def write_summary(self, summary: dict) -> None:
         write_atomic(self.out_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
-    def write_plots(self, initial_eval_loss: float, initial_task_score: float | None = None,
+    def write_plots(self, losses: dict[str, dict[int, float]], task_scores: dict[str, dict[int, float]],
                     task_metric: str | None = None) -> list[Path]:
+        """`losses`, `task_scores`: by series (`server`, `nodes`, ...), each by round."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rounds = [0] + [r["round"] for r in self.rows]
-        evals = [(0, initial_eval_loss)] + [(r["round"], r["eval_loss"]) for r in self.rows
-                                            if r["eval_loss"] is not None]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r for r, _ in evals], [l for _, l in evals], marker="o")
-        ax.set(xlabel="round", ylabel="held-out loss", title="Held-out loss")
-        ax.grid(alpha=0.3)
-        paths = [self._save(fig, "eval_loss.png")]
-
-        if initial_task_score is not None:
-            scores = [(0, initial_task_score)] + [(r["round"], r["task_score"]) for r in self.rows
-                                                  if r["task_score"] is not None]
+        paths = []
+        for by_series, name, ylabel, title in (
+                (losses, "eval_loss.png", "held-out loss", "Held-out loss"),
+                (task_scores, "task_score.png", task_metric or "task score",
+                 "Held-out task score (greedy generation)")):
+            if not by_series:
+                continue
             fig, ax = plt.subplots(figsize=(6, 4))
-            ax.plot([r for r, _ in scores], [v for _, v in scores], marker="o")
-            ax.set(xlabel="round", ylabel=task_metric or "task score", ylim=(-0.02, 1.02),
-                   title="Held-out task score (greedy generation)")
+            for label, by_round in by_series.items():
+                points = sorted(by_round.items())
+                ax.plot([r for r, _ in points], [v for _, v in points], marker="o", label=label)
+            ax.set(xlabel="round", ylabel=ylabel, title=title)
+            if name == "task_score.png":
+                ax.set_ylim(-0.02, 1.02)
+            if len(by_series) > 1:
+                ax.legend()
             ax.grid(alpha=0.3)
-            paths.append(self._save(fig, "task_score.png"))
+            paths.append(self._save(fig, name))
 
-        down, up, total_down, total_up = [0.0], [0.0], 0, 0
+        rounds = [0] + [r["round"] for r in self.rows]
+        down, up, evaluation = [0.0], [0.0], [0.0]
         for r in self.rows:
-            total_down += r["bytes_down"]
-            total_up += r["bytes_up"]
-            down.append(total_down / 1e6)
-            up.append(total_up / 1e6)
+            node_eval = r.get("node_eval") or {}
+            down.append(down[-1] + r["bytes_down"] / 1e6)
+            up.append(up[-1] + r["bytes_up"] / 1e6)
+            evaluation.append(evaluation[-1] + node_eval.get("bytes_down", 0) / 1e6)
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(rounds, down, label="down (server to clients)")
         ax.plot(rounds, up, label="up (clients to server)")
+        if evaluation[-1]:
+            ax.plot(rounds, evaluation, label="down for evaluation on the nodes")
         ax.set(xlabel="round", ylabel="cumulative MB", title="Bytes sent")
         ax.legend()
         ax.grid(alpha=0.3)
@@ -140,12 +164,23 @@ def summary_table(summary: dict) -> str:
         ("algorithm", summary["algorithm"]),
         ("model", summary["model"]),
         ("rounds", summary["rounds"]),
-        ("held-out loss", f"{summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}"),
+        ("held-out loss", _change(summary["initial_eval_loss"], summary["final_eval_loss"], ".4f")),
         (f"task score ({summary['task_metric'] or 'off'})",
-         "-" if summary["initial_task_score"] is None
-         else f"{summary['initial_task_score']:.3f} -> {summary['final_task_score']:.3f}"),
-        ("train / held-out examples", f"{summary['data_train_examples']} / {summary['data_heldout_examples']} "
-         f"({summary['data_duplicates_dropped']} duplicates dropped)"),
+         _change(summary["initial_task_score"], summary["final_task_score"], ".3f")),
+    ]
+    if "node_eval_model" in summary:
+        rows += [
+            (f"nodes' held-out loss ({summary['node_eval_model']})",
+             _change(summary["initial_nodes_eval_loss"], summary["final_nodes_eval_loss"], ".4f")),
+            (f"nodes' task score ({summary['nodes_task_metric'] or 'off'})",
+             _change(summary["initial_nodes_task_score"], summary["final_nodes_task_score"], ".3f")),
+            ("evaluation bytes down / up", f"{summary['total_eval_bytes_down'] / mb:,.1f} MB / "
+             f"{summary['total_eval_bytes_up'] / mb:,.3f} MB ({summary['node_eval_failures']} node failures)"),
+        ]
+    rows += [
+        ("train / held-out examples", "- (the server holds no data)" if summary["data_train_examples"] is None
+         else f"{summary['data_train_examples']} / {summary['data_heldout_examples']} "
+              f"({summary['data_duplicates_dropped']} duplicates dropped)"),
         ("samples seen", summary["samples_seen"]),
         ("bytes down / up", f"{summary['total_bytes_down'] / mb:,.1f} MB / {summary['total_bytes_up'] / mb:,.1f} MB"),
         ("download vs Fed-full", "-" if ratio is None else f"{ratio:.1%}"),
@@ -155,3 +190,9 @@ def summary_table(summary: dict) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def _change(before: float | None, after: float | None, spec: str) -> str:
+    if before is None and after is None:
+        return "-"
+    return " -> ".join("-" if v is None else format(v, spec) for v in (before, after))

@@ -33,6 +33,8 @@ from typing import IO
 
 import yaml
 
+from fedcybgd import data
+from fedcybgd.config import compose
 from scripts.certs import DEFAULT_HOSTS, NodeKeys, ServerCredentials, generate_node_keys, generate_server_credentials
 from scripts.simulate import _flwr, _wait_healthy, flower_env, free_port, run_status
 
@@ -468,6 +470,10 @@ def main() -> int:
     parser.add_argument("--data", type=Path, nargs="*", default=None,
                         help="one data file per SuperNode (data-path); default: each node gets "
                              "its partition of the default data (partition-id/num-partitions)")
+    parser.add_argument("--own-data", action="store_true",
+                        help="give each SuperNode a data file of its own: its share, by prompt, of the "
+                             "configured data (data.path or the packaged default), written to "
+                             "<workdir>/node-data/; the server then needs none (eval.where=auto)")
     parser.add_argument("--tls", action="store_true", help="TLS with a fresh private CA")
     parser.add_argument("--node-auth", action="store_true", help="SuperNode authentication (implies --tls)")
     parser.add_argument("--workdir", type=Path, default=None, help="logs, FLWR_HOME, certificates")
@@ -475,9 +481,16 @@ def main() -> int:
     args = parser.parse_args()
     if args.data is not None and len(args.data) != args.supernodes:
         parser.error(f"--data needs one file per SuperNode ({args.supernodes})")
+    if args.data is not None and args.own_data:
+        parser.error("--data and --own-data both give the nodes their data: choose one")
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fedcybgd-deploy-"))
     overrides = " ".join(args.overrides)
+    if args.own_data:
+        cfg = compose(overrides=args.overrides)
+        args.data = data.write_node_files(data.load_examples(cfg.data), args.supernodes,
+                                          workdir / "node-data", cfg.data.seed)
+        print(f"[deploy] each SuperNode's own data: {', '.join(str(p) for p in args.data)}", flush=True)
     if "algorithm.min_nodes" not in overrides:  # start only when every node is there
         overrides = f"{overrides} algorithm.min_nodes={args.supernodes}".strip()
     started = time.perf_counter()

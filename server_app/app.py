@@ -21,7 +21,8 @@ from flwr.supercore.exit import add_exit_handler
 from fedcybgd import codec, data, models
 from fedcybgd.config import RunConfig, compose
 from fedcybgd.protocol import tensor_sha256
-from server_app.experiment import Experiment, output_dir, prepare
+from fedcybgd.report import NodeEvaluation
+from server_app.experiment import Experiment, ServerSetup, load_data, output_dir, prepare, resolve_eval_where
 from strategy import CyclicBlockStrategy, algorithms, state
 
 app = ServerApp()
@@ -36,38 +37,41 @@ def main(grid: Grid, context: Context) -> None:
 
 def run(grid: Grid, cfg: RunConfig) -> Path:
     """Run the configured federated algorithm on `grid`; returns the output directory."""
-    setup = prepare(cfg)
+    setup = prepare(cfg, with_data=False)  # the data once we know whether the server needs it
     algorithm, layout, extra_tensors = algorithms.build(cfg, setup.model, setup.layout)
     initial_tensors = {**models.named_tensors(setup.model), **extra_tensors}
     base_hashes = {name: tensor_sha256(t) for name, t in initial_tensors.items()}
-    identity = state.run_identity(cfg, base_hashes, len(setup.train_data))
     out_dir = output_dir(cfg)
     saved = state.load(out_dir) if cfg.resume else None
-    if saved is not None:
-        state.check_resumable(saved, identity, cfg.rounds, out_dir / state.CHECKPOINT_FILE)
-    experiment = Experiment.start(cfg, setup, out_dir, saved.rows if saved else None,
-                                  saved.evals if saved else None)
 
     strategy = CyclicBlockStrategy(
         layout, algorithm=algorithm, model_name=cfg.model.name, model_spec=models.model_spec(setup.model),
         train=cfg.train, data=cfg.data, compression=cfg.compression, base_hashes=base_hashes,
         allocation=cfg.algorithm.allocation, pairing=cfg.algorithm.pairing, min_nodes=cfg.algorithm.min_nodes,
         round_timeout=cfg.algorithm.round_timeout, max_upload_ratio=cfg.algorithm.max_upload_ratio,
-        max_norm_ratio=cfg.algorithm.max_norm_ratio, seed=cfg.seed,
+        max_norm_ratio=cfg.algorithm.max_norm_ratio, evaluation=cfg.eval, seed=cfg.seed,
     )
     # The global model: the strategy updates this record in place, block by block.
     if saved is not None:
-        global_arrays = strategy.restore(saved)
-        state.restore_rng(saved.rng)
+        global_arrays = strategy.restore(saved)  # its cache id first: nodes report that cache
     else:
         global_arrays = codec.encode_tensors(initial_tensors)
-    nodes = strategy.connected_nodes(grid)  # asks every node what it holds and who it is
-    for partition_id in range(len(nodes)):  # fail now, not in round k, if a partition is unusable
-        part = data.load_partition(setup.train_data, partition_id, len(nodes), cfg.data)
-        try:
-            data.tokenize(part, setup.tokenizer, cfg.train.max_seq_len)
-        except data.DataError as err:
-            raise data.DataError(f"partition {partition_id} of {len(nodes)}: {err}") from err
+    nodes = strategy.connected_nodes(grid)  # asks every node what it holds, who it is, if it has data
+    have_data = strategy.nodes_with_data(nodes)
+    where, why = resolve_eval_where(cfg.eval.where, have_data)
+    log(INFO, "[fedcybgd] evaluation on %s (%s)", where, why)
+    strategy.evaluate_on_nodes = where in ("nodes", "both")
+    if where in ("server", "both") or not all(have_data):
+        setup.data = load_data(cfg, setup.tokenizer)
+        _check_partitions(cfg, setup, len(nodes))
+    else:
+        log(INFO, "[fedcybgd] the server loads no data: every node trains and evaluates on its own")
+    identity = state.run_identity(cfg, base_hashes, len(setup.data.train) if setup.data else None)
+    if saved is not None:
+        state.check_resumable(saved, identity, cfg.rounds, out_dir / state.CHECKPOINT_FILE)
+        state.restore_rng(saved.rng)
+    experiment = Experiment.start(cfg, setup, out_dir, where, saved.rows if saved else None,
+                                  saved.evals if saved else None, saved.task_scores if saved else None)
     log(INFO, "[fedcybgd] %s on %s: %d blocks, %d nodes, output %s%s", algorithm.name, cfg.model.name,
         len(layout.blocks), len(nodes), experiment.out_dir,
         f", resumed after round {saved.completed_round}" if saved else "")
@@ -82,10 +86,13 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
         due = experiment.eval_due(server_round)
         if due:
             experiment.evaluate(server_round, codec.decode_record(arrays))
+        if server_round == 0 and where == "nodes":
+            _check_nodes_evaluated(strategy.node_evals[0])
         if server_round > 0:
-            experiment.add_round(strategy.rounds[server_round].as_dict())
+            experiment.add_round(strategy.rounds[server_round].as_dict(), strategy.node_evals.get(server_round))
             checkpoints.after_round(strategy.state(identity=identity, rows=experiment.report.rows,
-                                                   evals=experiment.evals, rng=state.capture_rng()))
+                                                   evals=experiment.evals, task_scores=experiment.task_scores,
+                                                   rng=state.capture_rng()))
         return MetricRecord({"eval-loss": experiment.evals[server_round]}) if due else None
 
     strategy.start(grid, global_arrays, num_rounds=cfg.rounds,
@@ -100,5 +107,32 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
         "download_ratio_vs_fedfull": total_down / (full_model_bytes * visits) if visits else None,
         "block_bytes": [sum(len(global_arrays[n].data) for n in b.names) for b in layout.blocks],
         "compressed_tensors_computed": strategy.packager.encode_count,
-    })
+    }, strategy.node_evals)
     return experiment.out_dir
+
+
+class EvaluationError(RuntimeError):
+    """Nothing can evaluate the model: the server has no data and no node could."""
+
+
+def _check_nodes_evaluated(initial: NodeEvaluation) -> None:
+    """With evaluation on the nodes only, at least one must have evaluated the initial model."""
+    if initial.eval_loss is not None:
+        return
+    failures = "; ".join(f"node {f['node_key'] or f['node_id']}: {f['reason']}" for f in initial.failed)
+    raise EvaluationError(
+        "eval.where=nodes, but no node could evaluate the initial model"
+        + (f" ({failures})" if failures else " (no node answered)")
+        + ". Give the nodes data-path files with enough distinct prompts to hold some out, "
+          "or evaluate on the server: eval.where=server")
+
+
+def _check_partitions(cfg: RunConfig, setup: ServerSetup, num_nodes: int) -> None:
+    """Fail now, not in round k, if a node's partition of the server's data is unusable."""
+    assert setup.data is not None
+    for partition_id in range(num_nodes):
+        part = data.load_partition(setup.data.train, partition_id, num_nodes, cfg.data)
+        try:
+            data.tokenize(part, setup.tokenizer, cfg.train.max_seq_len)
+        except data.DataError as err:
+            raise data.DataError(f"partition {partition_id} of {num_nodes}: {err}") from err

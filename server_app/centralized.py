@@ -34,9 +34,10 @@ def run_centralized(cfg: RunConfig) -> Path:
         raise ValueError(f"algorithm.name={cfg.algorithm.name!r} is not a centralized algorithm")
     memory_before = memory.baseline_bytes(pick_device())  # the peak counts the model and data too
     setup = prepare(cfg)
+    assert setup.data is not None
     experiment = Experiment.start(cfg, setup, output_dir(cfg))
     model = setup.model
-    examples = data.tokenize(setup.train_data, setup.tokenizer, cfg.train.max_seq_len)
+    examples = data.tokenize(setup.data.train, setup.tokenizer, cfg.train.max_seq_len)
     batches = data.train_batches(examples, cfg.train.batch_size, setup.tokenizer.pad_token_id, seed=cfg.seed)
     every_param = [name for name, _ in model.named_parameters()]
     full = cfg.algorithm.name == "centralized-full"

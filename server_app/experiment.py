@@ -23,8 +23,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fedcybgd import data, lora, models, scoring
 from fedcybgd.blocks import ModelLayout, describe
 from fedcybgd.config import RunConfig, to_yaml
-from fedcybgd.report import RunReport, summary_table, write_atomic
+from fedcybgd.report import NodeEvaluation, RunReport, summary_table, write_atomic
 from fedcybgd.train import evaluate_loss, pick_device
+
+
+@dataclass
+class ServerData:
+    """The server's own data: what partitions are checked against, and what it evaluates on."""
+
+    train: data.Dataset
+    eval_batches: list[dict]
+    task_examples: list[scoring.TaskExample]  # answered by generation at each evaluation
+    counts: dict[str, int]  # duplicates dropped, train and held-out sizes
 
 
 @dataclass
@@ -32,19 +42,22 @@ class ServerSetup:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     layout: ModelLayout
-    train_data: data.Dataset
-    eval_batches: list[dict]
-    task_examples: list[scoring.TaskExample]  # answered by generation at each evaluation
-    data_counts: dict[str, int]  # duplicates dropped, train and held-out sizes
     lora_transposed: frozenset[str]  # modules whose LoRA update merges transposed (Conv1D)
+    data: ServerData | None = None  # None: the server holds no data (evaluation on the nodes)
 
 
-def prepare(cfg: RunConfig) -> ServerSetup:
-    """Load and check the model and the data; raises with a clear message on any bad input."""
+def prepare(cfg: RunConfig, with_data: bool = True) -> ServerSetup:
+    """Load and check the model (and the data); raises with a clear message on any bad input."""
     model_dir = models.resolve_model_dir(cfg.model.name)
     model = models.load_pretrained(model_dir)
     tokenizer = models.load_tokenizer(str(model_dir))
     layout = describe(model, cfg.model.layers_per_block, cfg.model.train_head)
+    return ServerSetup(model, tokenizer, layout, lora.transposed_modules(model),
+                       load_data(cfg, tokenizer) if with_data else None)
+
+
+def load_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> ServerData:
+    """`data.path` (or the packaged default), de-duplicated and split by prompt, evaluation ready."""
     rows = data.load_examples(cfg.data)
     split = data.split_heldout(rows, cfg.data)
     counts = {"data_rows": len(rows), "data_duplicates_dropped": split.duplicates_dropped,
@@ -60,9 +73,18 @@ def prepare(cfg: RunConfig) -> ServerSetup:
         capped = evaluated.select(range(min(cfg.eval.max_examples, len(evaluated))))
     eval_examples = data.tokenize(capped, tokenizer, cfg.train.max_seq_len)
     eval_batches = data.eval_batches(eval_examples, cfg.eval.batch_size, tokenizer.pad_token_id)
-    task_examples = scoring.task_examples(evaluated, cfg.eval.task_examples)
-    return ServerSetup(model, tokenizer, layout, split.train, eval_batches, task_examples, counts,
-                       lora.transposed_modules(model))
+    return ServerData(split.train, eval_batches, scoring.task_examples(evaluated, cfg.eval.task_examples), counts)
+
+
+def resolve_eval_where(requested: str, nodes_have_data: list[bool]) -> tuple[str, str]:
+    """(`server`, `nodes` or `both`, why): `auto` means nodes when every node has its own data."""
+    if requested != "auto":
+        return requested, f"eval.where={requested}"
+    if nodes_have_data and all(nodes_have_data):
+        return "nodes", "eval.where=auto and every node has a data-path of its own"
+    held = sum(nodes_have_data)
+    return "server", (f"eval.where=auto and {held} of {len(nodes_have_data)} node(s) have a data-path "
+                      "of their own (nodes evaluate when all do)")
 
 
 def output_dir(cfg: RunConfig) -> Path:
@@ -73,54 +95,72 @@ def output_dir(cfg: RunConfig) -> Path:
 
 @dataclass
 class Experiment:
-    """One run's outputs: its report, held-out losses and task scores by round, and the clock."""
+    """One run's outputs: its report, evaluations by round, and the clock.
+
+    `where` says who evaluates: the server on its held-out batches (`server`), the nodes on
+    their own held-out data (`nodes`; the strategy collects those), or `both`.
+    """
 
     cfg: RunConfig
     setup: ServerSetup
     out_dir: Path
     report: RunReport
+    where: str = "server"
     evals: dict[int, float] = field(default_factory=dict)
     task_scores: dict[int, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     device: torch.device = field(default_factory=pick_device)
 
     @classmethod
-    def start(cls, cfg: RunConfig, setup: ServerSetup, out_dir: Path, rows: list[dict] | None = None,
-              evals: dict[int, float] | None = None) -> Experiment:
-        """`rows`, `evals`: what a resumed run had at its checkpoint; metrics.jsonl goes on from there."""
+    def start(cls, cfg: RunConfig, setup: ServerSetup, out_dir: Path, where: str = "server",
+              rows: list[dict] | None = None, evals: dict[int, float] | None = None,
+              task_scores: dict[int, float] | None = None) -> Experiment:
+        """`rows`, `evals`, `task_scores`: what a resumed run had at its checkpoint; metrics.jsonl
+        goes on from there."""
+        if where in ("server", "both") and setup.data is None:
+            raise ValueError(f"evaluation on the server ({where}) needs the server's data")
         report = RunReport(out_dir, rows)
         write_atomic(out_dir / "config.yaml", to_yaml(cfg))
-        return cls(cfg, setup, out_dir, report, dict(evals or {}))
+        return cls(cfg, setup, out_dir, report, where, dict(evals or {}), dict(task_scores or {}))
+
+    @property
+    def on_server(self) -> bool:
+        return self.where in ("server", "both")
 
     def eval_due(self, server_round: int) -> bool:
-        return server_round in (0, self.cfg.rounds) or server_round % self.cfg.eval.every == 0
+        return self.on_server and self.cfg.eval.due(server_round, self.cfg.rounds)
 
     @property
     def task_metric(self) -> str | None:
-        return scoring.metric_name(self.setup.task_examples) if self.setup.task_examples else None
+        examples = self.setup.data.task_examples if self.setup.data else []
+        return scoring.metric_name(examples) if examples else None
 
     def evaluate(self, server_round: int, tensors: dict[str, torch.Tensor]) -> float:
         """Held-out loss (and task score) of the model with `tensors` (adapters merged in)."""
+        assert self.setup.data is not None
         models.load_tensors(self.setup.model, lora.merge_into(tensors, self.cfg.lora, self.setup.lora_transposed))
-        self.evals[server_round] = evaluate_loss(self.setup.model, self.setup.eval_batches, self.device)
-        if self.setup.task_examples:
+        self.evals[server_round] = evaluate_loss(self.setup.model, self.setup.data.eval_batches, self.device)
+        if self.setup.data.task_examples:
             self.task_scores[server_round], _ = scoring.task_score(
-                self.setup.model, self.setup.tokenizer, self.setup.task_examples, self.device,
+                self.setup.model, self.setup.tokenizer, self.setup.data.task_examples, self.device,
                 self.cfg.eval.max_new_tokens, self.cfg.eval.batch_size)
         return self.evals[server_round]
 
-    def add_round(self, row: dict) -> None:
+    def add_round(self, row: dict, node_eval: NodeEvaluation | None = None) -> None:
         row = {"algorithm": self.cfg.algorithm.name, **row, "eval_loss": self.evals.get(row["round"]),
-               "task_score": self.task_scores.get(row["round"]), "task_metric": self.task_metric}
+               "task_score": self.task_scores.get(row["round"]), "task_metric": self.task_metric,
+               "node_eval": node_eval.as_dict() if node_eval else None}
         self.report.add_round(row)
         log(INFO, "[fedcybgd] %s", _round_line(row, self.cfg.rounds))
 
-    def finish(self, final_tensors: dict[str, torch.Tensor], extra: dict) -> dict:
+    def finish(self, final_tensors: dict[str, torch.Tensor], extra: dict,
+               node_evals: dict[int, NodeEvaluation] | None = None) -> dict:
         """Save the final model, write summary.json and the plots; returns the summary."""
         models.load_tensors(self.setup.model, lora.merge_into(final_tensors, self.cfg.lora, self.setup.lora_transposed))
         _save_final(self.setup, self.out_dir / "final")
         rows = self.report.rows
         peaks = [a["peak_mem_bytes"] for r in rows for a in r["assignments"] if "peak_mem_bytes" in a]
+        last = self.cfg.rounds
         summary = {
             "algorithm": self.cfg.algorithm.name,
             "model": self.cfg.model.name,
@@ -128,15 +168,17 @@ class Experiment:
             "clients_per_round": self.cfg.algorithm.clients_per_round,
             "allocation": self.cfg.algorithm.allocation,
             "compression": asdict(self.cfg.compression),
-            "initial_eval_loss": self.evals[0],
-            "final_eval_loss": self.evals[self.cfg.rounds],
+            "eval_where": self.where,
+            "initial_eval_loss": self.evals.get(0),
+            "final_eval_loss": self.evals.get(last),
             "eval_losses": {str(r): loss for r, loss in sorted(self.evals.items())},
             "task_metric": self.task_metric,
-            "task_examples": len(self.setup.task_examples),
+            "task_examples": len(self.setup.data.task_examples) if self.setup.data else 0,
             "initial_task_score": self.task_scores.get(0),
-            "final_task_score": self.task_scores.get(self.cfg.rounds),
+            "final_task_score": self.task_scores.get(last),
             "task_scores": {str(r): score for r, score in sorted(self.task_scores.items())},
-            **self.setup.data_counts,
+            **(self.setup.data.counts if self.setup.data else dict.fromkeys(_DATA_COUNTS)),
+            **_node_eval_summary(node_evals or {}, last),
             "total_bytes_down": sum(r["bytes_down"] for r in rows),
             "total_bytes_down_block": sum(r["bytes_down_block"] for r in rows),
             "total_bytes_down_frozen": sum(r["bytes_down_frozen"] for r in rows),
@@ -152,9 +194,53 @@ class Experiment:
             "config": asdict(self.cfg),
         }
         self.report.write_summary(summary)
-        self.report.write_plots(self.evals[0], self.task_scores.get(0), self.task_metric)
+        self.report.write_plots(*_plot_series(self.evals, self.task_scores, node_evals or {}),
+                                summary["task_metric"] or summary.get("nodes_task_metric"))
         log(INFO, "[fedcybgd] run finished\n%s\n  outputs in %s", summary_table(summary), self.out_dir)
         return summary
+
+
+_DATA_COUNTS = ("data_rows", "data_duplicates_dropped", "data_train_examples", "data_heldout_examples")
+
+
+def _node_eval_summary(node_evals: dict[int, NodeEvaluation], last: int) -> dict:
+    """The nodes' evaluations in summary.json (nothing when the nodes did not evaluate)."""
+    if not node_evals:
+        return {}
+    final = node_evals.get(last)
+    losses = {r: e.eval_loss for r, e in sorted(node_evals.items()) if e.eval_loss is not None}
+    scores = {r: e.task_score for r, e in sorted(node_evals.items()) if e.task_score is not None}
+    return {
+        "node_eval_model": next(iter(node_evals.values())).model,
+        "initial_nodes_eval_loss": losses.get(0),
+        "final_nodes_eval_loss": losses.get(last),
+        "nodes_eval_losses": {str(r): v for r, v in losses.items()},
+        "nodes_task_metric": next((e.task_metric for e in node_evals.values() if e.task_metric), None),
+        "initial_nodes_task_score": scores.get(0),
+        "final_nodes_task_score": scores.get(last),
+        "nodes_task_scores": {str(r): v for r, v in scores.items()},
+        "final_node_evals": final.nodes if final else [],
+        "node_eval_failures": sum(len(e.failed) for e in node_evals.values()),
+        "total_eval_bytes_down": sum(e.bytes_down for e in node_evals.values()),
+        "total_eval_bytes_up": sum(e.bytes_up for e in node_evals.values()),
+    }
+
+
+def _plot_series(evals: dict[int, float], task_scores: dict[int, float], node_evals: dict[int, NodeEvaluation],
+                 ) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
+    """(held-out losses, task scores) by series label, each by round."""
+    losses, scores = {}, {}
+    if evals:
+        losses["server"] = evals
+    if task_scores:
+        scores["server"] = task_scores
+    if node_evals:
+        label = "nodes" + ("" if next(iter(node_evals.values())).model == "exact" else " (approximation)")
+        losses[label] = {r: e.eval_loss for r, e in node_evals.items() if e.eval_loss is not None}
+        node_scores = {r: e.task_score for r, e in node_evals.items() if e.task_score is not None}
+        if node_scores:
+            scores[label] = node_scores
+    return losses, scores
 
 
 def _save_final(setup: ServerSetup, target: Path) -> None:
@@ -175,6 +261,12 @@ def _round_line(row: dict, num_rounds: int) -> str:
     eval_loss = "" if row["eval_loss"] is None else f" | eval loss {row['eval_loss']:.4f}"
     if row["task_score"] is not None:
         eval_loss += f" | task {row['task_metric']} {row['task_score']:.3f}"
+    node_eval = row.get("node_eval")
+    if node_eval and node_eval["eval_loss"] is not None:
+        eval_loss += (f" | nodes' eval loss {node_eval['eval_loss']:.4f} ({len(node_eval['nodes'])} nodes, "
+                      f"{node_eval['bytes_down'] / 1e6:.2f} MB down)")
+    if node_eval and node_eval["failed"]:
+        eval_loss += f" | {len(node_eval['failed'])} node(s) failed to evaluate"
     rejected = f" | rejected {len(row['rejected'])}" if row["rejected"] else ""
     return (f"round {row['round']}/{num_rounds} | {visits} | train loss {loss} | "
             f"down {row['bytes_down'] / 1e6:.2f} MB (block {row['bytes_down_block'] / 1e6:.2f}, "

@@ -25,9 +25,10 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedcybgd import codec, lora, protocol
 from fedcybgd.blocks import Block, ModelLayout
-from fedcybgd.config import CompressionConfig, DataConfig, TrainConfig
-from fedcybgd.protocol import BLOCK, CONFIG, FROZEN, METRICS, TrainInstruction, VisitMetrics, record_bytes
-from fedcybgd.report import RoundStats
+from fedcybgd.config import CompressionConfig, DataConfig, EvalConfig, TrainConfig
+from fedcybgd.protocol import (BLOCK, CONFIG, FROZEN, METRICS, EvalInstruction, HoldingsReply, NodeEvalMetrics,
+                               TrainInstruction, VisitMetrics, record_bytes)
+from fedcybgd.report import NodeEvaluation, RoundStats
 from strategy import schedule
 from strategy.algorithms import Algorithm
 from strategy.packaging import Packager, VisitPlan
@@ -42,6 +43,14 @@ class _Visit:
     entry: dict  # this visit's row in RoundStats.assignments
     # The instruction sent; the Grid gives it its message id when it pushes it, and every reply,
     # the node's or Flower's own error for it (from the SuperLink, node 1), names that id.
+    message: Message
+
+
+@dataclass(frozen=True)
+class _NodeEval:
+    node_id: int
+    plan: VisitPlan
+    entry: dict  # this node's row in NodeEvaluation.nodes
     message: Message
 
 
@@ -73,6 +82,7 @@ class CyclicBlockStrategy(Strategy):
         round_timeout: float = 900.0,
         max_upload_ratio: float = 1.5,
         max_norm_ratio: float | None = None,
+        evaluation: EvalConfig | None = None,
         seed: int = 0,
     ) -> None:
         self.blocks: list[Block] = list(layout.blocks)
@@ -90,6 +100,11 @@ class CyclicBlockStrategy(Strategy):
         self.max_upload_ratio = max_upload_ratio
         self.max_norm_ratio = max_norm_ratio
         self.seed = seed
+        self.evaluation = evaluation or EvalConfig()
+        # Whether evaluation rounds also run on the nodes: the server sets it once it has
+        # resolved `eval.where` against the connected nodes (`nodes_with_data`).
+        self.evaluate_on_nodes = False
+        self.node_evals: dict[int, NodeEvaluation] = {}
         self.packager = Packager(layout, compression, seed)
         # A block's version: the round of its last accepted upload (0: not trained yet).
         self.block_versions = [0] * len(self.blocks)
@@ -97,6 +112,7 @@ class CyclicBlockStrategy(Strategy):
         # Flower's random node ids, so a seed reproduces a run and a resumed run maps its nodes.
         self.node_order: list[str] = []
         self.node_keys: dict[int, str] = {}  # Flower node id -> stable key, this session
+        self.has_data: dict[str, bool] = {}  # by node key: whether it has a data-path of its own
         self.visits: dict[str, int] = {}  # by node key
         self.cache_id = secrets.token_hex(8)  # names the nodes' caches; kept across a resume
         self.completed_round = 0
@@ -108,6 +124,8 @@ class CyclicBlockStrategy(Strategy):
         self._block_of = layout.block_of()
         self._global: ArrayRecord | None = None
         self._pending: dict[int, _Visit] = {}
+        self._pending_eval: dict[str, _NodeEval] = {}  # by message id
+        self._num_rounds = 0
         self._round_start = 0.0
         self._round_offset = 0  # rounds done before this session's `start` (a resumed run)
 
@@ -137,6 +155,10 @@ class CyclicBlockStrategy(Strategy):
                 log(INFO, "Waiting for nodes: %d connected, %d needed", len(connected), self.min_nodes)
                 reported = len(connected)
             time.sleep(1)
+        return self._identify(grid, connected)
+
+    def _identify(self, grid: Grid, connected: list[int]) -> list[int]:
+        """`connected` nodes that said who they are (new ones are asked), in the run's node order."""
         self._sync_holdings(grid, [n for n in connected if n not in self.node_keys], None)
         new_keys = {self.node_keys[n] for n in connected if n in self.node_keys} - set(self.node_order)
         self.node_order.extend(sorted(new_keys, key=protocol.node_order_key))
@@ -150,6 +172,10 @@ class CyclicBlockStrategy(Strategy):
                     "node-name", node_of_key[key], node_id, key, node_id)
             node_of_key[key] = node_id
         return [node_of_key[k] for k in self.node_order if k in node_of_key]
+
+    def nodes_with_data(self, node_ids: list[int]) -> list[bool]:
+        """For each node, whether it said it has a data file of its own."""
+        return [self.has_data.get(self.node_keys.get(n, ""), False) for n in node_ids]
 
     def tensor_versions(self) -> dict[str, int]:
         """Current version of every tensor: its block's version; 0 for what never trains."""
@@ -243,12 +269,14 @@ class CyclicBlockStrategy(Strategy):
                 continue
             if stats is not None:
                 stats.bytes_up += record_bytes(reply.content)
-            holdings, key = protocol.parse_holdings_reply(reply.content)
+            answer = HoldingsReply.from_content(reply.content)
+            key = answer.node_key
             if key.startswith(protocol.FALLBACK_KEY_PREFIX) and node_id not in self.node_keys:
                 log(WARNING, "Node %d declares no node-name (node config): ordered by its node id, "
                     "so a restart or resume may pair it with other blocks", node_id)
             self.node_keys[node_id] = key
-            self.packager.set_holdings(node_id, [h for h in holdings if h.version <= self.completed_round])
+            self.has_data[key] = answer.has_data
+            self.packager.set_holdings(node_id, [h for h in answer.holdings if h.version <= self.completed_round])
             answered.add(node_id)
         for node_id in set(node_ids) - answered:
             self.packager.set_holdings(node_id, [])
@@ -380,7 +408,7 @@ class CyclicBlockStrategy(Strategy):
 
     def _confirm_cache(self, upload: _Upload, block: Block, kept_version: int | None) -> None:
         node_id = upload.visit.assignment.node_id
-        expected = self.packager.confirm(node_id, upload.visit.plan, block, kept_version)
+        expected = self.packager.confirm(node_id, upload.visit.plan.manifest, block.names, kept_version)
         reported = upload.cache_digest
         upload.visit.entry["cache_confirmed"] = reported == expected
         if reported != expected:
@@ -401,10 +429,15 @@ class CyclicBlockStrategy(Strategy):
         """Flower's round loop over the rounds not yet completed (all of them, unless `restore`d).
 
         Flower counts this session's rounds from 1; the strategy and `evaluate_fn` see the
-        run's true round numbers. A resumed run does not evaluate round 0 again.
+        run's true round numbers. A resumed run does not evaluate round 0 again. Round 0 is
+        evaluated on the nodes here: Flower's loop asks them only after each round.
         """
         offset = self._round_offset = self.completed_round
+        self._num_rounds = num_rounds
         self._global = initial_arrays
+        if self.evaluate_on_nodes and not offset:
+            messages = list(self.configure_evaluate(0, initial_arrays, ConfigRecord(), grid))
+            self.aggregate_evaluate(0, grid.send_and_receive(messages, timeout=timeout))
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if server_round == 0 and offset:
@@ -416,7 +449,7 @@ class CyclicBlockStrategy(Strategy):
                              evaluate_config, evaluate if evaluate_fn else None)
 
     def state(self, *, identity: dict[str, object], rows: list[dict], evals: dict[int, float],
-              rng: dict[str, object]) -> RunState:
+              task_scores: dict[int, float], rng: dict[str, object]) -> RunState:
         """A snapshot after the last completed round. The arrays are copied by reference: a merge
         replaces a record's `Array`s, never changes one, so later rounds leave the snapshot as is."""
         assert self._global is not None, "start must run first"
@@ -425,6 +458,7 @@ class CyclicBlockStrategy(Strategy):
             arrays=dict(self._global.items()), block_versions=list(self.block_versions),
             position=self.position, retry=list(self.retry), node_order=list(self.node_order),
             visits=dict(self.visits), rows=list(rows), evals=dict(evals), rng=rng,
+            task_scores=dict(task_scores), node_evals={r: e.as_dict() for r, e in self.node_evals.items()},
         )
 
     def restore(self, state: RunState) -> ArrayRecord:
@@ -438,15 +472,112 @@ class CyclicBlockStrategy(Strategy):
         self.retry = list(state.retry)
         self.node_order = list(state.node_order)
         self.visits = dict(state.visits)
+        self.node_evals = {r: NodeEvaluation(**e) for r, e in state.node_evals.items()}
         return ArrayRecord(dict(state.arrays))
 
+    # -- evaluation on the nodes (eval.where nodes or both) -----------------------------------
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return []  # held-out evaluation runs on the server, on the uncompressed global model
+        """In an evaluation round, ask every connected node to evaluate the global model on its
+        own held-out data; each is sent only what its cache lacks of the model to evaluate."""
+        server_round += self._round_offset
+        if not self.evaluate_on_nodes or not self.evaluation.due(server_round, self._num_rounds):
+            return []
+        self._global = arrays
+        exact = self.evaluation.node_model == "exact"
+        evaluation = self.node_evals[server_round] = NodeEvaluation(
+            round=server_round, model="exact" if exact else "compressed (approximation)")
+        nodes = self._identify(grid, list(grid.get_node_ids()))
+        self._sync_holdings(grid, [n for n in nodes if not self.packager.knows(n)], None)
+        versions = self.tensor_versions()
+        self._pending_eval = {}
+        messages = []
+        for node_id in nodes:
+            plan = self.packager.plan_evaluation(node_id, versions, exact)
+            instruction = EvalInstruction(
+                round=server_round, manifest=plan.manifest, model_name=self.model_name,
+                model_spec=self.model_spec, data=self.data, eval=self.evaluation,
+                max_seq_len=self.train.max_seq_len, lora=self.algorithm.lora, cache_id=self.cache_id,
+                approximate=not exact)
+            content = self.packager.content(arrays, plan, instruction)
+            entry = {"node_id": node_id, "node_key": self.node_keys[node_id], "bytes_down": record_bytes(content)}
+            evaluation.bytes_down += entry["bytes_down"]
+            message = Message(content, dst_node_id=node_id, message_type=MessageType.EVALUATE)
+            messages.append(message)
+            self._pending_eval[node_id] = _NodeEval(node_id, plan, entry, message)
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The nodes' results, weighted by their examples; a node that failed is left out."""
+        server_round += self._round_offset
+        evaluation = self.node_evals.get(server_round)
+        if evaluation is None:
+            return None
+        waiting = {e.message.metadata.message_id: e for e in self._pending_eval.values()}
+        for reply in replies:
+            pending = waiting.pop(reply.metadata.reply_to_message_id, None)
+            if pending is None:
+                continue  # answers no evaluation of this round (late or duplicate)
+            problem = self._eval_problem(reply)
+            if problem is not None:
+                self._eval_failed(evaluation, pending.node_id, problem)
+                continue
+            result = NodeEvalMetrics.from_record(reply.content.metric_records[METRICS])
+            echo = reply.content.config_records[CONFIG]
+            pending.entry.update(
+                eval_loss=result.eval_loss, num_examples=result.num_examples,
+                task_score=result.task_score if result.task_examples else None,
+                task_examples=result.task_examples, bytes_up=record_bytes(reply.content), seconds=result.seconds)
+            evaluation.bytes_up += pending.entry["bytes_up"]
+            evaluation.nodes.append(pending.entry)
+            if result.task_examples:
+                evaluation.task_metric = str(echo["task-metric"])
+            expected = self.packager.confirm(pending.node_id, pending.plan.manifest)
+            if str(echo["cache-digest"]) != expected:
+                log(WARNING, "Node %d cache digest after evaluation differs from the expected one: asking "
+                    "it what it holds next time", pending.node_id)
+                self.packager.forget(pending.node_id)
+        for pending in waiting.values():
+            self._eval_failed(evaluation, pending.node_id, Rejection(
+                "timeout", f"no evaluation reply within the round timeout ({self.round_timeout:g} s)"))
+        self._pending_eval = {}
+        evaluation.nodes.sort(key=lambda e: protocol.node_order_key(e["node_key"]))
+        done = [e for e in evaluation.nodes if e["num_examples"] > 0]
+        if done:
+            evaluation.eval_loss = (sum(e["eval_loss"] * e["num_examples"] for e in done)
+                                    / sum(e["num_examples"] for e in done))
+        scored = [e for e in done if e["task_examples"]]
+        if scored:
+            evaluation.task_score = (sum(e["task_score"] * e["task_examples"] for e in scored)
+                                     / sum(e["task_examples"] for e in scored))
+        if evaluation.eval_loss is None:
+            return None
+        metrics = MetricRecord({"nodes-eval-loss": evaluation.eval_loss, "nodes": len(done),
+                                "eval-bytes-down": evaluation.bytes_down})
+        if evaluation.task_score is not None:
+            metrics["nodes-task-score"] = evaluation.task_score
+        return metrics
+
+    @staticmethod
+    def _eval_problem(reply: Message) -> Rejection | None:
+        if reply.has_error():
+            return error_rejection(reply)
+        content = reply.content
+        if METRICS not in content.metric_records or CONFIG not in content.config_records:
+            return Rejection("malformed", "evaluation reply without metrics or config record")
+        try:
+            NodeEvalMetrics.from_record(content.metric_records[METRICS])
+            content.config_records[CONFIG]["cache-digest"]
+        except (KeyError, TypeError) as err:
+            return Rejection("malformed", f"evaluation reply lacks {err}")
         return None
+
+    def _eval_failed(self, evaluation: NodeEvaluation, node_id: int, problem: Rejection) -> None:
+        log(WARNING, "Round %d: node %d did not evaluate: %s", evaluation.round, node_id, problem)
+        evaluation.failed.append({"node_id": node_id, "node_key": self.node_keys.get(node_id),
+                                  "kind": problem.kind, "reason": problem.reason})
+        self.packager.forget(node_id)
 
 
 def weighted_mean(uploads: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:

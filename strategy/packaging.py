@@ -23,7 +23,7 @@ from fedcybgd.blocks import Block, ModelLayout, layer_index
 from fedcybgd.client_cache import Holding, digest
 from fedcybgd.compression import DENSE, TensorForm
 from fedcybgd.config import CompressionConfig
-from fedcybgd.protocol import BLOCK, CONFIG, FROZEN, TrainInstruction, part_key
+from fedcybgd.protocol import BLOCK, CONFIG, FROZEN, EvalInstruction, TrainInstruction, part_key
 
 
 @dataclass(frozen=True)
@@ -79,16 +79,18 @@ class Packager:
         """The node's cache state is unknown (failed visit, digest mismatch): ask it next time."""
         self.holdings[node_id] = None
 
-    def confirm(self, node_id: int, plan: VisitPlan, block: Block, new_version: int | None) -> str:
-        """Record a successful visit; returns the digest the node's cache must now have.
+    def confirm(self, node_id: int, manifest: tuple[Holding, ...], kept: tuple[str, ...] = (),
+                kept_version: int | None = None) -> str:
+        """Record a successful visit or evaluation; returns the digest the node's cache must now have.
 
-        `new_version`: the block's version the node now holds as its own upload, or None when
-        the server averaged or merged the upload (the node keeps what it downloaded).
+        The node holds everything in `manifest`, and, with `kept_version`, the tensors `kept`
+        (the block it uploaded) dense at that version; without it the server averaged or merged
+        the upload, and the node keeps what it downloaded.
         """
         held = self.holdings.get(node_id) or {}
-        held.update({h.name: h for h in plan.manifest})
-        if new_version is not None:
-            held.update({n: Holding(n, new_version, DENSE.key) for n in block.names})
+        held.update({h.name: h for h in manifest})
+        if kept_version is not None:
+            held.update({n: Holding(n, kept_version, DENSE.key) for n in kept})
         self.holdings[node_id] = held
         return digest(list(held.values()))
 
@@ -126,6 +128,23 @@ class Packager:
                 send_frozen.append(holding)
         return VisitPlan(tuple(dropped), tuple(manifest), tuple(send_block), tuple(send_frozen))
 
+    def plan_evaluation(self, node_id: int, versions: dict[str, int], exact: bool) -> VisitPlan:
+        """The whole model at its current versions: dense when `exact`, else in the forms a visit
+        sends frozen tensors (or dense where the node already holds that). Nothing is dropped or
+        left stale; only what the node lacks is sent."""
+        held = self.holdings.get(node_id) or {}
+        manifest, send = [], []
+        for name, version in versions.items():
+            wanted = DENSE if exact else self.form_for(name)
+            have = held.get(name)
+            if _usable(have, wanted) and have.version == version:
+                manifest.append(have)
+                continue
+            holding = Holding(name, version, wanted.key)
+            manifest.append(holding)
+            send.append(holding)
+        return VisitPlan((), tuple(manifest), (), tuple(send))
+
     def left_stale(self, held: dict[str, Holding], block: Block, needed: dict[str, int],
                    rng: random.Random) -> set[int]:
         """Blocks whose newer version this visit does not send (`refresh_fraction`): of the
@@ -142,7 +161,8 @@ class Packager:
         refreshed = rng.sample(updated, math.ceil(self.cfg.refresh_fraction * len(updated)))
         return set(updated) - set(refreshed)
 
-    def content(self, global_arrays: ArrayRecord, plan: VisitPlan, instruction: TrainInstruction) -> RecordDict:
+    def content(self, global_arrays: ArrayRecord, plan: VisitPlan,
+                instruction: TrainInstruction | EvalInstruction) -> RecordDict:
         frozen: dict[str, Array] = {}
         for holding in plan.send_frozen:
             for part, array in self._encoded_parts(global_arrays, holding).items():

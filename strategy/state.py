@@ -16,7 +16,7 @@ import io
 import json
 import random
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,8 @@ class RunState:
     rows: list[dict]  # metrics.jsonl, one row per completed round
     evals: dict[int, float]  # held-out loss by round
     rng: dict[str, object]  # python / numpy / torch global RNG states (`capture_rng`)
+    task_scores: dict[int, float] = field(default_factory=dict)  # server's task score by round
+    node_evals: dict[int, dict] = field(default_factory=dict)  # `NodeEvaluation`s by round
 
 
 def run_identity(cfg: RunConfig, base_hashes: dict[str, str], train_examples: int) -> dict[str, object]:
@@ -81,7 +83,8 @@ def save(state: RunState, path: Path) -> None:
     rng = dict(state.rng)
     tensors["rng/torch"] = rng.pop("torch")  # type: ignore[assignment]
     meta = {f.name: getattr(state, f.name) for f in fields(state) if f.name not in ("arrays", "rng")}
-    meta["evals"] = {str(r): loss for r, loss in state.evals.items()}
+    for by_round in ("evals", "task_scores", "node_evals"):
+        meta[by_round] = {str(r): value for r, value in getattr(state, by_round).items()}
     meta["arrays"] = {name: [a.dtype, list(a.shape), a.stype] for name, a in state.arrays.items()}
     meta["rng"] = rng
     meta["format"] = FORMAT
@@ -107,8 +110,9 @@ def load(out_dir: Path) -> RunState:
                           data=raw[f"array/{name}"].numpy().tobytes())
               for name, (dtype, shape, stype) in meta.pop("arrays").items()}
     rng = {**meta.pop("rng"), "torch": raw["rng/torch"]}
-    evals = {int(r): loss for r, loss in meta.pop("evals").items()}
-    return RunState(arrays=arrays, rng=rng, evals=evals, **meta)
+    for by_round in ("evals", "task_scores", "node_evals"):
+        meta[by_round] = {int(r): value for r, value in meta.get(by_round, {}).items()}
+    return RunState(arrays=arrays, rng=rng, **meta)
 
 
 def capture_rng() -> dict[str, object]:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from fedcybgd import codec, lora, models
+from fedcybgd import codec, data, lora, models
 from fedcybgd.blocks import describe
 from fedcybgd.config import ConfigError, LoraConfig, compose
 from fedcybgd.protocol import BLOCK, CONFIG, METRICS, VisitMetrics
@@ -120,9 +120,13 @@ def test_fedbavg_takes_the_example_weighted_mean_of_one_block(out_dir, tiny, tmp
         path.write_text("".join(json.dumps({"instruction": f"q{i}-{j}", "output": f"a{j}"}) + "\n" for j in range(n)))
         paths.append(str(path))
     grid = FakeGrid(3, node_config=lambda i: {"data-path": paths[i]})
-    run(grid, cfg_for(out_dir, "algorithm=fedbavg algorithm.clients_per_round=3 rounds=1"))
+    cfg = cfg_for(out_dir, "algorithm=fedbavg algorithm.clients_per_round=3 rounds=1")
+    run(grid, cfg)
     ups = uploads(grid)
-    assert [n for _, n in ups] == sizes
+    # A node trains on its own data less the prompts it holds out for evaluation.
+    trained = [len(data.split_heldout(data.load_examples(cfg.data, path=p), cfg.data).train) for p in paths]
+    assert [n for _, n in ups] == trained and trained[0] < trained[1] < trained[2]
+    sizes = trained
     assert [m.content[CONFIG]["block"] for m in grid.sent] == [0, 0, 0]
     final = final_tensors(out_dir)
     for name in layout.blocks[0].names:

@@ -46,13 +46,16 @@ def test_node_without_data_falls_back_to_its_partition_and_says_so(
     with caplog.at_level(logging.WARNING, logger="flwr"):
         got = examples({"data-path": str(path), **PARTITION}, tiny_dir)
     assert got == examples(PARTITION, tiny_dir)
-    assert any(f"data-path {path} holds no data: training on partition 1 of 2" in r.getMessage()
+    assert any(f"data-path {path} holds no data: using partition 1 of 2" in r.getMessage()
                for r in caplog.records), caplog.text
 
 
 def test_node_with_data_uses_it_and_not_its_partition(tmp_path: Path, tiny_dir: str) -> None:
     path = write_alpaca(tmp_path / "node.jsonl", 0)
-    assert len(examples({"data-path": str(path), **PARTITION}, tiny_dir)) == 32
+    cfg = DataConfig(max_examples=200)
+    own = data.split_heldout(data.load_examples(cfg, path=str(path)), cfg)
+    # It trains on its own file's examples less the prompts it holds out for evaluation.
+    assert len(examples({"data-path": str(path), **PARTITION}, tiny_dir)) == len(own.train) == 32 - len(own.heldout)
 
 
 @pytest.mark.parametrize("kind", ["empty-file", "bad-suffix-dir"])

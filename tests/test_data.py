@@ -6,6 +6,7 @@ from fedcybgd import models
 from fedcybgd.config import DataConfig
 from fedcybgd.data import (
     IGNORE_INDEX, DataError, collate, load_examples, load_partition, prompt_key, split_heldout, tokenize,
+    write_node_files,
 )
 
 
@@ -109,6 +110,19 @@ def test_user_file_is_deduplicated_and_split_by_normalised_prompt(tmp_path):
     assert len(split.train) + len(split.heldout) == 80
     assert_leak_free(split)
     assert len(split.heldout) == 20  # whole prompt groups of two
+
+
+def test_node_files_deal_out_whole_prompt_groups(tmp_path):
+    rows = [{"instruction": f"Question {i % 25}", "output": f"answer {i}"} for i in range(60)]
+    ds = load_examples(DataConfig(path=write_jsonl(tmp_path / "all.jsonl", rows)))
+    paths = write_node_files(ds, 3, tmp_path / "nodes", seed=1)
+    per_node = [load_examples(DataConfig(path=str(p))) for p in paths]
+    prompts = [{prompt_key(m) for m in node["messages"]} for node in per_node]
+    assert sum(len(node) for node in per_node) == 60
+    assert all(len(p) >= 8 for p in prompts)  # 25 prompts dealt out to 3 nodes
+    assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
+    with pytest.raises(DataError, match="25 distinct prompts cannot give 30 nodes"):
+        write_node_files(ds, 30, tmp_path / "many", seed=1)
 
 
 def test_validation_split_is_disjoint_by_prompt_and_leaves_heldout_unchanged():

@@ -58,25 +58,30 @@ def _run(dep: LoopbackDeployment, overrides: str, timeout: float = 420) -> tuple
     return status, log
 
 
-# -- insecure: node-local data, and a node whose data is missing -------------------------------
+# -- insecure: node-local data, a node whose data is broken, and a server with no data ----------
 @pytest.fixture(scope="module")
 def insecure_run(tmp_path_factory: pytest.TempPathFactory) -> Finished:
     """One insecure deployment, one run, three SuperNodes, each visited once (3 rounds).
 
-    clinic-a and clinic-b have their own data files; clinic-c's data-path does not exist. One run
-    serves both the happy-path and the missing-data checks: each deployment run costs about a
-    minute and a half on 2 cores, as every message starts a fresh ClientApp process.
+    Every node has its own data file: clinic-a's and clinic-b's are good, clinic-c's has a
+    malformed line. So evaluation runs on the nodes (`eval.where=auto`), and the ServerApp loads
+    no data at all: its `data.path` points at no file, which it would fail to read. One run
+    serves the happy path, the broken-data and the node-evaluation checks: each deployment run
+    costs about a minute and a half on 2 cores, as every message starts a fresh ClientApp process.
     """
     work = tmp_path_factory.mktemp("insecure")
+    broken = work / "broken.jsonl"
+    broken.write_text(write_alpaca(work / "c.jsonl", 8).read_text() + "{not json\n")
     data = {"clinic-a": write_alpaca(work / "clinic-a.jsonl", 0),
             "clinic-b": write_alpaca(work / "clinic-b.jsonl", 4),
-            "clinic-c": work / "missing.jsonl"}
+            "clinic-c": broken}
     out = work / "out"
     with LoopbackDeployment(work / "deploy") as dep:
         nodes = {name: dep.add_supernode({"data-path": str(path), "cache-dir": str(work / f"{name}-cache")})
                  for name, path in data.items()}
         dep.wait_for_nodes(3)
-        status, log = _run(dep, f"{TINY} rounds=3 algorithm.min_nodes=3 algorithm.round_timeout=180 "
+        status, log = _run(dep, f"{TINY} rounds=3 eval.every=3 eval.task_examples=4 algorithm.min_nodes=3 "
+                                f"algorithm.round_timeout=180 data.path={work / 'no-server-data.jsonl'} "
                                 f"output_dir={out}")
         node_ids = {name: node.node_id() for name, node in nodes.items()}
         pids = dep.process_ids()
@@ -98,24 +103,40 @@ def test_deployment_run_completes_with_node_local_data(insecure_run: Finished) -
                 assert a["upload_keys"] == sorted(blocks[a["block"]].names)
                 assert a["bytes_down"] > 0 and a["bytes_up"] > 0
                 trained_by.add(a["node_id"])
-    assert trained_by == good  # round-robin over three nodes: each data-holding node trained once
+    assert trained_by == good  # round-robin over three nodes: each good node trained once
 
     summary = json.loads((insecure_run.out / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["samples_seen"] > 0
-    assert summary["final_eval_loss"] == summary["final_eval_loss"]  # evaluated, not NaN
     final = insecure_run.out / "final"
     assert (final / "config.json").exists() and (final / "tokenizer.json").exists()
     models.load_pretrained(final)
 
 
 @pytest.mark.slow
-def test_node_with_missing_data_is_rejected_and_the_run_goes_on(insecure_run: Finished) -> None:
+def test_nodes_evaluate_on_their_own_data_and_the_server_holds_none(insecure_run: Finished) -> None:
+    assert insecure_run.status["status"] == "finished:completed", (insecure_run.status, insecure_run.run_log)
+    summary = json.loads((insecure_run.out / "summary.json").read_text())
+    assert summary["eval_where"] == "nodes" and summary["data_train_examples"] is None
+    assert summary["initial_eval_loss"] is None  # the server evaluated nothing: it has no data
+    good = {insecure_run.node_ids["clinic-a"], insecure_run.node_ids["clinic-b"]}
+    final = summary["final_node_evals"]
+    assert {n["node_id"] for n in final} == good
+    assert all(n["num_examples"] > 0 and n["eval_loss"] > 0 and n["bytes_down"] > 0 for n in final)
+    assert summary["final_nodes_eval_loss"] == pytest.approx(
+        sum(n["eval_loss"] * n["num_examples"] for n in final) / sum(n["num_examples"] for n in final))
+    last = metrics_rows(insecure_run.out)[-1]["node_eval"]
+    assert [f["node_id"] for f in last["failed"]] == [insecure_run.node_ids["clinic-c"]]
+    assert summary["total_eval_bytes_down"] > 0
+
+
+@pytest.mark.slow
+def test_node_with_broken_data_is_rejected_and_the_run_goes_on(insecure_run: Finished) -> None:
     assert insecure_run.status["status"] == "finished:completed", (insecure_run.status, insecure_run.run_log)
     rows = metrics_rows(insecure_run.out)
     rejected = [r for row in rows for r in row["rejected"]]
-    assert rejected, "the node without data was never rejected"
+    assert rejected, "the node with broken data was never rejected"
     assert {r["node_id"] for r in rejected} == {insecure_run.node_ids["clinic-c"]}
-    assert all("missing.jsonl" in r["reason"] for r in rejected), rejected
+    assert all("broken.jsonl:33" in r["reason"] for r in rejected), rejected
     assert any(row["train_loss"] is not None for row in rows)
 
 

@@ -64,7 +64,7 @@ def by_block(holdings) -> dict[int, set[int]]:
 
 def first_visit(packager, node, versions):
     plan = packager.plan(node, layout().blocks[0], versions, 1, f"node-{node}")
-    packager.confirm(node, plan, layout().blocks[0], None)
+    packager.confirm(node, plan.manifest)
 
 
 def test_refresh_sends_about_half_of_the_updated_blocks_and_the_manifest_names_the_stale_rest():
@@ -104,7 +104,7 @@ def test_stale_blocks_are_not_resent_until_drawn_and_a_newer_version_is_sent_onc
         sent = sorted(by_block(plan.send_frozen))
         assert not set(sent) & set(sent_total)  # what the node holds current is never resent
         sent_total += sent
-        packager.confirm(7, plan, block, None)
+        packager.confirm(7, plan.manifest)
     assert sorted(sent_total) == list(range(1, LAYERS))  # 10, 5, 2, 1, 1: ceil of half the rest
     assert by_block(packager.holdings[7].values()) == {0: {0}, **{b: {5} for b in range(1, LAYERS)}}
 
@@ -113,7 +113,7 @@ def test_refresh_composes_with_dropping_and_quantization():
     cfg = CompressionConfig(refresh_fraction=0.5, drop_fraction=0.25, quantize="int8", head_quantize="int8")
     packager = Packager(layout(), cfg, seed=0)
     node_plan = packager.plan(7, layout().blocks[0], versions_with({}), 1, "node-7")
-    packager.confirm(7, node_plan, layout().blocks[0], None)
+    packager.confirm(7, node_plan.manifest)
     current = versions_with({b: 5 for b in range(1, LAYERS)})
     plan = packager.plan(7, layout().blocks[0], current, 6, "node-7")
     assert len(plan.dropped_layers) == 4
@@ -139,7 +139,7 @@ def test_the_clients_cache_resolves_the_manifest_and_the_digests_agree(tmp_path)
                      for h in sent})
         loaded = cache.load(list(plan.manifest))  # the client's check: every tensor as the manifest says
         assert all(float(loaded[h.name].flatten()[0]) == h.version for h in plan.manifest)
-        assert digest(cache.holdings()) == packager.confirm(7, plan, block, None)
+        assert digest(cache.holdings()) == packager.confirm(7, plan.manifest)
 
 
 def test_a_run_with_refresh_trains_on_stale_copies_and_the_caches_agree(out_dir):
