@@ -469,10 +469,12 @@ RUNS = {  # label -> (algorithm, extra overrides)
 
 def run_overrides(label: str, preset_name: str, extra: str, out_dir: Path, nodes: int) -> str:
     """The compare preset's overrides for this run (equal samples for every algorithm)."""
-    from scripts.compare import PRESETS, RunSpec, overrides_for
+    from scripts.compare import PRESETS, RunSpec, Trial, overrides_for
 
     algorithm, more = RUNS[label]
-    base = overrides_for(RunSpec(label, algorithm, "ascending"), PRESETS[preset_name], out_dir)
+    preset = PRESETS[preset_name]
+    trial = Trial(RunSpec(label, algorithm, "ascending"), preset.rounds, preset.eval_points)
+    base = overrides_for(trial, preset, out_dir)
     base = base.rsplit(" output_dir=", 1)[0]  # EdgeDeployment.run sets it
     return f"{base} {more} algorithm.min_nodes={nodes} {extra}".strip()
 

@@ -112,6 +112,12 @@ def test_transfer_times_pair_each_message_with_its_end() -> None:
     assert transfer_times(log, 7) == {"down": [2.25], "up": [0.75]}
 
 
+def test_run_overrides_follow_the_compare_preset(tmp_path: Path) -> None:
+    text = run_overrides("fedlora", "tiny", "rounds=3", tmp_path / "out", 3)
+    assert "model=tiny-llama" in text and "algorithm=fedlora" in text and "algorithm.min_nodes=3" in text
+    assert text.endswith("rounds=3") and "output_dir" not in text  # extra last: it wins; run() sets the dir
+
+
 # -- the product on the edge network (minutes) ---------------------------------------------------
 TINY = ("rounds=4 eval.every=1 data.max_examples=400 eval.max_examples=40 train.local_steps=5 "
         "algorithm.round_timeout=100")
