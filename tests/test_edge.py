@@ -126,14 +126,15 @@ def test_run_overrides_follow_the_compare_preset(tmp_path: Path) -> None:
 # One held-out evaluation at the end (and round 0), loss only.
 ROUND_TIMEOUT = 30
 TINY = (f"rounds=2 algorithm.clients_per_round=2 eval.every=2 eval.max_examples=16 "
-        f"eval.task_examples=0 data.max_examples=200 train.local_steps=2 "
+        f"eval.task_examples=0 data.max_examples=200 train.local_steps=1 train.batch_size=4 "
+        f"train.max_seq_len=48 "
         f"algorithm.round_timeout={ROUND_TIMEOUT}")
 RATES = {"node-1": 10, "node-2": 50, "node-3": 100}
 CUT_AFTER = 2  # seconds into node-2's visit
 # Down past the round's end (the round started before the visit did), so the reply cannot make
 # it in time; back up during round 2, so the late reply crosses the wire before the counters
 # are read.
-CUT_SECONDS = ROUND_TIMEOUT + 2
+CUT_SECONDS = ROUND_TIMEOUT
 
 
 @needs_netns
@@ -149,7 +150,7 @@ def test_tiny_run_survives_a_link_cut_mid_visit(tmp_path: Path) -> None:
         events = [Event(host="node-2", visit=1, after=CUT_AFTER, cut=CUT_SECONDS),
                   Event(host="node-3", at=5, rate_mbit=20)]  # a link slowing down: costs nothing
         overrides = run_overrides("fedcybgd", "tiny", TINY, out, len(RATES))
-        result = edge.run("fedcybgd", overrides, out, timeout=300, events=events, idle_seconds=6)
+        result = edge.run("fedcybgd", overrides, out, timeout=300, events=events, idle_seconds=3)
         pids = edge.dep.process_ids()
         prefix = edge.net.prefix
     print(f"edge test: {time.monotonic() - started:.0f} s in all, run {result.wall_seconds:.0f} s")
