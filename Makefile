@@ -122,4 +122,4 @@ edge: setup
 
 # The network checks (seconds) and the tiny run with a cut link (a few minutes).
 test-edge: setup
-	$(PY) -m pytest tests/test_edge.py -m "edge or not edge"
+	$(PY) -m pytest tests/test_edge.py

@@ -87,6 +87,14 @@ def test_network_is_removed_after_a_failure() -> None:
 
 
 # -- config and log parsing (no root needed) ---------------------------------------------------
+def test_without_root_or_iproute2_the_reason_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 65534)
+    assert netns.unavailable_reason() == "network namespaces need root"
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: None if tool == "tc" else f"/sbin/{tool}")
+    assert netns.unavailable_reason() == "`tc` (iproute2) is not installed"
+
+
 def test_edge_config_names_the_bad_key(tmp_path: Path) -> None:
     config = load_edge_config(Path(__file__).parent.parent / "conf" / "edge" / "default.yaml")
     assert [rate for _, rate in config.supernodes] == [10, 50, 100]
