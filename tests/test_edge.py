@@ -20,7 +20,7 @@ import pytest
 from scripts import netns
 from scripts.deploy import _alive
 from scripts.edge import (EdgeConfig, EdgeDeployment, Event, explained_down, load_edge_config,
-                          markdown, run_overrides, summarize, transfer_times)
+                          markdown, run_overrides, summarize, train_downloads, transfer_times)
 from scripts.netns import Host, Network
 
 REASON = netns.unavailable_reason()
@@ -120,6 +120,17 @@ def test_transfer_times_pair_each_message_with_its_end() -> None:
     assert transfer_times(log, 7) == {"down": [2.25], "up": [0.75]}
 
 
+def test_a_cut_waits_for_the_whole_download() -> None:
+    log = ["10:00:00.000 INFO :      Receiving: query message (ID: q)",
+           "10:00:00.500 INFO :      Received successfully",
+           "10:00:01.000 INFO :      Receiving: train message (ID: t)"]
+    assert train_downloads("\n".join(log)) == 0  # still downloading
+    log.append("10:00:03.250 INFO :      Received successfully")
+    assert train_downloads("\n".join(log)) == 1
+    log += ["10:00:09.000 INFO :      Sending: train message (ID: r)", "10:00:09.750 INFO :      Sent successfully"]
+    assert train_downloads("\n".join(log)) == 1
+
+
 def test_run_overrides_follow_the_compare_preset(tmp_path: Path) -> None:
     text = run_overrides("fedlora", "tiny", "rounds=3", tmp_path / "out", 3)
     assert "model=tiny-llama" in text and "algorithm=fedlora" in text and "algorithm.min_nodes=3" in text
@@ -132,17 +143,18 @@ def test_run_overrides_follow_the_compare_preset(tmp_path: Path) -> None:
 #   round 1: node-1 trains block 0, node-2 block 1 and is cut off;
 #   round 2: node-3 trains block 1 (the failed block goes first), node-1 block 2.
 # One held-out evaluation at the end (and round 0), loss only.
-ROUND_TIMEOUT = 30
+ROUND_TIMEOUT = 33
 TINY = (f"rounds=2 algorithm.clients_per_round=2 eval.every=2 eval.max_examples=16 "
         f"eval.task_examples=0 data.max_examples=200 train.local_steps=1 train.batch_size=4 "
         f"train.max_seq_len=48 "
         f"algorithm.round_timeout={ROUND_TIMEOUT}")
 RATES = {"node-1": 10, "node-2": 50, "node-3": 100}
-CUT_AFTER = 2  # seconds into node-2's visit
+CUT_AFTER = 2  # seconds after node-2 has its round-1 message: it trains, its reply not yet sent
 # Down past the round's end (the round started before the visit did), so the reply cannot make
 # it in time; back up during round 2, so the late reply crosses the wire before the counters
-# are read. Round 2 starts about 30 s into the cut, when the SuperLink still counts node-2 as
-# connected (see below), so the round's node list, and with it the schedule, is unchanged.
+# are read. Round 2 starts about ROUND_TIMEOUT - CUT_AFTER s into the cut, when the SuperLink
+# still counts node-2 as connected (see below), so the round's node list, and with it the
+# schedule, is unchanged.
 CUT_SECONDS = ROUND_TIMEOUT
 
 
@@ -182,7 +194,7 @@ def test_tiny_run_survives_a_link_cut_mid_visit(tmp_path: Path) -> None:
     # that error to the visit by reply_to_message_id) only once the node has missed its
     # heartbeats for 2 x 30 s since the last one, and heartbeats come every 17.5 to 22.5 s
     # (flwr 1.42), so not before 37.5 s into the cut; the round ends ROUND_TIMEOUT s after its
-    # messages left, less than CUT_AFTER + 37.5 s.
+    # messages left, so at most ROUND_TIMEOUT - CUT_AFTER = 31 s into the cut.
     assert [(r["node_id"], r["kind"]) for r in metrics[0]["rejected"]] == [(ids["node-2"], "timeout")]
     assert metrics[0]["train_loss"] is not None  # node-1's upload of block 0 was merged
     # Round 2: block 1 went on to node-3; both visits accepted.
