@@ -43,7 +43,8 @@ SUPERLINK = "superlink"
 # -- configuration ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Event:
-    """A change to one host's link: `at` s after submit, or `after` s into its `visit`-th visit."""
+    """A change to one host's link: `at` s after submit, or `after` s once the host has received
+    the training message of its `visit`-th visit (so a cut falls in training, not the download)."""
 
     host: str
     at: float | None = None
@@ -54,7 +55,7 @@ class Event:
 
     def describe(self) -> str:
         when = f"{self.at:g} s after submit" if self.at is not None else \
-            f"{self.after:g} s into visit {self.visit}"
+            f"{self.after:g} s after visit {self.visit}'s download"
         what = f"link down for {self.cut:g} s" if self.cut is not None else f"rate -> {self.rate_mbit:g} Mbit/s"
         return f"{self.host}: {what}, {when}"
 
@@ -253,7 +254,7 @@ class EdgeDeployment:
                 return
         else:
             node = self.nodes[event.host]
-            while _train_messages(node.log_text()) < event.visit:
+            while train_downloads(node.log_text()) < event.visit:
                 if stop.wait(0.2):
                     return
             if stop.wait(event.after):
@@ -278,8 +279,17 @@ class EdgeDeployment:
                 self.net.set_rate(host.name, host.rate_mbit)
 
 
-def _train_messages(log: str) -> int:
-    return log.count("Receiving: train message")
+def train_downloads(log: str) -> int:
+    """Train messages a SuperNode has received in full: in its log, "Receiving: train message"
+    and then "Received successfully" before it starts receiving anything else."""
+    count, receiving = 0, False
+    for line in log.splitlines():
+        if "Receiving: " in line:
+            receiving = "Receiving: train message" in line
+        elif receiving and "Received successfully" in line:
+            count += 1
+            receiving = False
+    return count
 
 
 def _watch_metrics(out_dir: Path, submitted: float, round_times: dict[int, float],
@@ -469,10 +479,12 @@ RUNS = {  # label -> (algorithm, extra overrides)
 
 def run_overrides(label: str, preset_name: str, extra: str, out_dir: Path, nodes: int) -> str:
     """The compare preset's overrides for this run (equal samples for every algorithm)."""
-    from scripts.compare import PRESETS, RunSpec, overrides_for
+    from scripts.compare import PRESETS, RunSpec, Trial, overrides_for
 
     algorithm, more = RUNS[label]
-    base = overrides_for(RunSpec(label, algorithm, "ascending"), PRESETS[preset_name], out_dir)
+    preset = PRESETS[preset_name]
+    trial = Trial(RunSpec(label, algorithm, "ascending"), preset.rounds, preset.eval_points)
+    base = overrides_for(trial, preset, out_dir)
     base = base.rsplit(" output_dir=", 1)[0]  # EdgeDeployment.run sets it
     return f"{base} {more} algorithm.min_nodes={nodes} {extra}".strip()
 
