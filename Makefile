@@ -48,8 +48,11 @@ test-deploy: setup
 
 # SmolLM2 on a real deployment on this machine: 3 SuperNodes, one full cycle. Outputs in
 # outputs/deploy/ (logs of every process under outputs/deploy/work/logs/).
+# DEPLOY_FLAGS=--own-data: each node gets a data file of its own and evaluates on it; the
+# server holds no data (README, "Evaluation on the nodes").
+DEPLOY_FLAGS ?=
 deploy: setup
-	$(PY) -m scripts.deploy --supernodes 3 --workdir $(DEPLOY_OUT)/work output_dir=$(DEPLOY_OUT)
+	$(PY) -m scripts.deploy --supernodes 3 $(DEPLOY_FLAGS) --workdir $(DEPLOY_OUT)/work output_dir=$(DEPLOY_OUT)
 
 # A private CA, the SuperLink's certificate and two SuperNode key pairs, in certs/.
 certs: setup

@@ -158,7 +158,8 @@ def holdings(msg: Message, context: Context) -> Message:
     cache = ClientCache(_cache_dir(context, cache_id))
     if "base-model" in context.node_config:
         _seed_from_base(cache, _node_str(context.node_config, "base-model"), base_hashes)
-    has_data = "data-path" in context.node_config and _holds_data(Path(_node_str(context.node_config, "data-path")))
+    path = context.node_config.get("data-path")  # a bad value is named by the node's first visit
+    has_data = isinstance(path, str) and _holds_data(Path(path))
     return Message(HoldingsReply(cache.holdings(), _node_key(context), has_data).to_content(), reply_to=msg)
 
 

@@ -42,7 +42,11 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
     initial_tensors = {**models.named_tensors(setup.model), **extra_tensors}
     base_hashes = {name: tensor_sha256(t) for name, t in initial_tensors.items()}
     out_dir = output_dir(cfg)
+    checkpoint = out_dir / state.CHECKPOINT_FILE
     saved = state.load(out_dir) if cfg.resume else None
+    if saved is not None:  # all but the data's size now, before any node is contacted
+        state.check_resumable(saved, state.run_identity(cfg, base_hashes, None), cfg.rounds, checkpoint,
+                              not_yet_known=("data.train_examples",))
 
     strategy = CyclicBlockStrategy(
         layout, algorithm=algorithm, model_name=cfg.model.name, model_spec=models.model_spec(setup.model),
@@ -68,7 +72,7 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
         log(INFO, "[fedcybgd] the server loads no data: every node trains and evaluates on its own")
     identity = state.run_identity(cfg, base_hashes, len(setup.data.train) if setup.data else None)
     if saved is not None:
-        state.check_resumable(saved, identity, cfg.rounds, out_dir / state.CHECKPOINT_FILE)
+        state.check_resumable(saved, identity, cfg.rounds, checkpoint)
         state.restore_rng(saved.rng)
     experiment = Experiment.start(cfg, setup, out_dir, where, saved.rows if saved else None,
                                   saved.evals if saved else None, saved.task_scores if saved else None)
@@ -77,7 +81,7 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
         f", resumed after round {saved.completed_round}" if saved else "")
     full_model_bytes = sum(len(global_arrays[n].data) for n in models.named_tensors(setup.model))
 
-    checkpoints = state.Checkpoints(out_dir / state.CHECKPOINT_FILE, cfg.checkpoint.every, cfg.rounds)
+    checkpoints = state.Checkpoints(checkpoint, cfg.checkpoint.every, cfg.rounds)
     # Flower's SIGTERM handler (the ServerApp may run in a thread, where signal.signal is not
     # possible) calls its registered exit handlers before exiting: the last round is saved.
     add_exit_handler(checkpoints.write, run_before_force_exit=True)

@@ -65,11 +65,12 @@ def run_identity(cfg: RunConfig, base_hashes: dict[str, str], train_examples: in
     return flat
 
 
-def check_resumable(state: RunState, identity: dict[str, object], rounds: int, path: Path) -> None:
-    """Refuse a checkpoint from another run, naming every difference."""
+def check_resumable(state: RunState, identity: dict[str, object], rounds: int, path: Path,
+                    not_yet_known: tuple[str, ...] = ()) -> None:
+    """Refuse a checkpoint from another run, naming every difference (but in `not_yet_known`)."""
     diffs = [f"{key}: checkpoint {state.identity.get(key)!r}, now {identity.get(key)!r}"
              for key in sorted(set(state.identity) | set(identity))
-             if state.identity.get(key) != identity.get(key)]
+             if key not in not_yet_known and state.identity.get(key) != identity.get(key)]
     if diffs:
         raise CheckpointError(f"{path} is from a different run, refusing to resume it: " + "; ".join(diffs))
     if state.completed_round > rounds:

@@ -113,6 +113,6 @@ def test_compose_topology_trains_on_loopback_with_an_empty_node(tmp_path: Path) 
     trained = {a["node_id"]: a for r in rows for a in r["assignments"]}
     assert set(trained) == set(node_ids.values())  # both nodes visited, the empty one included
     assert trained[node_ids["supernode-2"]]["bytes_up"] > 0
-    assert "holds no data: training on partition 1 of 2 of the packaged data" in empty_log
+    assert "holds no data: using partition 1 of 2 of the packaged data" in empty_log
     time.sleep(1)
     assert not {pid for pid in pids if _alive(pid)}
