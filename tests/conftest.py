@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One torch thread per process, set before torch is imported and inherited by every Flower process
 # a test starts. The tests' models are tiny: a second intra-op thread costs more than it gains, and
 # a run's SuperLink, ServerApp and SuperNodes would each start one per core on a 2-core machine.
-# Measured: a one-round strategy test 13.3 s -> 3.4 s of call time (README, Tests).
+# Measured on 2 busy cores: a one-round strategy test took 3.4 s instead of 13.3 s.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
