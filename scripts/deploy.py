@@ -36,7 +36,7 @@ import yaml
 from fedcybgd import data
 from fedcybgd.config import compose
 from scripts.certs import DEFAULT_HOSTS, NodeKeys, ServerCredentials, generate_node_keys, generate_server_credentials
-from scripts.simulate import _flwr, _wait_healthy, flower_env, free_port, run_status
+from scripts.simulate import STATUS_POLL_S, _flwr, _wait_healthy, flower_env, free_port, run_status
 
 DEFAULT_CONNECTION = "loopback"
 
@@ -311,7 +311,7 @@ class LoopbackDeployment:
                 raise TimeoutError(f"run {run_id} not finished after {timeout:.0f} s")
             if self._superlink is not None and self._superlink.poll() is not None:
                 raise RuntimeError(f"flower-superlink exited ({self._superlink.returncode})")
-            time.sleep(1)
+            time.sleep(STATUS_POLL_S)
         return status
 
     def status(self, run_id: int) -> dict:

@@ -26,6 +26,10 @@ from pathlib import Path
 from fedcybgd.config import compose
 
 APP_DIR = Path(__file__).resolve().parent.parent
+# Seconds between checks of a run's status. Each check runs the `flwr` CLI, a fresh Python process
+# of about 1.5 CPU-seconds: polled every second or two, it took a good share of a 2-core machine
+# from the run it was waiting for. A run ends at most this much later than it could.
+STATUS_POLL_S = 5.0
 
 
 def free_port() -> int:
@@ -125,7 +129,7 @@ def simulate(overrides: str, num_supernodes: int, *, cpus_per_client: int = 2,
                 return status
             if time.monotonic() > deadline:
                 raise TimeoutError(f"run {run_id} not finished after {timeout:.0f} s")
-            time.sleep(2)
+            time.sleep(STATUS_POLL_S)
         return status
     finally:
         _stop(superlink)
