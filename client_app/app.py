@@ -13,6 +13,7 @@ data, so the held-out part is never trained on), `device` (`auto`, `cpu`, `cuda`
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import time
@@ -39,6 +40,10 @@ from fedcybgd.train import evaluate_loss, pick_device, train_params
 
 # Fault injection for tests exists only when the node's environment asks for it (client_app/faults.py).
 app = ClientApp(mods=faults.mods())
+
+# Each visit starts with gc.collect() (fedcybgd/memory.py); the imports above leave millions of
+# long-lived objects it would walk every time (about 1 s a visit): set them aside once.
+gc.freeze()
 
 
 class NodeConfigError(ValueError):
