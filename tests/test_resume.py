@@ -6,6 +6,11 @@ must end bitwise where an uninterrupted run ends.
 
 import json
 import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,6 +116,46 @@ def test_a_truncated_checkpoint_is_named_and_a_leftover_temp_file_is_ignored(tmp
     path.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(CheckpointError, match="unreadable"):
         state.load(tmp_path)
+
+
+# The child is killed by the kernel (SIGXFSZ, which Python ignores unless reset) at
+# the write that crosses RLIMIT_FSIZE, so the new checkpoint is cut off mid-file, whatever way
+# `save` writes it.
+_WRITE_CUT_SHORT = textwrap.dedent("""
+    import resource, signal, sys
+    from pathlib import Path
+    from strategy import state
+    out, limit = Path(sys.argv[1]), int(sys.argv[2])
+    newer = state.load(out)
+    newer.completed_round += 1
+    newer.rows.append({**newer.rows[-1], "round": newer.completed_round})
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    state.save(newer, out / state.CHECKPOINT_FILE)
+""")
+
+
+def test_a_checkpoint_write_killed_midway_leaves_the_previous_one_and_the_run_resumes_from_it(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run(FakeGrid(2), cfg_for(whole, "rounds=3"))
+    with pytest.raises(Crash):
+        run(CrashingGrid(2, crash_round=2), cfg_for(cut, "rounds=3 checkpoint.every=1"))
+    path = cut / CHECKPOINT_FILE
+    before = path.read_bytes()
+    assert state.load(cut).completed_round == 1
+
+    child = subprocess.run([sys.executable, "-c", _WRITE_CUT_SHORT, str(cut), str(len(before) // 2)],
+                           cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGXFSZ, child.stderr
+    (partial,) = cut.glob(f".{CHECKPOINT_FILE}.*")  # the cut-off write, left by the dead process
+    assert partial.stat().st_size == len(before) // 2
+    assert path.read_bytes() == before and state.load(cut).completed_round == 1
+
+    run(FakeGrid(2), cfg_for(cut, "rounds=3 checkpoint.every=1 resume=true"))
+    assert [r["round"] for r in rows(cut)] == [1, 2, 3]
+    assert state.load(cut).completed_round == 3
+    assert_bitwise_equal(final_tensors(cut), final_tensors(whole))
 
 
 def test_a_checkpoint_from_another_run_is_refused_naming_the_difference(out_dir):
