@@ -159,7 +159,9 @@ def run_server_faults(workdir: Path, out: Path, plan: ServerPlan) -> list[dict]:
     base = (f"{TINY} rounds={plan.rounds} algorithm.min_nodes=3 algorithm.round_timeout={plan.round_timeout:g} "
             f"output_dir={out}")
     rows: list[dict] = []
-    with LoopbackDeployment(workdir / "deploy") as dep:
+    # A SuperLink keeps its nodes in memory unless given a database: restarted without one, it
+    # answers the SuperNodes' heartbeats with 401 and they exit. With it they carry on.
+    with LoopbackDeployment(workdir / "deploy", database=str(workdir / "superlink.db")) as dep:
         for i in range(3):
             dep.add_supernode({"partition-id": i, "num-partitions": 3,
                                "cache-dir": str(workdir / f"node-{i + 1}-cache")})
@@ -169,6 +171,8 @@ def run_server_faults(workdir: Path, out: Path, plan: ServerPlan) -> list[dict]:
         rows.append(_checkpoint_write_cut_short(out))
         rows.append(_serverapp_signal(dep, out, f"{base} checkpoint.every=1 resume=true", signal.SIGKILL, plan))
         rows.append(_superlink_killed(dep, out, f"{base} checkpoint.every=1 resume=true", plan))
+        for row in rows:
+            print(f"[bench-faults] {json.dumps(row)}", flush=True)
     logged = [r["round"] for r in _metrics(out)]
     complete = logged == list(range(1, plan.rounds + 1)) and (out / "final" / "config.json").exists()
     for row in rows:
