@@ -173,10 +173,14 @@ def run_server_faults(workdir: Path, out: Path, plan: ServerPlan) -> list[dict]:
         rows.append(_superlink_killed(dep, out, f"{base} checkpoint.every=1 resume=true", plan))
         for row in rows:
             print(f"[bench-faults] {json.dumps(row)}", flush=True)
-    logged = [r["round"] for r in _metrics(out)]
+    metrics = _metrics(out)
+    logged = [r["round"] for r in metrics]
     complete = logged == list(range(1, plan.rounds + 1)) and (out / "final" / "config.json").exists()
     for row in rows:
-        row.update(rounds_completed=len(logged), rounds_planned=plan.rounds, rounds_logged=logged,
+        # What the resumed run sent in its first round: the nodes' caches were re-synchronised.
+        first = next((r for r in metrics if r["round"] == row["checkpoint_round"] + 1), None)
+        row.update(bytes_resent_after_recovery=first["bytes_down"] if first else None,
+                   rounds_completed=len(logged), rounds_planned=plan.rounds, rounds_logged=logged,
                    outcome="recovered" if complete and row.pop("ok") else "FAILED")
     return rows
 
@@ -197,8 +201,7 @@ def _serverapp_signal(dep: LoopbackDeployment, out: Path, overrides: str, sig: s
     kind = "serverapp-sigterm" if sig == signal.SIGTERM else "serverapp-sigkill"
     row = {"fault": kind, "injected": 1, "run_id": run_id, "resumed_from": start,
            "last_completed_round": done, "checkpoint_round": saved,
-           "exit_seconds": None if exit_seconds is None else round(exit_seconds, 1),
-           "bytes_resent_after_recovery": None}
+           "exit_seconds": None if exit_seconds is None else round(exit_seconds, 1)}
     # SIGTERM: the exit handler wrote the last completed round. SIGKILL: the last periodic one.
     row["ok"] = exit_seconds is not None and saved == done and saved > start
     return row
@@ -212,7 +215,7 @@ def _checkpoint_write_cut_short(out: Path) -> dict:
     leftovers = sorted(p.name for p in out.glob(f".{state.CHECKPOINT_FILE}.*"))
     return {"fault": "checkpoint-write-cut", "injected": 1, "writer_exit": returncode,
             "checkpoint_round": state.load(out).completed_round, "previous_checkpoint_intact": intact,
-            "partial_temp_files": leftovers, "bytes_resent_after_recovery": None,
+            "partial_temp_files": leftovers,
             "ok": returncode == -signal.SIGXFSZ and intact and len(leftovers) == 1}
 
 
@@ -230,12 +233,10 @@ def _superlink_killed(dep: LoopbackDeployment, out: Path, overrides: str, plan: 
     reconnect_seconds = time.monotonic() - killed_at
     run_id = dep.submit(overrides)
     status = dep.wait(run_id, timeout=plan.step_timeout * plan.rounds)
-    first_after = next((r for r in _metrics(out) if r["round"] == saved + 1), None)
-    return {"fault": "superlink-sigkill-restart", "injected": 1, "run_id": run_id, "resumed_from": saved,
-            "orphans_killed": left_over, "nodes_back_seconds": round(reconnect_seconds, 1),
-            "final_status": status.get("status"),
-            "bytes_resent_after_recovery": first_after["bytes_down"] if first_after else None,
-            "ok": not left_over and status.get("status") == "finished:completed"}
+    return {"fault": "superlink-sigkill-restart", "injected": 1, "run_id": run_id, "resumed_from": start,
+            "checkpoint_round": saved, "orphans_killed": left_over,
+            "nodes_back_seconds": round(reconnect_seconds, 1), "final_status": status.get("status"),
+            "ok": not left_over and saved > start and status.get("status") == "finished:completed"}
 
 
 # The child: the kernel stops it (SIGXFSZ, which Python ignores unless reset) at the write that

@@ -7,10 +7,6 @@ must end bitwise where an uninterrupted run ends.
 import json
 import random
 import signal
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +15,7 @@ from flwr.app import Array
 
 from fedcybgd import models
 from fedcybgd.config import compose
+from scripts.bench_faults import write_checkpoint_cut_short
 from server_app.app import run
 from strategy import state
 from strategy.state import CHECKPOINT_FILE, CheckpointError, RunState
@@ -118,24 +115,6 @@ def test_a_truncated_checkpoint_is_named_and_a_leftover_temp_file_is_ignored(tmp
         state.load(tmp_path)
 
 
-# The child is killed by the kernel (SIGXFSZ, which Python ignores unless reset) at
-# the write that crosses RLIMIT_FSIZE, so the new checkpoint is cut off mid-file, whatever way
-# `save` writes it.
-_WRITE_CUT_SHORT = textwrap.dedent("""
-    import resource, signal, sys
-    from pathlib import Path
-    from strategy import state
-    out, limit = Path(sys.argv[1]), int(sys.argv[2])
-    newer = state.load(out)
-    newer.completed_round += 1
-    newer.rows.append({**newer.rows[-1], "round": newer.completed_round})
-    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    state.save(newer, out / state.CHECKPOINT_FILE)
-""")
-
-
 def test_a_checkpoint_write_killed_midway_leaves_the_previous_one_and_the_run_resumes_from_it(out_dir):
     with pytest.raises(Crash):
         run(CrashingGrid(2, crash_round=2), cfg_for(out_dir, "rounds=2 checkpoint.every=1 eval.every=100"))
@@ -143,9 +122,8 @@ def test_a_checkpoint_write_killed_midway_leaves_the_previous_one_and_the_run_re
     before = path.read_bytes()
     assert state.load(out_dir).completed_round == 1
 
-    child = subprocess.run([sys.executable, "-c", _WRITE_CUT_SHORT, str(out_dir), str(len(before) // 2)],
-                           cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
-    assert child.returncode == -signal.SIGXFSZ, child.stderr
+    # The next checkpoint's writer is killed by the kernel halfway through the file.
+    assert write_checkpoint_cut_short(out_dir, len(before) // 2) == -signal.SIGXFSZ
     assert path.read_bytes() == before and state.load(out_dir).completed_round == 1
     (partial,) = out_dir.glob(f".{CHECKPOINT_FILE}.*")  # the cut-off write, left by the dead process
     assert partial.stat().st_size == len(before) // 2
