@@ -143,6 +143,7 @@ def fault_rows(out: Path, plan: Plan, run: dict) -> list[dict]:
         })
     return result
 
+
 # -- server-side faults: the ServerApp and the SuperLink, each followed by `resume` ------------
 @dataclass(frozen=True)
 class ServerPlan:
