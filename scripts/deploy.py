@@ -199,9 +199,10 @@ class LoopbackDeployment:
         _wait_healthy(self.port, self._superlink, timeout=90,
                       ca_file=self.credentials.ca_cert if self.credentials else None)
 
-    def kill_superlink(self, grace: float = 30.0) -> list[int]:
+    def kill_superlink(self, grace: float = 60.0) -> list[int]:
         """SIGKILL the SuperLink alone, as a crash would. Its SuperExec and ServerApps watch its
-        PID and exit by themselves; returns those still alive after `grace` (then SIGKILLed)."""
+        PID and exit by themselves; returns those still alive after `grace`, then SIGKILLed (an
+        old ServerApp must not write the output directory beside a resumed one)."""
         assert self._superlink is not None and self._superlink.poll() is None, "no SuperLink running"
         children = _descendants(self._superlink.pid)
         self._superlink.kill()

