@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,7 +156,10 @@ class ServerPlan:
 
 
 def run_server_faults(workdir: Path, out: Path, plan: ServerPlan) -> list[dict]:
-    """One run in a deployment of 3 SuperNodes, stopped and resumed four times; a row per fault."""
+    """One run in a deployment of 3 SuperNodes, stopped and resumed four times; a row per fault.
+    `out` must not hold a run yet: each phase counts rounds from its checkpoint."""
+    if (out / state.CHECKPOINT_FILE).exists() or (out / "metrics.jsonl").exists():
+        raise FileExistsError(f"{out} already holds a run: give the server faults a fresh output_dir")
     workdir.mkdir(parents=True, exist_ok=True)
     base = (f"{TINY} rounds={plan.rounds} algorithm.min_nodes=3 algorithm.round_timeout={plan.round_timeout:g} "
             f"output_dir={out}")
@@ -338,8 +342,9 @@ def main() -> int:
     if args.faults in ("all", "server"):
         server_plan = ServerPlan()
         started = time.perf_counter()
-        rows += run_server_faults((args.workdir / "server").resolve(), (args.workdir / "server-run").resolve(),
-                                  server_plan)
+        server_out = (args.workdir / "server-run").resolve()
+        shutil.rmtree(server_out, ignore_errors=True)  # this script's own output of an earlier run
+        rows += run_server_faults((args.workdir / "server").resolve(), server_out, server_plan)
         report.update({"server_plan": server_plan.__dict__,
                        "server_wall_seconds": round(time.perf_counter() - started, 1)})
         print(f"server faults: wall {report['server_wall_seconds']} s", flush=True)
