@@ -343,7 +343,8 @@ def main() -> int:
         server_plan = ServerPlan()
         started = time.perf_counter()
         server_out = (args.workdir / "server-run").resolve()
-        shutil.rmtree(server_out, ignore_errors=True)  # this script's own output of an earlier run
+        for earlier in (server_out, (args.workdir / "server").resolve()):  # this script's own, of a past run
+            shutil.rmtree(earlier, ignore_errors=True)
         rows += run_server_faults((args.workdir / "server").resolve(), server_out, server_plan)
         report.update({"server_plan": server_plan.__dict__,
                        "server_wall_seconds": round(time.perf_counter() - started, 1)})
