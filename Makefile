@@ -93,8 +93,10 @@ compare-allocations: setup
 	$(PY) -m scripts.compare --preset $(PRESET) --runs fedcybgd:ascending fedcybgd:descending \
 	  fedcybgd:random --out outputs/compare/$(PRESET)/allocations
 
-# Node faults injected into a loopback deployment of 3 SuperNodes (tiny model): one row per fault
-# in outputs/bench/faults.json (client_app/faults.py; scripts/bench_faults.py).
+# Node faults injected into a loopback deployment of 3 SuperNodes (tiny model), then server faults
+# (ServerApp SIGTERM/SIGKILL, a checkpoint write cut short, SuperLink killed and restarted, each
+# followed by resume) in a second one: one row per fault in outputs/bench/faults.json
+# (client_app/faults.py; scripts/bench_faults.py).
 .PHONY: bench-faults
 bench-faults: setup
 	$(PY) -m scripts.bench_faults

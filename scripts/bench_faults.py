@@ -7,8 +7,10 @@ visit, a visit that never answers; and one SuperNode SIGKILLed by this script wh
 then restarted on the same cache directory (it rejoins under a new node ID). The run's
 metrics.jsonl says what the server saw; one row per fault goes to outputs/bench/faults.json.
 
-Server-side faults (SuperLink or ServerApp killed, then `resume`) are separate rows, added by
-the checkpoint/resume work: see `SERVER_FAULTS`.
+Server-side faults run in a second deployment (`run_server_faults`): one run, stopped four ways
+and each time submitted again with `resume=true` (a SIGTERM to the ServerApp, a checkpoint write
+cut off midway, the ServerApp SIGKILLed, the SuperLink SIGKILLed and restarted on its port); its
+rows say from which round each resume went on, and whether every round was logged exactly once.
 """
 
 from __future__ import annotations
@@ -17,22 +19,22 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from client_app import faults
-from scripts.deploy import LoopbackDeployment, SuperNodeProcess
+from scripts.deploy import LoopbackDeployment, SuperNodeProcess, _alive
+from strategy import state
 
 TINY = "model=tiny-llama train=tiny data.max_examples=300 eval.every=100 eval.max_examples=20 compression=none"
 # The kind each injected fault must be rejected as (strategy/validation.py).
 EXPECTED_KIND = {"disk-full": "cache-write-failed", "lose-cache": "cache-lost", "corrupt-cache": "cache-corrupt",
                  "hang": "timeout", "kill": "node-unavailable"}
-# Rows for server-side faults (SuperLink kill + restart, ServerApp SIGKILL, interrupted
-# checkpoint write, each followed by `resume`) belong here once resume exists.
-SERVER_FAULTS: list[dict] = []
 
 
 @dataclass(frozen=True)
@@ -143,30 +145,220 @@ def fault_rows(out: Path, plan: Plan, run: dict) -> list[dict]:
     return result
 
 
+# -- server-side faults: the ServerApp and the SuperLink, each followed by `resume` ------------
+@dataclass(frozen=True)
+class ServerPlan:
+    """Rounds of the one run; each fault strikes once the run has gone one round further."""
+
+    rounds: int = 4
+    round_timeout: float = 120.0
+    step_timeout: float = 600.0  # for each phase: a process to start, a round to complete
+
+
+def run_server_faults(workdir: Path, out: Path, plan: ServerPlan) -> list[dict]:
+    """One run in a deployment of 3 SuperNodes, stopped and resumed four times; a row per fault.
+    `out` must not hold a run yet: each phase counts rounds from its checkpoint."""
+    if (out / state.CHECKPOINT_FILE).exists() or (out / "metrics.jsonl").exists():
+        raise FileExistsError(f"{out} already holds a run: give the server faults a fresh output_dir")
+    workdir.mkdir(parents=True, exist_ok=True)
+    base = (f"{TINY} rounds={plan.rounds} algorithm.min_nodes=3 algorithm.round_timeout={plan.round_timeout:g} "
+            f"output_dir={out}")
+    rows: list[dict] = []
+    # A SuperLink keeps its nodes in memory unless given a database: restarted without one, it
+    # answers the SuperNodes' heartbeats with 401 and they exit. With it they carry on.
+    with LoopbackDeployment(workdir / "deploy", database=str(workdir / "superlink.db")) as dep:
+        for i in range(3):
+            dep.add_supernode({"partition-id": i, "num-partitions": 3,
+                               "cache-dir": str(workdir / f"node-{i + 1}-cache")})
+        dep.wait_for_nodes(3)
+        # No periodic checkpoint in the first run: only the SIGTERM handler writes one.
+        rows.append(_serverapp_signal(dep, out, f"{base} checkpoint.every=1000", signal.SIGTERM, plan))
+        rows.append(_checkpoint_write_cut_short(out))
+        rows.append(_serverapp_signal(dep, out, f"{base} checkpoint.every=1 resume=true", signal.SIGKILL, plan))
+        rows.append(_superlink_killed(dep, out, f"{base} checkpoint.every=1 resume=true", plan))
+        for row in rows:
+            print(f"[bench-faults] {json.dumps(row)}", flush=True)
+    metrics = _metrics(out)
+    logged = [r["round"] for r in metrics]
+    complete = logged == list(range(1, plan.rounds + 1)) and (out / "final" / "config.json").exists()
+    for row in rows:
+        # What the resumed run sent in its first round: the nodes' caches were re-synchronised.
+        first = next((r for r in metrics if r["round"] == row["checkpoint_round"] + 1), None)
+        row.update(bytes_resent_after_recovery=first["bytes_down"] if first else None,
+                   rounds_completed=len(logged), rounds_planned=plan.rounds, rounds_logged=logged,
+                   outcome="recovered" if complete and row.pop("ok") else "FAILED")
+    return rows
+
+
+def _serverapp_signal(dep: LoopbackDeployment, out: Path, overrides: str, sig: signal.Signals,
+                      plan: ServerPlan) -> dict:
+    """Submit, wait for one more completed round, send `sig` to the run's ServerApp process."""
+    start = _completed_round(out)
+    before = dep.server_processes()
+    run_id = dep.submit(overrides)
+    serverapp = _new_process(dep, before, plan.step_timeout)
+    _wait_for_round(out, start + 1, plan.step_timeout)
+    time.sleep(2)  # past the round's bookkeeping: metrics row and snapshot are written together
+    done = _last_logged_round(out)
+    os.kill(serverapp, sig)
+    exit_seconds = _wait_exit(serverapp, 60)
+    saved = _completed_round(out)
+    kind = "serverapp-sigterm" if sig == signal.SIGTERM else "serverapp-sigkill"
+    row = {"fault": kind, "injected": 1, "run_id": run_id, "resumed_from": start,
+           "last_completed_round": done, "checkpoint_round": saved,
+           "exit_seconds": None if exit_seconds is None else round(exit_seconds, 1)}
+    # SIGTERM: the exit handler wrote the last completed round. SIGKILL: the last periodic one.
+    row["ok"] = exit_seconds is not None and saved == done and saved > start
+    return row
+
+
+def _checkpoint_write_cut_short(out: Path) -> dict:
+    """A writer killed by the kernel midway through the next checkpoint (`write_checkpoint_cut_short`)."""
+    before = (out / state.CHECKPOINT_FILE).read_bytes()
+    returncode = write_checkpoint_cut_short(out, len(before) // 2)
+    intact = (out / state.CHECKPOINT_FILE).read_bytes() == before
+    leftovers = sorted(p.name for p in out.glob(f".{state.CHECKPOINT_FILE}.*"))
+    return {"fault": "checkpoint-write-cut", "injected": 1, "writer_exit": returncode,
+            "checkpoint_round": state.load(out).completed_round, "previous_checkpoint_intact": intact,
+            "partial_temp_files": leftovers,
+            "ok": returncode == -signal.SIGXFSZ and intact and len(leftovers) == 1}
+
+
+def _superlink_killed(dep: LoopbackDeployment, out: Path, overrides: str, plan: ServerPlan) -> dict:
+    """Submit, wait for one more round, SIGKILL the SuperLink, restart it on its port, wait for
+    the SuperNodes to reconnect by themselves, and submit the run again to finish it."""
+    start = _completed_round(out)
+    dep.submit(overrides)
+    _wait_for_round(out, start + 1, plan.step_timeout)
+    killed_at = time.monotonic()
+    left_over = dep.kill_superlink()
+    children_gone_seconds = time.monotonic() - killed_at
+    saved = _completed_round(out)
+    dep.start_superlink()
+    dep.wait_for_nodes(3, timeout=plan.step_timeout)
+    reconnect_seconds = time.monotonic() - killed_at
+    run_id = dep.submit(overrides)
+    status = dep.wait(run_id, timeout=plan.step_timeout * plan.rounds)
+    return {"fault": "superlink-sigkill-restart", "injected": 1, "run_id": run_id, "resumed_from": start,
+            "checkpoint_round": saved, "orphans_killed": left_over,
+            "children_gone_seconds": round(children_gone_seconds, 1),
+            "nodes_back_seconds": round(reconnect_seconds, 1), "final_status": status.get("status"),
+            "ok": saved > start and status.get("status") == "finished:completed"}
+
+
+# The child: the kernel stops it (SIGXFSZ, which Python ignores unless reset) at the write that
+# crosses RLIMIT_FSIZE, so the next checkpoint is cut off midway, however `state.save` writes it.
+_WRITE_CUT_SHORT = """
+import resource, signal, sys
+from pathlib import Path
+from strategy import state
+out, limit = Path(sys.argv[1]), int(sys.argv[2])
+newer = state.load(out)
+newer.completed_round += 1
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+state.save(newer, out / state.CHECKPOINT_FILE)
+"""
+
+
+def write_checkpoint_cut_short(out: Path, limit: int) -> int:
+    """Write `out`'s checkpoint one round on in a process killed after `limit` bytes; its exit code."""
+    child = subprocess.run([sys.executable, "-c", _WRITE_CUT_SHORT, str(out), str(limit)],
+                           cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                           timeout=300)
+    return child.returncode
+
+
+def _metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _last_logged_round(out: Path) -> int:
+    return max((r["round"] for r in _metrics(out)), default=0)
+
+
+def _completed_round(out: Path) -> int:
+    return state.load(out).completed_round if (out / state.CHECKPOINT_FILE).exists() else 0
+
+
+def _wait_for_round(out: Path, round_: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _last_logged_round(out) < round_:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"round {round_} not logged in {out} after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def _new_process(dep: LoopbackDeployment, before: set[int], timeout: float) -> int:
+    """The run's ServerApp: the one process under the SuperLink that the submission started."""
+    deadline = time.monotonic() + timeout
+    while not (new := dep.server_processes() - before):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no ServerApp process started within {timeout:.0f} s")
+        time.sleep(0.2)
+    time.sleep(1)
+    new = dep.server_processes() - before
+    if len(new) != 1:
+        raise RuntimeError(f"expected one new process under the SuperLink, found {sorted(new)}")
+    return new.pop()
+
+
+def _wait_exit(pid: int, timeout: float) -> float | None:
+    """Seconds until `pid` has exited (None: still alive after `timeout`)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if not _alive(pid):
+            return time.monotonic() - start
+        time.sleep(0.1)
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("outputs/bench/faults-work"))
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/faults.json"))
+    parser.add_argument("--faults", choices=("all", "node", "server"), default="all",
+                        help="which deployment to run: node faults, server faults, or both")
     args = parser.parse_args()
-    plan = Plan()
-    started = time.perf_counter()
-    out = (args.workdir / "run").resolve()
-    run = run_faults(args.workdir.resolve(), out, plan)
-    rows = fault_rows(out, plan, run) + SERVER_FAULTS
-    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
-    report = {"plan": plan.__dict__, "status": run["status"].get("status"), "rows": rows,
-              "rejected_by_reason": summary.get("rejected_by_reason"),
-              "final_model_loadable": (out / "final" / "config.json").exists(),
-              "wall_seconds": round(time.perf_counter() - started, 1)}
+    report: dict = {}
+    rows: list[dict] = []
+    ok = True
+    if args.faults in ("all", "node"):
+        plan = Plan()
+        started = time.perf_counter()
+        out = (args.workdir / "run").resolve()
+        run = run_faults(args.workdir.resolve(), out, plan)
+        rows += fault_rows(out, plan, run)
+        summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+        report.update({"plan": plan.__dict__, "status": run["status"].get("status"),
+                       "rejected_by_reason": summary.get("rejected_by_reason"),
+                       "final_model_loadable": (out / "final" / "config.json").exists(),
+                       "wall_seconds": round(time.perf_counter() - started, 1)})
+        ok = report["status"] == "finished:completed"
+        print(f"node faults: run {report['status']}, final model saved: {report['final_model_loadable']}, "
+              f"wall {report['wall_seconds']} s", flush=True)
+    if args.faults in ("all", "server"):
+        server_plan = ServerPlan()
+        started = time.perf_counter()
+        server_out = (args.workdir / "server-run").resolve()
+        for earlier in (server_out, (args.workdir / "server").resolve()):  # this script's own, of a past run
+            shutil.rmtree(earlier, ignore_errors=True)
+        rows += run_server_faults((args.workdir / "server").resolve(), server_out, server_plan)
+        report.update({"server_plan": server_plan.__dict__,
+                       "server_wall_seconds": round(time.perf_counter() - started, 1)})
+        print(f"server faults: wall {report['server_wall_seconds']} s", flush=True)
+    report["rows"] = rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'fault':<14}{'injected':>9}{'detected':>9}{'rounds':>8}{'accepted':>9}  {'re-sent bytes':<22}{'outcome'}")
+    print(f"{'fault':<27}{'injected':>9}{'rounds':>8}{'accepted':>9}  {'re-sent bytes':<22}{'outcome'}")
     for r in rows:
-        print(f"{r['fault']:<14}{r['injected']:>9}{r['detected']:>9}{r['rounds_completed']:>8}"
-              f"{r['accepted_from_faulty_visits']:>9}  {str(r['bytes_resent_after_recovery']):<22}{r['outcome']}")
-    print(f"run {report['status']}, final model saved: {report['final_model_loadable']}, "
-          f"wall {report['wall_seconds']} s; {args.out}")
-    return 0 if report["status"] == "finished:completed" and all(r["outcome"] == "recovered" for r in rows) else 1
+        print(f"{r['fault']:<27}{r['injected']:>9}{r['rounds_completed']:>8}"
+              f"{r.get('accepted_from_faulty_visits', '-')!s:>9}  {str(r['bytes_resent_after_recovery']):<22}"
+              f"{r['outcome']}")
+    print(args.out)
+    return 0 if ok and all(r["outcome"] == "recovered" for r in rows) else 1
 
 
 if __name__ == "__main__":

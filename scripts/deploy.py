@@ -188,12 +188,37 @@ class LoopbackDeployment:
             self.credentials = generate_server_credentials(self.certs, tuple(dict.fromkeys((*DEFAULT_HOSTS, self.host))))
         self.port = free_port()
         self._write_connection()
+        self.start_superlink()
+
+    def start_superlink(self) -> None:
+        """Start the SuperLink on this deployment's port (again, after `kill_superlink`)."""
         bind = "127.0.0.1" if self.host == "127.0.0.1" else "0.0.0.0"
         flags = superlink_flags(host=bind, port=self.port, isolation="subprocess",
                                 tls=self.credentials, node_auth=self.node_auth, database=self.database)
         self._superlink = self._spawn(["flower-superlink", *flags], self.superlink_log)
         _wait_healthy(self.port, self._superlink, timeout=90,
                       ca_file=self.credentials.ca_cert if self.credentials else None)
+
+    def kill_superlink(self, grace: float = 60.0) -> list[int]:
+        """SIGKILL the SuperLink alone, as a crash would. Its SuperExec and ServerApps watch its
+        PID and exit by themselves; returns those still alive after `grace`, then SIGKILLed (an
+        old ServerApp must not write the output directory beside a resumed one)."""
+        assert self._superlink is not None and self._superlink.poll() is None, "no SuperLink running"
+        children = _descendants(self._superlink.pid)
+        self._superlink.kill()
+        self._superlink.wait()
+        deadline = time.monotonic() + grace
+        while (alive := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in alive:
+            _signal_pid(pid, signal.SIGKILL)
+        return alive
+
+    def server_processes(self) -> set[int]:
+        """PIDs under the SuperLink: its SuperExec and, while a run is on, that run's ServerApp."""
+        if self._superlink is None or self._superlink.poll() is not None:
+            return set()
+        return set(_descendants(self._superlink.pid))
 
     def start_compose(self, compose_file: Path, node_data: Sequence[Path]) -> None:
         """`compose_file`'s services as processes here, in its order, with its very commands.

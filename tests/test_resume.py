@@ -6,6 +6,7 @@ must end bitwise where an uninterrupted run ends.
 
 import json
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from flwr.app import Array
 
 from fedcybgd import models
 from fedcybgd.config import compose
+from scripts.bench_faults import write_checkpoint_cut_short
 from server_app.app import run
 from strategy import state
 from strategy.state import CHECKPOINT_FILE, CheckpointError, RunState
@@ -111,6 +113,24 @@ def test_a_truncated_checkpoint_is_named_and_a_leftover_temp_file_is_ignored(tmp
     path.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(CheckpointError, match="unreadable"):
         state.load(tmp_path)
+
+
+def test_a_checkpoint_write_killed_midway_leaves_the_previous_one_and_the_run_resumes_from_it(out_dir):
+    with pytest.raises(Crash):
+        run(CrashingGrid(2, crash_round=2), cfg_for(out_dir, "rounds=2 checkpoint.every=1 eval.every=100"))
+    path = out_dir / CHECKPOINT_FILE
+    before = path.read_bytes()
+    assert state.load(out_dir).completed_round == 1
+
+    # The next checkpoint's writer is killed by the kernel halfway through the file.
+    assert write_checkpoint_cut_short(out_dir, len(before) // 2) == -signal.SIGXFSZ
+    assert path.read_bytes() == before and state.load(out_dir).completed_round == 1
+    (partial,) = out_dir.glob(f".{CHECKPOINT_FILE}.*")  # the cut-off write, left by the dead process
+    assert partial.stat().st_size == len(before) // 2
+
+    run(FakeGrid(2), cfg_for(out_dir, "rounds=2 checkpoint.every=1 eval.every=100 resume=true"))
+    assert [r["round"] for r in rows(out_dir)] == [1, 2]
+    assert state.load(out_dir).completed_round == 2 and (out_dir / "final").exists()
 
 
 def test_a_checkpoint_from_another_run_is_refused_naming_the_difference(out_dir):
