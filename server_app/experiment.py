@@ -219,6 +219,7 @@ def _node_eval_summary(node_evals: dict[int, NodeEvaluation], last: int) -> dict
         "initial_nodes_task_score": scores.get(0),
         "final_nodes_task_score": scores.get(last),
         "nodes_task_scores": {str(r): v for r, v in scores.items()},
+        "initial_node_evals": node_evals[0].nodes if 0 in node_evals else [],
         "final_node_evals": final.nodes if final else [],
         "node_eval_failures": sum(len(e.failed) for e in node_evals.values()),
         "total_eval_bytes_down": sum(e.bytes_down for e in node_evals.values()),

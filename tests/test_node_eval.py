@@ -82,6 +82,7 @@ def test_nodes_evaluate_on_their_own_data_and_the_server_loads_none(out_dir, tmp
     assert summary["final_nodes_task_score"] == pytest.approx(
         sum(n["task_score"] * n["task_examples"] for n in scored) / sum(n["task_examples"] for n in scored))
     assert summary["initial_nodes_eval_loss"] > summary["final_nodes_eval_loss"]
+    assert [n["num_examples"] for n in summary["initial_node_evals"]] == [n["num_examples"] for n in per_node]
 
 
 def test_evaluation_sends_only_what_a_node_lacks_and_is_counted_apart(out_dir, tmp_path, no_packaged_data):
