@@ -36,7 +36,7 @@ from fedcybgd.compression import DENSE
 from fedcybgd.config import DataConfig
 from fedcybgd.protocol import (BLOCK, CONFIG, FROZEN, METRICS, EvalInstruction, HoldingsReply, NodeEvalMetrics,
                                TrainInstruction, VisitMetrics)
-from fedcybgd.train import evaluate_loss, pick_device, train_params
+from fedcybgd.train import pick_device, train_params
 
 # Fault injection for tests exists only when the node's environment asks for it (client_app/faults.py).
 app = ClientApp(mods=faults.mods())
@@ -141,14 +141,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     tokenizer = models.load_tokenizer(model_dir)
     cfg = instruction.eval
     heldout = _local_split(context.node_config, json.dumps(asdict(instruction.data)), cfg.split)
-    capped = heldout if cfg.max_examples is None else heldout.select(range(min(cfg.max_examples, len(heldout))))
-    examples = data.tokenize(capped, tokenizer, instruction.max_seq_len)
-    loss = evaluate_loss(model, data.eval_batches(examples, cfg.batch_size, tokenizer.pad_token_id), device)
-    task = scoring.task_examples(heldout, cfg.task_examples)
-    score, metric = (scoring.task_score(model, tokenizer, task, device, cfg.max_new_tokens, cfg.batch_size)
-                     if task else (0.0, ""))
-    metrics = NodeEvalMetrics(eval_loss=loss, num_examples=len(examples), task_examples=len(task),
-                              task_score=score, seconds=time.perf_counter() - started)
+    held_out = scoring.eval_set(heldout, tokenizer, cfg, instruction.max_seq_len)
+    loss, score = scoring.evaluate(model, tokenizer, held_out, cfg, device)
+    metrics = NodeEvalMetrics(eval_loss=loss, num_examples=held_out.num_examples,
+                              task_examples=len(held_out.task_examples), task_score=score or 0.0,
+                              seconds=time.perf_counter() - started)
+    metric = scoring.metric_name(held_out.task_examples) if held_out.task_examples else ""
     return Message(RecordDict({
         METRICS: metrics.to_record(),
         CONFIG: protocol.eval_echo(digest(cache.holdings()), metric),

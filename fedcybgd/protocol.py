@@ -124,11 +124,11 @@ class VisitMetrics:
     peak_mem_bytes: int
 
     def to_record(self) -> MetricRecord:
-        return MetricRecord({f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)})
+        return _to_metrics(self)
 
     @classmethod
     def from_record(cls, record: MetricRecord) -> VisitMetrics:
-        return cls(**{f.name: record[f.name.replace("_", "-")] for f in fields(cls)})
+        return cls(**_from_metrics(cls, record))
 
 
 @dataclass(frozen=True)
@@ -186,11 +186,20 @@ class NodeEvalMetrics:
     seconds: float
 
     def to_record(self) -> MetricRecord:
-        return MetricRecord({f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)})
+        return _to_metrics(self)
 
     @classmethod
     def from_record(cls, record: MetricRecord) -> NodeEvalMetrics:
-        return cls(**{f.name: record[f.name.replace("_", "-")] for f in fields(cls)})
+        return cls(**_from_metrics(cls, record))
+
+
+def _to_metrics(values: object) -> MetricRecord:
+    """A dataclass of numbers as a MetricRecord, its field names dashed."""
+    return MetricRecord({f.name.replace("_", "-"): getattr(values, f.name) for f in fields(values)})
+
+
+def _from_metrics(cls: type, record: MetricRecord) -> dict[str, object]:
+    return {f.name: record[f.name.replace("_", "-")] for f in fields(cls)}
 
 
 def eval_echo(cache_digest: str, task_metric: str) -> ConfigRecord:

@@ -15,6 +15,10 @@ from datasets import Dataset
 from rouge_score import rouge_scorer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fedcybgd import data
+from fedcybgd.config import EvalConfig
+from fedcybgd.train import evaluate_loss
+
 EXACT_MATCH = "exact_match"
 ROUGE_L = "rougeL_f"
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
@@ -88,3 +92,29 @@ def task_score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examp
                                max_new_tokens, batch_size)
     score = sum(score_answer(a, e) for a, e in zip(answers, examples)) / len(examples)
     return score, metric_name(examples)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Held-out examples ready to evaluate, wherever that happens (the server or a node)."""
+
+    batches: list[dict[str, torch.Tensor]]  # for the loss: the first `eval.max_examples`
+    num_examples: int
+    task_examples: list[TaskExample]  # answered by generation for the task score
+
+
+def eval_set(ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig, max_seq_len: int) -> EvalSet:
+    capped = ds if cfg.max_examples is None else ds.select(range(min(cfg.max_examples, len(ds))))
+    examples = data.tokenize(capped, tokenizer, max_seq_len)
+    return EvalSet(data.eval_batches(examples, cfg.batch_size, tokenizer.pad_token_id), len(examples),
+                   task_examples(ds, cfg.task_examples))
+
+
+def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, held_out: EvalSet, cfg: EvalConfig,
+             device: torch.device) -> tuple[float, float | None]:
+    """(held-out loss, task score or None when `held_out` has no task examples)."""
+    loss = evaluate_loss(model, held_out.batches, device)
+    if not held_out.task_examples:
+        return loss, None
+    score, _ = task_score(model, tokenizer, held_out.task_examples, device, cfg.max_new_tokens, cfg.batch_size)
+    return loss, score

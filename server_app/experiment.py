@@ -24,7 +24,7 @@ from fedcybgd import data, lora, models, scoring
 from fedcybgd.blocks import ModelLayout, describe
 from fedcybgd.config import RunConfig, to_yaml
 from fedcybgd.report import NodeEvaluation, RunReport, summary_table, write_atomic
-from fedcybgd.train import evaluate_loss, pick_device
+from fedcybgd.train import pick_device
 
 
 @dataclass
@@ -32,8 +32,7 @@ class ServerData:
     """The server's own data: what partitions are checked against, and what it evaluates on."""
 
     train: data.Dataset
-    eval_batches: list[dict]
-    task_examples: list[scoring.TaskExample]  # answered by generation at each evaluation
+    held_out: scoring.EvalSet  # what the server evaluates on
     counts: dict[str, int]  # duplicates dropped, train and held-out sizes
 
 
@@ -68,12 +67,7 @@ def load_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> ServerData:
         counts["data_validation_examples"] = len(split.validation)
     evaluated = split.validation if cfg.eval.split == "validation" else split.heldout
     log(INFO, "[fedcybgd] evaluating on the %s split (%d examples)", cfg.eval.split, len(evaluated))
-    capped = evaluated
-    if cfg.eval.max_examples is not None:
-        capped = evaluated.select(range(min(cfg.eval.max_examples, len(evaluated))))
-    eval_examples = data.tokenize(capped, tokenizer, cfg.train.max_seq_len)
-    eval_batches = data.eval_batches(eval_examples, cfg.eval.batch_size, tokenizer.pad_token_id)
-    return ServerData(split.train, eval_batches, scoring.task_examples(evaluated, cfg.eval.task_examples), counts)
+    return ServerData(split.train, scoring.eval_set(evaluated, tokenizer, cfg.eval, cfg.train.max_seq_len), counts)
 
 
 def resolve_eval_where(requested: str, nodes_have_data: list[bool]) -> tuple[str, str]:
@@ -132,19 +126,19 @@ class Experiment:
 
     @property
     def task_metric(self) -> str | None:
-        examples = self.setup.data.task_examples if self.setup.data else []
+        examples = self.setup.data.held_out.task_examples if self.setup.data else []
         return scoring.metric_name(examples) if examples else None
 
     def evaluate(self, server_round: int, tensors: dict[str, torch.Tensor]) -> float:
         """Held-out loss (and task score) of the model with `tensors` (adapters merged in)."""
         assert self.setup.data is not None
         models.load_tensors(self.setup.model, lora.merge_into(tensors, self.cfg.lora, self.setup.lora_transposed))
-        self.evals[server_round] = evaluate_loss(self.setup.model, self.setup.data.eval_batches, self.device)
-        if self.setup.data.task_examples:
-            self.task_scores[server_round], _ = scoring.task_score(
-                self.setup.model, self.setup.tokenizer, self.setup.data.task_examples, self.device,
-                self.cfg.eval.max_new_tokens, self.cfg.eval.batch_size)
-        return self.evals[server_round]
+        loss, score = scoring.evaluate(self.setup.model, self.setup.tokenizer, self.setup.data.held_out,
+                                       self.cfg.eval, self.device)
+        self.evals[server_round] = loss
+        if score is not None:
+            self.task_scores[server_round] = score
+        return loss
 
     def add_round(self, row: dict, node_eval: NodeEvaluation | None = None) -> None:
         row = {"algorithm": self.cfg.algorithm.name, **row, "eval_loss": self.evals.get(row["round"]),
@@ -173,7 +167,7 @@ class Experiment:
             "final_eval_loss": self.evals.get(last),
             "eval_losses": {str(r): loss for r, loss in sorted(self.evals.items())},
             "task_metric": self.task_metric,
-            "task_examples": len(self.setup.data.task_examples) if self.setup.data else 0,
+            "task_examples": len(self.setup.data.held_out.task_examples) if self.setup.data else 0,
             "initial_task_score": self.task_scores.get(0),
             "final_task_score": self.task_scores.get(last),
             "task_scores": {str(r): score for r, score in sorted(self.task_scores.items())},

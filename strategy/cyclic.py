@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedcybgd import codec, lora, protocol
 from fedcybgd.blocks import Block, ModelLayout
+from fedcybgd.client_cache import Holding
 from fedcybgd.config import CompressionConfig, DataConfig, EvalConfig, TrainConfig
 from fedcybgd.protocol import (BLOCK, CONFIG, FROZEN, METRICS, EvalInstruction, HoldingsReply, NodeEvalMetrics,
                                TrainInstruction, VisitMetrics, record_bytes)
@@ -124,7 +125,7 @@ class CyclicBlockStrategy(Strategy):
         self._block_of = layout.block_of()
         self._global: ArrayRecord | None = None
         self._pending: dict[int, _Visit] = {}
-        self._pending_eval: dict[str, _NodeEval] = {}  # by message id
+        self._pending_eval: dict[int, _NodeEval] = {}  # by node id
         self._num_rounds = 0
         self._round_start = 0.0
         self._round_offset = 0  # rounds done before this session's `start` (a resumed run)
@@ -407,14 +408,19 @@ class CyclicBlockStrategy(Strategy):
             self._confirm_cache(upload, block, kept)
 
     def _confirm_cache(self, upload: _Upload, block: Block, kept_version: int | None) -> None:
-        node_id = upload.visit.assignment.node_id
-        expected = self.packager.confirm(node_id, upload.visit.plan.manifest, block.names, kept_version)
-        reported = upload.cache_digest
-        upload.visit.entry["cache_confirmed"] = reported == expected
+        upload.visit.entry["cache_confirmed"] = self._confirm_holdings(
+            upload.visit.assignment.node_id, upload.visit.plan.manifest, upload.cache_digest, block.names, kept_version)
+
+    def _confirm_holdings(self, node_id: int, manifest: tuple[Holding, ...], reported: str, kept: tuple[str, ...] = (),
+                          kept_version: int | None = None) -> bool:
+        """Record what a node now holds (`Packager.confirm`); a digest other than the one that
+        implies means its cache is not what we think, so it is asked before its next visit."""
+        expected = self.packager.confirm(node_id, manifest, kept, kept_version)
         if reported != expected:
             log(WARNING, "Node %d cache digest %s != expected %s: asking it what it holds next time",
                 node_id, reported, expected)
             self.packager.forget(node_id)
+        return reported == expected
 
     def _reject(self, stats: RoundStats, node_id: int, rejection: Rejection) -> None:
         """Log and record a failed visit (`aggregate_train` re-queues blocks nobody delivered)."""
@@ -519,12 +525,11 @@ class CyclicBlockStrategy(Strategy):
             pending = waiting.pop(reply.metadata.reply_to_message_id, None)
             if pending is None:
                 continue  # answers no evaluation of this round (late or duplicate)
-            problem = self._eval_problem(reply)
-            if problem is not None:
-                self._eval_failed(evaluation, pending.node_id, problem)
+            answer = _read_evaluation(reply)
+            if isinstance(answer, Rejection):
+                self._eval_failed(evaluation, pending.node_id, answer)
                 continue
-            result = NodeEvalMetrics.from_record(reply.content.metric_records[METRICS])
-            echo = reply.content.config_records[CONFIG]
+            result, echo = answer
             pending.entry.update(
                 eval_loss=result.eval_loss, num_examples=result.num_examples,
                 task_score=result.task_score if result.task_examples else None,
@@ -533,11 +538,7 @@ class CyclicBlockStrategy(Strategy):
             evaluation.nodes.append(pending.entry)
             if result.task_examples:
                 evaluation.task_metric = str(echo["task-metric"])
-            expected = self.packager.confirm(pending.node_id, pending.plan.manifest)
-            if str(echo["cache-digest"]) != expected:
-                log(WARNING, "Node %d cache digest after evaluation differs from the expected one: asking "
-                    "it what it holds next time", pending.node_id)
-                self.packager.forget(pending.node_id)
+            self._confirm_holdings(pending.node_id, pending.plan.manifest, str(echo["cache-digest"]))
         for pending in waiting.values():
             self._eval_failed(evaluation, pending.node_id, Rejection(
                 "timeout", f"no evaluation reply within the round timeout ({self.round_timeout:g} s)"))
@@ -559,25 +560,27 @@ class CyclicBlockStrategy(Strategy):
             metrics["nodes-task-score"] = evaluation.task_score
         return metrics
 
-    @staticmethod
-    def _eval_problem(reply: Message) -> Rejection | None:
-        if reply.has_error():
-            return error_rejection(reply)
-        content = reply.content
-        if METRICS not in content.metric_records or CONFIG not in content.config_records:
-            return Rejection("malformed", "evaluation reply without metrics or config record")
-        try:
-            NodeEvalMetrics.from_record(content.metric_records[METRICS])
-            content.config_records[CONFIG]["cache-digest"]
-        except (KeyError, TypeError) as err:
-            return Rejection("malformed", f"evaluation reply lacks {err}")
-        return None
-
     def _eval_failed(self, evaluation: NodeEvaluation, node_id: int, problem: Rejection) -> None:
         log(WARNING, "Round %d: node %d did not evaluate: %s", evaluation.round, node_id, problem)
         evaluation.failed.append({"node_id": node_id, "node_key": self.node_keys.get(node_id),
                                   "kind": problem.kind, "reason": problem.reason})
         self.packager.forget(node_id)
+
+
+def _read_evaluation(reply: Message) -> tuple[NodeEvalMetrics, ConfigRecord] | Rejection:
+    """An evaluation reply's results and echo, or why it cannot be used."""
+    if reply.has_error():
+        return error_rejection(reply)
+    content = reply.content
+    if METRICS not in content.metric_records or CONFIG not in content.config_records:
+        return Rejection("malformed", "evaluation reply without metrics or config record")
+    echo = content.config_records[CONFIG]
+    try:
+        result = NodeEvalMetrics.from_record(content.metric_records[METRICS])
+        echo["cache-digest"]
+    except (KeyError, TypeError) as err:
+        return Rejection("malformed", f"evaluation reply lacks {err}")
+    return result, echo
 
 
 def weighted_mean(uploads: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
