@@ -294,15 +294,20 @@ def _wait_for_round(out: Path, round_: int, timeout: float) -> None:
 def _new_process(dep: LoopbackDeployment, before: set[int], timeout: float) -> int:
     """The run's ServerApp: the one process under the SuperLink that the submission started."""
     deadline = time.monotonic() + timeout
-    while not (new := dep.server_processes() - before):
+    while len(new := [p for p in dep.server_processes() - before if _is_serverapp(p)]) != 1:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no ServerApp process started within {timeout:.0f} s")
+            raise TimeoutError(f"no single ServerApp process started within {timeout:.0f} s (found {new})")
         time.sleep(0.2)
-    time.sleep(1)
-    new = dep.server_processes() - before
-    if len(new) != 1:
-        raise RuntimeError(f"expected one new process under the SuperLink, found {sorted(new)}")
-    return new.pop()
+    return new[0]
+
+
+def _is_serverapp(pid: int) -> bool:
+    """Whether a new PID under the SuperLink runs `flwr-serverapp` (a submission may briefly start
+    other short-lived children beside it)."""
+    try:
+        return "flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:  # already gone
+        return False
 
 
 def _wait_exit(pid: int, timeout: float) -> float | None:
