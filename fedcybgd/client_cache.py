@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedcybgd import compression
+from fedcybgd.files import write_atomic, write_atomic_with
 
 MANIFEST = "manifest.json"
 RUN_PREFIX = "run-"
@@ -101,12 +100,9 @@ class ClientCache:
             return
         file = f"t-{uuid.uuid4().hex}.safetensors"
         flat = {f"{h.name}/{part}": t.contiguous() for h, parts in tensors.items() for part, t in parts.items()}
-        tmp = self.dir / f".{file}.tmp"
         try:
-            save_file(flat, str(tmp))
-            os.replace(tmp, self.dir / file)
+            write_atomic_with(self.dir / file, lambda tmp: save_file(flat, str(tmp)))
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             raise CacheWriteError(f"cannot write {len(tensors)} tensors to the cache in {self.dir}: "
                                   f"{err.strerror or err}") from err
         entries = dict(self._entries)
@@ -154,15 +150,8 @@ class ClientCache:
     def _write_manifest(self, entries: dict[str, dict]) -> None:
         """Make `entries` the cache's manifest atomically; on failure the old one stays."""
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=self.dir)
+            write_atomic(self.dir / MANIFEST, json.dumps(entries))
         except OSError as err:
-            raise CacheWriteError(f"cannot write the cache manifest in {self.dir}: {err.strerror or err}") from err
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(entries, f)
-            os.replace(tmp, self.dir / MANIFEST)
-        except OSError as err:
-            Path(tmp).unlink(missing_ok=True)
             raise CacheWriteError(f"cannot write the cache manifest in {self.dir}: {err.strerror or err}") from err
         self._entries = entries
         used = {e["file"] for e in self._entries.values()}

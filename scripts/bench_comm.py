@@ -15,6 +15,7 @@ from pathlib import Path
 
 from client_app.app import app as client_app
 from fedcybgd.config import compose
+from fedcybgd.records import read_metrics, read_summary
 from scripts.inprocess import InProcessGrid
 from server_app.app import run
 
@@ -27,24 +28,24 @@ def measure(policy: str, out_root: Path, num_nodes: int, overrides: str) -> dict
     start = time.perf_counter()
     run(InProcessGrid(client_app, num_nodes), cfg)
     seconds = time.perf_counter() - start
-    summary = json.loads((out_dir / "summary.json").read_text())
-    visits = [a for line in (out_dir / "metrics.jsonl").read_text().splitlines()
-              for a in json.loads(line)["assignments"]]
-    full = summary["full_model_bytes"]
-    first = [a["bytes_down"] for a in visits if a["visit"] == 1]
-    later = [a["bytes_down"] for a in visits if a["visit"] > 1]
+    summary = read_summary(out_dir)
+    assert summary.federated is not None
+    visits = [a for row in read_metrics(out_dir) for a in row.stats.assignments]
+    full = summary.federated.full_model_bytes
+    first = [a.bytes_down for a in visits if a.visit == 1]
+    later = [a.bytes_down for a in visits if a.visit is not None and a.visit > 1]
     return {
         "policy": policy,
         "first_visit_down_frac": sum(first) / len(first) / full,
         "later_visit_down_frac": sum(later) / len(later) / full if later else None,
-        "up_bytes": summary["total_bytes_up"],
-        "total_down_bytes": summary["total_bytes_down"],
-        "download_ratio_vs_fedfull": summary["download_ratio_vs_fedfull"],
-        "initial_eval_loss": summary["initial_eval_loss"],
-        "final_eval_loss": summary["final_eval_loss"],
-        "rejected_replies": summary["rejected_replies"],
+        "up_bytes": summary.total_bytes_up,
+        "total_down_bytes": summary.total_bytes_down,
+        "download_ratio_vs_fedfull": summary.federated.download_ratio_vs_fedfull,
+        "initial_eval_loss": summary.initial_eval_loss,
+        "final_eval_loss": summary.final_eval_loss,
+        "rejected_replies": summary.rejected_replies,
         "wall_seconds": seconds,
-        "compression": summary["compression"],
+        "compression": summary.compression,
     }
 
 

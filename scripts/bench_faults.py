@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client_app import faults
+from fedcybgd.records import METRICS_FILE, SUMMARY_FILE, RoundStats, read_metrics, read_summary
 from scripts.deploy import LoopbackDeployment, SuperNodeProcess, _alive
 from strategy import state
 
@@ -106,7 +107,7 @@ def _wait_node_id(node: SuperNodeProcess, timeout: float) -> int:
 
 def fault_rows(out: Path, plan: Plan, run: dict) -> list[dict]:
     """One row per injected fault kind, from what the server recorded (metrics.jsonl)."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = _metrics(out)
     injected: dict[str, int] = {}
     for spec in plan.node_faults:
         for item in filter(None, spec.split(",")):
@@ -117,28 +118,28 @@ def fault_rows(out: Path, plan: Plan, run: dict) -> list[dict]:
     result = []
     for kind, count in injected.items():
         expected = EXPECTED_KIND[kind]
-        hits = [(row, x) for row in rows for x in row["rejected"] if x["kind"] == expected]
-        accepted = sum(1 for row, x in hits for a in row["assignments"]
-                       if a["node_id"] == x["node_id"] and "upload_keys" in a)
+        hits = [(row, x) for row in rows for x in row.rejected if x.kind == expected]
+        accepted = sum(1 for row, x in hits for a in row.assignments
+                       if a.node_id == x.node_id and a.upload_keys is not None)
         resent = []
         moved_on = True
         for row, x in hits:
-            node = run["restarted"] if kind == "kill" else x["node_id"]
-            later = [a for r in rows if r["round"] > row["round"] for a in r["assignments"]
-                     if a["node_id"] == node and "upload_keys" in a]
+            node = run["restarted"] if kind == "kill" else x.node_id
+            later = [a for r in rows if r.round > row.round for a in r.assignments
+                     if a.node_id == node and a.upload_keys is not None]
             if later:
-                resent.append(later[0]["bytes_down"])
-            nxt = [r for r in rows if r["round"] == row["round"] + 1]
-            failed_block = next(a["block"] for a in row["assignments"] if a["node_id"] == x["node_id"])
-            moved_on &= bool(nxt) and nxt[0]["assignments"][0]["block"] == failed_block \
-                and nxt[0]["assignments"][0]["node_id"] != x["node_id"]
+                resent.append(later[0].bytes_down)
+            nxt = [r for r in rows if r.round == row.round + 1]
+            failed_block = next(a.block for a in row.assignments if a.node_id == x.node_id)
+            moved_on &= bool(nxt) and nxt[0].assignments[0].block == failed_block \
+                and nxt[0].assignments[0].node_id != x.node_id
         detected = len(hits)
         ok = detected == count and accepted == 0 and len(resent) == detected and moved_on
         result.append({
             "fault": kind, "rejected_as": expected, "injected": count, "detected": detected,
             "rounds_completed": len(rows), "rounds_planned": plan.rounds,
             "accepted_from_faulty_visits": accepted,
-            "round_seconds_of_fault": [round(row["round_seconds"], 1) for row, _ in hits],
+            "round_seconds_of_fault": [round(row.round_seconds, 1) for row, _ in hits],
             "bytes_resent_after_recovery": resent,
             "outcome": "recovered" if ok and len(rows) == plan.rounds else "FAILED",
         })
@@ -179,12 +180,12 @@ def run_server_faults(workdir: Path, out: Path, plan: ServerPlan) -> list[dict]:
         for row in rows:
             print(f"[bench-faults] {json.dumps(row)}", flush=True)
     metrics = _metrics(out)
-    logged = [r["round"] for r in metrics]
+    logged = [r.round for r in metrics]
     complete = logged == list(range(1, plan.rounds + 1)) and (out / "final" / "config.json").exists()
     for row in rows:
         # What the resumed run sent in its first round: the nodes' caches were re-synchronised.
-        first = next((r for r in metrics if r["round"] == row["checkpoint_round"] + 1), None)
-        row.update(bytes_resent_after_recovery=first["bytes_down"] if first else None,
+        first = next((r for r in metrics if r.round == row["checkpoint_round"] + 1), None)
+        row.update(bytes_resent_after_recovery=first.bytes_down if first else None,
                    rounds_completed=len(logged), rounds_planned=plan.rounds, rounds_logged=logged,
                    outcome="recovered" if complete and row.pop("ok") else "FAILED")
     return rows
@@ -270,13 +271,12 @@ def write_checkpoint_cut_short(out: Path, limit: int) -> int:
     return child.returncode
 
 
-def _metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def _metrics(out: Path) -> list[RoundStats]:
+    return [row.stats for row in read_metrics(out)] if (out / METRICS_FILE).exists() else []
 
 
 def _last_logged_round(out: Path) -> int:
-    return max((r["round"] for r in _metrics(out)), default=0)
+    return max((r.round for r in _metrics(out)), default=0)
 
 
 def _completed_round(out: Path) -> int:
@@ -336,9 +336,9 @@ def main() -> int:
         out = (args.workdir / "run").resolve()
         run = run_faults(args.workdir.resolve(), out, plan)
         rows += fault_rows(out, plan, run)
-        summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+        summary = read_summary(out) if (out / SUMMARY_FILE).exists() else None
         report.update({"plan": plan.__dict__, "status": run["status"].get("status"),
-                       "rejected_by_reason": summary.get("rejected_by_reason"),
+                       "rejected_by_reason": summary.rejected_by_reason if summary else None,
                        "final_model_loadable": (out / "final" / "config.json").exists(),
                        "wall_seconds": round(time.perf_counter() - started, 1)})
         ok = report["status"] == "finished:completed"

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedcybgd.config import ALGORITHMS, ALLOCATIONS, compose
-from fedcybgd.report import write_atomic
+from fedcybgd.files import write_atomic
+from fedcybgd.records import read_metrics, read_summary
 
 REFERENCE = "centralized-full"
 
@@ -159,32 +160,31 @@ def measure(trial: Trial, preset: Preset, out_root: Path) -> dict:
             return {"algorithm": spec.label, "lr": trial.lr,
                     "error": f"run failed (exit code {process.exitcode}); see the log above"}
         write_atomic(stamp, json.dumps({"overrides": overrides}))
-    summary = json.loads((out_dir / "summary.json").read_text())
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    samples, curve = 0, [(0, summary["initial_eval_loss"])]
+    summary = read_summary(out_dir)
+    rows = read_metrics(out_dir)
+    samples, curve = 0, [(0, summary.initial_eval_loss)]
     for row in rows:
-        samples += row["samples_seen"]
-        if row["eval_loss"] is not None:
-            curve.append((samples, row["eval_loss"]))
+        samples += row.stats.samples_seen
+        if row.eval_loss is not None:
+            curve.append((samples, row.eval_loss))
     return {
         "algorithm": spec.label,
         "allocation": spec.allocation,
-        "lr": summary["config"]["train"]["lr"],
-        "evaluated_split": summary["config"]["eval"]["split"],
-        "final_eval_loss": summary["final_eval_loss"],
-        "initial_eval_loss": summary["initial_eval_loss"],
-        "task_metric": summary["task_metric"],
-        "initial_task_score": summary["initial_task_score"],
-        "final_task_score": summary["final_task_score"],
-        "bytes_down": summary["total_bytes_down"],
-        "bytes_up": summary["total_bytes_up"],
-        "max_upload_bytes_per_visit": max((a.get("bytes_up", 0) for r in rows for a in r["assignments"]),
-                                          default=0),
-        "client_peak_mem_bytes": summary["client_peak_mem_bytes"],
-        "wall_seconds": summary["wall_seconds"],
-        "samples_seen": summary["samples_seen"],
-        "rounds": summary["rounds"],
-        "clients_per_round": summary["clients_per_round"],
+        "lr": summary.config["train"]["lr"],
+        "evaluated_split": summary.config["eval"]["split"],
+        "final_eval_loss": summary.final_eval_loss,
+        "initial_eval_loss": summary.initial_eval_loss,
+        "task_metric": summary.task_metric,
+        "initial_task_score": summary.initial_task_score,
+        "final_task_score": summary.final_task_score,
+        "bytes_down": summary.total_bytes_down,
+        "bytes_up": summary.total_bytes_up,
+        "max_upload_bytes_per_visit": max((a.bytes_up or 0 for r in rows for a in r.stats.assignments), default=0),
+        "client_peak_mem_bytes": summary.client_peak_mem_bytes,
+        "wall_seconds": summary.wall_seconds,
+        "samples_seen": summary.samples_seen,
+        "rounds": summary.rounds,
+        "clients_per_round": summary.clients_per_round,
         "loss_curve": curve,
         "output_dir": str(out_dir),
     }

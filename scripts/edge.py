@@ -31,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from fedcybgd.records import METRICS_FILE, read_metrics, read_summary
 from scripts import netns
 from scripts.deploy import LoopbackDeployment, SuperNodeProcess
 from scripts.netns import Counters, Host, Network
@@ -348,24 +349,23 @@ def transfer_times(log: str, run_id: int) -> dict[str, list[float]]:
 # -- report -----------------------------------------------------------------------------------
 def summarize(result: RunResult, config: EdgeConfig) -> dict:
     """The run's numbers: per node wire vs app bytes, per round times, totals."""
-    metrics = result.out_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    summary = json.loads((result.out_dir / "summary.json").read_text()) if result.completed else {}
+    rows = read_metrics(result.out_dir) if (result.out_dir / METRICS_FILE).exists() else []
+    summary = read_summary(result.out_dir) if result.completed else None
     rates = dict(config.supernodes)
     fab = fab_bytes()
     app: dict[str, dict[str, int]] = {name: {"down": 0, "up": 0, "visits": 0} for name in rates}
     transfer_by_round: dict[int, float] = {}
     for row in rows:
-        for a in row["assignments"]:
-            name = result.node_names.get(a.get("node_id"))
+        for a in row.stats.assignments:
+            name = result.node_names.get(a.node_id)
             if name is None:
                 continue
             moved = result.transfers[name]
             visit = app[name]["visits"]
             seconds = sum(moved[d][visit] for d in ("down", "up") if visit < len(moved[d]))
-            transfer_by_round[row["round"]] = transfer_by_round.get(row["round"], 0.0) + seconds
-            app[name]["down"] += a["bytes_down"]
-            app[name]["up"] += a.get("bytes_up", 0)  # none when the reply never came
+            transfer_by_round[row.stats.round] = transfer_by_round.get(row.stats.round, 0.0) + seconds
+            app[name]["down"] += a.bytes_down or 0
+            app[name]["up"] += a.bytes_up or 0  # none when the reply never came
             app[name]["visits"] += 1
     nodes = {}
     for name in rates:
@@ -382,19 +382,19 @@ def summarize(result: RunResult, config: EdgeConfig) -> dict:
             "download_seconds": round(sum(result.transfers[name]["down"]), 2),
             "upload_seconds": round(sum(result.transfers[name]["up"]), 2),
         }
-    rounds = [{"round": r["round"], "wall_at_end": round(result.round_times.get(r["round"], float("nan")), 2),
-               "round_seconds": round(r["round_seconds"], 2), "client_seconds": round(r["client_seconds"], 2),
-               "transfer_seconds": round(transfer_by_round.get(r["round"], 0.0), 2),
-               "eval_loss": r["eval_loss"], "rejected": [x["reason"] for x in r["rejected"]]}
+    rounds = [{"round": r.stats.round, "wall_at_end": round(result.round_times.get(r.stats.round, float("nan")), 2),
+               "round_seconds": round(r.stats.round_seconds, 2), "client_seconds": round(r.stats.client_seconds, 2),
+               "transfer_seconds": round(transfer_by_round.get(r.stats.round, 0.0), 2),
+               "eval_loss": r.eval_loss, "rejected": [x.reason for x in r.stats.rejected]}
               for r in rows]
     return {
         "label": result.label, "run_id": result.run_id, "status": result.status.get("status"),
         "output_dir": str(result.out_dir), "wall_seconds": round(result.wall_seconds, 2),
-        "sum_round_seconds": round(sum(r["round_seconds"] for r in rows), 2),
-        "sum_client_seconds": round(sum(r["client_seconds"] for r in rows), 2),
+        "sum_round_seconds": round(sum(r.stats.round_seconds for r in rows), 2),
+        "sum_client_seconds": round(sum(r.stats.client_seconds for r in rows), 2),
         "sum_transfer_seconds": round(sum(transfer_by_round.values()), 2),
-        "initial_eval_loss": summary.get("initial_eval_loss"),
-        "final_eval_loss": summary.get("final_eval_loss"),
+        "initial_eval_loss": summary.initial_eval_loss if summary else None,
+        "final_eval_loss": summary.final_eval_loss if summary else None,
         "superlink_wire_bytes": asdict(result.wire[SUPERLINK]),
         "idle_seconds": result.idle_seconds,
         "nodes": nodes, "rounds": rounds, "events": result.events,
@@ -530,7 +530,7 @@ def main() -> int:
 
 
 def _write_report(out: Path, summaries: list[dict]) -> None:
-    from fedcybgd.report import write_atomic
+    from fedcybgd.files import write_atomic
 
     write_atomic(out / "edge.json", json.dumps(summaries, indent=2))
     write_atomic(out / "edge.md", markdown(summaries))

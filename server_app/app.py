@@ -21,7 +21,7 @@ from flwr.supercore.exit import add_exit_handler
 from fedcybgd import codec, data, models
 from fedcybgd.config import RunConfig, compose
 from fedcybgd.protocol import tensor_sha256
-from fedcybgd.report import NodeEvaluation
+from fedcybgd.records import FederatedTotals, NodeEvaluation
 from server_app.experiment import Experiment, ServerSetup, load_data, output_dir, prepare, resolve_eval_where
 from strategy import CyclicBlockStrategy, algorithms, state
 
@@ -93,7 +93,7 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
         if server_round == 0 and where == "nodes":
             _check_nodes_evaluated(strategy.node_evals[0])
         if server_round > 0:
-            experiment.add_round(strategy.rounds[server_round].as_dict(), strategy.node_evals.get(server_round))
+            experiment.add_round(strategy.rounds[server_round], strategy.node_evals.get(server_round))
             checkpoints.after_round(strategy.state(identity=identity, rows=experiment.report.rows,
                                                    evals=experiment.evals, task_scores=experiment.task_scores,
                                                    rng=state.capture_rng()))
@@ -102,16 +102,15 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
     strategy.start(grid, global_arrays, num_rounds=cfg.rounds,
                    timeout=cfg.algorithm.round_timeout, evaluate_fn=evaluate)
 
-    visits = sum(len(r["assignments"]) for r in experiment.report.rows)
-    total_down = sum(r["bytes_down"] for r in experiment.report.rows)
-    experiment.finish(codec.decode_record(global_arrays), {
-        "num_blocks": len(layout.blocks),
-        "full_model_bytes": full_model_bytes,
+    visits = sum(len(r.stats.assignments) for r in experiment.report.rows)
+    total_down = sum(r.stats.bytes_down for r in experiment.report.rows)
+    experiment.finish(codec.decode_record(global_arrays), len(layout.blocks), FederatedTotals(
+        full_model_bytes=full_model_bytes,
         # Fed-full would send the whole uncompressed model to every client visit.
-        "download_ratio_vs_fedfull": total_down / (full_model_bytes * visits) if visits else None,
-        "block_bytes": [sum(len(global_arrays[n].data) for n in b.names) for b in layout.blocks],
-        "compressed_tensors_computed": strategy.packager.encode_count,
-    }, strategy.node_evals)
+        download_ratio_vs_fedfull=total_down / (full_model_bytes * visits) if visits else None,
+        block_bytes=[sum(len(global_arrays[n].data) for n in b.names) for b in layout.blocks],
+        compressed_tensors_computed=strategy.packager.encode_count,
+    ), strategy.node_evals)
     return experiment.out_dir
 
 
@@ -123,7 +122,7 @@ def _check_nodes_evaluated(initial: NodeEvaluation) -> None:
     """With evaluation on the nodes only, at least one must have evaluated the initial model."""
     if initial.eval_loss is not None:
         return
-    failures = "; ".join(f"node {f['node_key'] or f['node_id']}: {f['reason']}" for f in initial.failed)
+    failures = "; ".join(f"node {f.node_key or f.node_id}: {f.reason}" for f in initial.failed)
     raise EvaluationError(
         "eval.where=nodes, but no node could evaluate the initial model"
         + (f" ({failures})" if failures else " (no node answered)")

@@ -22,7 +22,7 @@ import torch
 
 from fedcybgd import data, memory, models
 from fedcybgd.config import CENTRALIZED_ALGORITHMS, RunConfig
-from fedcybgd.report import RoundStats
+from fedcybgd.records import RoundStats, VisitRecord
 from fedcybgd.train import pick_device, train_params
 from server_app.experiment import Experiment, output_dir, prepare
 from strategy import schedule
@@ -58,7 +58,7 @@ def run_centralized(cfg: RunConfig) -> Path:
         peak = max(result.peak_mem_bytes - memory_before, 0)
         stats = RoundStats(
             round=server_round,
-            assignments=[{"block": block, "peak_mem_bytes": peak}],
+            assignments=[VisitRecord(block=block, peak_mem_bytes=peak)],
             train_loss=result.train_loss, samples_seen=result.samples_seen,
             client_seconds=result.seconds,
             client_peak_mem_bytes=peak,
@@ -66,6 +66,6 @@ def run_centralized(cfg: RunConfig) -> Path:
         )
         if experiment.eval_due(server_round):
             experiment.evaluate(server_round, models.named_tensors(model))
-        experiment.add_round(stats.as_dict())
-    experiment.finish(models.named_tensors(model), {"num_blocks": 1 if full else len(setup.layout.blocks)})
+        experiment.add_round(stats)
+    experiment.finish(models.named_tensors(model), num_blocks=1 if full else len(setup.layout.blocks))
     return experiment.out_dir

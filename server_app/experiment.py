@@ -23,7 +23,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fedcybgd import data, lora, models, scoring
 from fedcybgd.blocks import ModelLayout, describe
 from fedcybgd.config import RunConfig, to_yaml
-from fedcybgd.report import NodeEvaluation, RunReport, summary_table, write_atomic
+from fedcybgd.files import write_atomic
+from fedcybgd.records import FederatedTotals, NodeEvalSummary, NodeEvaluation, RoundRecord, RoundStats, RunSummary
+from fedcybgd.report import RunReport, summary_table
 from fedcybgd.train import pick_device
 
 
@@ -33,7 +35,7 @@ class ServerData:
 
     train: data.Dataset
     held_out: scoring.EvalSet  # what the server evaluates on
-    counts: dict[str, int]  # duplicates dropped, train and held-out sizes
+    counts: dict[str, int]  # duplicates dropped, train and held-out sizes: RunSummary's data_* fields
 
 
 @dataclass
@@ -107,7 +109,7 @@ class Experiment:
 
     @classmethod
     def start(cls, cfg: RunConfig, setup: ServerSetup, out_dir: Path, where: str = "server",
-              rows: list[dict] | None = None, evals: dict[int, float] | None = None,
+              rows: list[RoundRecord] | None = None, evals: dict[int, float] | None = None,
               task_scores: dict[int, float] | None = None) -> Experiment:
         """`rows`, `evals`, `task_scores`: what a resumed run had at its checkpoint; metrics.jsonl
         goes on from there."""
@@ -140,56 +142,57 @@ class Experiment:
             self.task_scores[server_round] = score
         return loss
 
-    def add_round(self, row: dict, node_eval: NodeEvaluation | None = None) -> None:
-        row = {"algorithm": self.cfg.algorithm.name, **row, "eval_loss": self.evals.get(row["round"]),
-               "task_score": self.task_scores.get(row["round"]), "task_metric": self.task_metric,
-               "node_eval": node_eval.as_dict() if node_eval else None}
+    def add_round(self, stats: RoundStats, node_eval: NodeEvaluation | None = None) -> None:
+        row = RoundRecord(algorithm=self.cfg.algorithm.name, stats=stats, eval_loss=self.evals.get(stats.round),
+                          task_score=self.task_scores.get(stats.round), task_metric=self.task_metric,
+                          node_eval=node_eval)
         self.report.add_round(row)
         log(INFO, "[fedcybgd] %s", _round_line(row, self.cfg.rounds))
 
-    def finish(self, final_tensors: dict[str, torch.Tensor], extra: dict,
-               node_evals: dict[int, NodeEvaluation] | None = None) -> dict:
+    def finish(self, final_tensors: dict[str, torch.Tensor], num_blocks: int,
+               federated: FederatedTotals | None = None,
+               node_evals: dict[int, NodeEvaluation] | None = None) -> RunSummary:
         """Save the final model, write summary.json and the plots; returns the summary."""
         models.load_tensors(self.setup.model, lora.merge_into(final_tensors, self.cfg.lora, self.setup.lora_transposed))
         _save_final(self.setup, self.out_dir / "final")
-        rows = self.report.rows
-        peaks = [a["peak_mem_bytes"] for r in rows for a in r["assignments"] if "peak_mem_bytes" in a]
+        rounds = [r.stats for r in self.report.rows]
+        peaks = [a.peak_mem_bytes for r in rounds for a in r.assignments if a.peak_mem_bytes is not None]
         last = self.cfg.rounds
-        summary = {
-            "algorithm": self.cfg.algorithm.name,
-            "model": self.cfg.model.name,
-            "rounds": self.cfg.rounds,
-            "clients_per_round": self.cfg.algorithm.clients_per_round,
-            "allocation": self.cfg.algorithm.allocation,
-            "compression": asdict(self.cfg.compression),
-            "eval_where": self.where,
-            "initial_eval_loss": self.evals.get(0),
-            "final_eval_loss": self.evals.get(last),
-            "eval_losses": {str(r): loss for r, loss in sorted(self.evals.items())},
-            "task_metric": self.task_metric,
-            "task_examples": len(self.setup.data.held_out.task_examples) if self.setup.data else 0,
-            "initial_task_score": self.task_scores.get(0),
-            "final_task_score": self.task_scores.get(last),
-            "task_scores": {str(r): score for r, score in sorted(self.task_scores.items())},
+        summary = RunSummary(
+            algorithm=self.cfg.algorithm.name,
+            model=self.cfg.model.name,
+            rounds=self.cfg.rounds,
+            clients_per_round=self.cfg.algorithm.clients_per_round,
+            allocation=self.cfg.algorithm.allocation,
+            compression=asdict(self.cfg.compression),
+            eval_where=self.where,
+            initial_eval_loss=self.evals.get(0),
+            final_eval_loss=self.evals.get(last),
+            eval_losses={str(r): loss for r, loss in sorted(self.evals.items())},
+            task_metric=self.task_metric,
+            task_examples=len(self.setup.data.held_out.task_examples) if self.setup.data else 0,
+            initial_task_score=self.task_scores.get(0),
+            final_task_score=self.task_scores.get(last),
+            task_scores={str(r): score for r, score in sorted(self.task_scores.items())},
             **(self.setup.data.counts if self.setup.data else dict.fromkeys(_DATA_COUNTS)),
-            **_node_eval_summary(node_evals or {}, last),
-            "total_bytes_down": sum(r["bytes_down"] for r in rows),
-            "total_bytes_down_block": sum(r["bytes_down_block"] for r in rows),
-            "total_bytes_down_frozen": sum(r["bytes_down_frozen"] for r in rows),
-            "total_bytes_up": sum(r["bytes_up"] for r in rows),
-            "samples_seen": sum(r["samples_seen"] for r in rows),
-            # Peak memory of a client visit above what its process held before it (memory.py).
-            "client_peak_mem_bytes": sum(peaks) / len(peaks) if peaks else None,
-            "max_client_peak_mem_bytes": max(peaks) if peaks else None,
-            "rejected_replies": sum(len(r["rejected"]) for r in rows),
-            "rejected_by_reason": dict(Counter(x["kind"] for r in rows for x in r["rejected"])),
-            **extra,
-            "wall_seconds": time.perf_counter() - self.started,
-            "config": asdict(self.cfg),
-        }
+            nodes=_node_eval_summary(node_evals or {}, last),
+            total_bytes_down=sum(r.bytes_down for r in rounds),
+            total_bytes_down_block=sum(r.bytes_down_block for r in rounds),
+            total_bytes_down_frozen=sum(r.bytes_down_frozen for r in rounds),
+            total_bytes_up=sum(r.bytes_up for r in rounds),
+            samples_seen=sum(r.samples_seen for r in rounds),
+            client_peak_mem_bytes=sum(peaks) / len(peaks) if peaks else None,
+            max_client_peak_mem_bytes=max(peaks) if peaks else None,
+            rejected_replies=sum(len(r.rejected) for r in rounds),
+            rejected_by_reason=dict(Counter(x.kind for r in rounds for x in r.rejected)),
+            num_blocks=num_blocks,
+            federated=federated,
+            wall_seconds=time.perf_counter() - self.started,
+            config=asdict(self.cfg),
+        )
         self.report.write_summary(summary)
         self.report.write_plots(*_plot_series(self.evals, self.task_scores, node_evals or {}),
-                                summary["task_metric"] or summary.get("nodes_task_metric"))
+                                summary.task_metric or (summary.nodes.nodes_task_metric if summary.nodes else None))
         log(INFO, "[fedcybgd] run finished\n%s\n  outputs in %s", summary_table(summary), self.out_dir)
         return summary
 
@@ -197,28 +200,28 @@ class Experiment:
 _DATA_COUNTS = ("data_rows", "data_duplicates_dropped", "data_train_examples", "data_heldout_examples")
 
 
-def _node_eval_summary(node_evals: dict[int, NodeEvaluation], last: int) -> dict:
-    """The nodes' evaluations in summary.json (nothing when the nodes did not evaluate)."""
+def _node_eval_summary(node_evals: dict[int, NodeEvaluation], last: int) -> NodeEvalSummary | None:
+    """The nodes' evaluations in summary.json (None when the nodes did not evaluate)."""
     if not node_evals:
-        return {}
+        return None
     final = node_evals.get(last)
     losses = {r: e.eval_loss for r, e in sorted(node_evals.items()) if e.eval_loss is not None}
     scores = {r: e.task_score for r, e in sorted(node_evals.items()) if e.task_score is not None}
-    return {
-        "node_eval_model": next(iter(node_evals.values())).model,
-        "initial_nodes_eval_loss": losses.get(0),
-        "final_nodes_eval_loss": losses.get(last),
-        "nodes_eval_losses": {str(r): v for r, v in losses.items()},
-        "nodes_task_metric": next((e.task_metric for e in node_evals.values() if e.task_metric), None),
-        "initial_nodes_task_score": scores.get(0),
-        "final_nodes_task_score": scores.get(last),
-        "nodes_task_scores": {str(r): v for r, v in scores.items()},
-        "initial_node_evals": node_evals[0].nodes if 0 in node_evals else [],
-        "final_node_evals": final.nodes if final else [],
-        "node_eval_failures": sum(len(e.failed) for e in node_evals.values()),
-        "total_eval_bytes_down": sum(e.bytes_down for e in node_evals.values()),
-        "total_eval_bytes_up": sum(e.bytes_up for e in node_evals.values()),
-    }
+    return NodeEvalSummary(
+        node_eval_model=next(iter(node_evals.values())).model,
+        initial_nodes_eval_loss=losses.get(0),
+        final_nodes_eval_loss=losses.get(last),
+        nodes_eval_losses={str(r): v for r, v in losses.items()},
+        nodes_task_metric=next((e.task_metric for e in node_evals.values() if e.task_metric), None),
+        initial_nodes_task_score=scores.get(0),
+        final_nodes_task_score=scores.get(last),
+        nodes_task_scores={str(r): v for r, v in scores.items()},
+        initial_node_evals=node_evals[0].nodes if 0 in node_evals else [],
+        final_node_evals=final.nodes if final else [],
+        node_eval_failures=sum(len(e.failed) for e in node_evals.values()),
+        total_eval_bytes_down=sum(e.bytes_down for e in node_evals.values()),
+        total_eval_bytes_up=sum(e.bytes_up for e in node_evals.values()),
+    )
 
 
 def _plot_series(evals: dict[int, float], task_scores: dict[int, float], node_evals: dict[int, NodeEvaluation],
@@ -248,22 +251,23 @@ def _save_final(setup: ServerSetup, target: Path) -> None:
     tmp.rename(target)
 
 
-def _round_line(row: dict, num_rounds: int) -> str:
-    visits = ", ".join(("" if "node_id" not in a else f"node {a['node_id']} ") +
-                       ("all parameters" if a["block"] is None else f"block {a['block']}")
-                       for a in row["assignments"])
-    loss = "-" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
-    eval_loss = "" if row["eval_loss"] is None else f" | eval loss {row['eval_loss']:.4f}"
-    if row["task_score"] is not None:
-        eval_loss += f" | task {row['task_metric']} {row['task_score']:.3f}"
-    node_eval = row.get("node_eval")
-    if node_eval and node_eval["eval_loss"] is not None:
-        eval_loss += (f" | nodes' eval loss {node_eval['eval_loss']:.4f} ({len(node_eval['nodes'])} nodes, "
-                      f"{node_eval['bytes_down'] / 1e6:.2f} MB down)")
-    if node_eval and node_eval["failed"]:
-        eval_loss += f" | {len(node_eval['failed'])} node(s) failed to evaluate"
-    rejected = f" | rejected {len(row['rejected'])}" if row["rejected"] else ""
-    return (f"round {row['round']}/{num_rounds} | {visits} | train loss {loss} | "
-            f"down {row['bytes_down'] / 1e6:.2f} MB (block {row['bytes_down_block'] / 1e6:.2f}, "
-            f"frozen {row['bytes_down_frozen'] / 1e6:.2f}) | up {row['bytes_up'] / 1e6:.3f} MB | "
-            f"{row['round_seconds']:.1f} s{eval_loss}{rejected}")
+def _round_line(row: RoundRecord, num_rounds: int) -> str:
+    stats = row.stats
+    visits = ", ".join(("" if a.node_id is None else f"node {a.node_id} ") +
+                       ("all parameters" if a.block is None else f"block {a.block}")
+                       for a in stats.assignments)
+    loss = "-" if stats.train_loss is None else f"{stats.train_loss:.4f}"
+    eval_loss = "" if row.eval_loss is None else f" | eval loss {row.eval_loss:.4f}"
+    if row.task_score is not None:
+        eval_loss += f" | task {row.task_metric} {row.task_score:.3f}"
+    node_eval = row.node_eval
+    if node_eval and node_eval.eval_loss is not None:
+        eval_loss += (f" | nodes' eval loss {node_eval.eval_loss:.4f} ({len(node_eval.nodes)} nodes, "
+                      f"{node_eval.bytes_down / 1e6:.2f} MB down)")
+    if node_eval and node_eval.failed:
+        eval_loss += f" | {len(node_eval.failed)} node(s) failed to evaluate"
+    rejected = f" | rejected {len(stats.rejected)}" if stats.rejected else ""
+    return (f"round {stats.round}/{num_rounds} | {visits} | train loss {loss} | "
+            f"down {stats.bytes_down / 1e6:.2f} MB (block {stats.bytes_down_block / 1e6:.2f}, "
+            f"frozen {stats.bytes_down_frozen / 1e6:.2f}) | up {stats.bytes_up / 1e6:.3f} MB | "
+            f"{stats.round_seconds:.1f} s{eval_loss}{rejected}")

@@ -29,7 +29,8 @@ from fedcybgd.client_cache import Holding
 from fedcybgd.config import CompressionConfig, DataConfig, EvalConfig, TrainConfig
 from fedcybgd.protocol import (BLOCK, CONFIG, FROZEN, METRICS, EvalInstruction, HoldingsReply, NodeEvalMetrics,
                                TrainInstruction, VisitMetrics, record_bytes)
-from fedcybgd.report import NodeEvaluation, RoundStats
+from fedcybgd.records import (FailedNodeEval, NodeEvalResult, NodeEvaluation, RejectedVisit, RoundRecord, RoundStats,
+                              VisitRecord)
 from strategy import schedule
 from strategy.algorithms import Algorithm
 from strategy.packaging import Packager, VisitPlan
@@ -41,7 +42,7 @@ from strategy.validation import Rejection, UploadRules, error_rejection, reply_p
 class _Visit:
     assignment: schedule.Assignment
     plan: VisitPlan
-    entry: dict  # this visit's row in RoundStats.assignments
+    record: VisitRecord  # this visit's row in RoundStats.assignments, filled in as it goes
     # The instruction sent; the Grid gives it its message id when it pushes it, and every reply,
     # the node's or Flower's own error for it (from the SuperLink, node 1), names that id.
     message: Message
@@ -51,7 +52,7 @@ class _Visit:
 class _NodeEval:
     node_id: int
     plan: VisitPlan
-    entry: dict  # this node's row in NodeEvaluation.nodes
+    bytes_down: int
     message: Message
 
 
@@ -203,17 +204,16 @@ class CyclicBlockStrategy(Strategy):
             plan = self.packager.plan(a.node_id, block, versions, server_round, node_key=key)
             content = self.packager.content(arrays, plan, self._instruction(server_round, block, plan))
             self.visits[key] = self.visits.get(key, 0) + 1
-            entry = {"node_id": a.node_id, "node_key": key, "block": a.block, "visit": self.visits[key],
-                     "bytes_down": record_bytes(content),
-                     "bytes_down_block": content[BLOCK].count_bytes(),
-                     "bytes_down_frozen": content[FROZEN].count_bytes(),
-                     "dropped_layers": list(plan.dropped_layers)}
-            stats.assignments.append(entry)
-            stats.bytes_down += entry["bytes_down"]
-            stats.bytes_down_block += entry["bytes_down_block"]
-            stats.bytes_down_frozen += entry["bytes_down_frozen"]
+            record = VisitRecord(node_id=a.node_id, node_key=key, block=a.block, visit=self.visits[key],
+                                 bytes_down=record_bytes(content), bytes_down_block=content[BLOCK].count_bytes(),
+                                 bytes_down_frozen=content[FROZEN].count_bytes(),
+                                 dropped_layers=list(plan.dropped_layers))
+            stats.assignments.append(record)
+            stats.bytes_down += record.bytes_down
+            stats.bytes_down_block += record.bytes_down_block
+            stats.bytes_down_frozen += record.bytes_down_frozen
             message = Message(content, dst_node_id=a.node_id, message_type=MessageType.TRAIN)
-            self._pending[a.node_id] = _Visit(a, plan, entry, message)
+            self._pending[a.node_id] = _Visit(a, plan, record, message)
             messages.append(message)
         return messages
 
@@ -322,23 +322,23 @@ class CyclicBlockStrategy(Strategy):
             if reply.has_error():
                 self._reject(stats, node_id, error_rejection(reply))
                 continue
-            visit.entry["bytes_up"] = record_bytes(reply.content)
-            stats.bytes_up += visit.entry["bytes_up"]
+            visit.record.bytes_up = record_bytes(reply.content)
+            stats.bytes_up += visit.record.bytes_up
             block = self.blocks[visit.assignment.block]
             problem = reply_problem(reply, self._upload_rules(block))
             if problem:
                 self._reject(stats, node_id, problem)
                 continue
             metrics = VisitMetrics.from_record(reply.content.metric_records[METRICS])
-            visit.entry["upload_keys"] = sorted(reply.content.array_records[BLOCK].keys())
-            visit.entry["peak_mem_bytes"] = metrics.peak_mem_bytes
+            visit.record.upload_keys = sorted(reply.content.array_records[BLOCK].keys())
+            visit.record.peak_mem_bytes = metrics.peak_mem_bytes
             accepted.setdefault(block.index, []).append(_Upload(
                 visit, reply.content.array_records[BLOCK], metrics, str(reply.content[CONFIG]["cache-digest"])))
         for visit in waiting.values():
             self._reject(stats, visit.assignment.node_id, Rejection(
                 "timeout", f"no reply within the round timeout ({self.round_timeout:g} s)"))
         self._pending = {}
-        assigned = {a["block"] for a in stats.assignments}
+        assigned = {a.block for a in stats.assignments}
         self.retry.extend(sorted(assigned - set(accepted)))
 
         uploads = [u for group in accepted.values() for u in group]
@@ -408,7 +408,7 @@ class CyclicBlockStrategy(Strategy):
             self._confirm_cache(upload, block, kept)
 
     def _confirm_cache(self, upload: _Upload, block: Block, kept_version: int | None) -> None:
-        upload.visit.entry["cache_confirmed"] = self._confirm_holdings(
+        upload.visit.record.cache_confirmed = self._confirm_holdings(
             upload.visit.assignment.node_id, upload.visit.plan.manifest, upload.cache_digest, block.names, kept_version)
 
     def _confirm_holdings(self, node_id: int, manifest: tuple[Holding, ...], reported: str, kept: tuple[str, ...] = (),
@@ -425,7 +425,7 @@ class CyclicBlockStrategy(Strategy):
     def _reject(self, stats: RoundStats, node_id: int, rejection: Rejection) -> None:
         """Log and record a failed visit (`aggregate_train` re-queues blocks nobody delivered)."""
         log(WARNING, "Round %d: rejected the visit of node %d: %s", stats.round, node_id, rejection)
-        stats.rejected.append({"node_id": node_id, "kind": rejection.kind, "reason": rejection.reason})
+        stats.rejected.append(RejectedVisit(node_id=node_id, kind=rejection.kind, reason=rejection.reason))
         self.packager.forget(node_id)  # its cache may not be what we think: ask next time
 
     # -- run state: resume and checkpoint --------------------------------------------------
@@ -454,7 +454,7 @@ class CyclicBlockStrategy(Strategy):
         return super().start(grid, initial_arrays, num_rounds - offset, timeout, train_config,
                              evaluate_config, evaluate if evaluate_fn else None)
 
-    def state(self, *, identity: dict[str, object], rows: list[dict], evals: dict[int, float],
+    def state(self, *, identity: dict[str, object], rows: list[RoundRecord], evals: dict[int, float],
               task_scores: dict[int, float], rng: dict[str, object]) -> RunState:
         """A snapshot after the last completed round. The arrays are copied by reference: a merge
         replaces a record's `Array`s, never changes one, so later rounds leave the snapshot as is."""
@@ -464,7 +464,7 @@ class CyclicBlockStrategy(Strategy):
             arrays=dict(self._global.items()), block_versions=list(self.block_versions),
             position=self.position, retry=list(self.retry), node_order=list(self.node_order),
             visits=dict(self.visits), rows=list(rows), evals=dict(evals), rng=rng,
-            task_scores=dict(task_scores), node_evals={r: e.as_dict() for r, e in self.node_evals.items()},
+            task_scores=dict(task_scores), node_evals=dict(self.node_evals),
         )
 
     def restore(self, state: RunState) -> ArrayRecord:
@@ -478,7 +478,7 @@ class CyclicBlockStrategy(Strategy):
         self.retry = list(state.retry)
         self.node_order = list(state.node_order)
         self.visits = dict(state.visits)
-        self.node_evals = {r: NodeEvaluation(**e) for r, e in state.node_evals.items()}
+        self.node_evals = dict(state.node_evals)
         return ArrayRecord(dict(state.arrays))
 
     # -- evaluation on the nodes (eval.where nodes or both) -----------------------------------
@@ -507,11 +507,11 @@ class CyclicBlockStrategy(Strategy):
                 max_seq_len=self.train.max_seq_len, lora=self.algorithm.lora, cache_id=self.cache_id,
                 approximate=not exact)
             content = self.packager.content(arrays, plan, instruction)
-            entry = {"node_id": node_id, "node_key": self.node_keys[node_id], "bytes_down": record_bytes(content)}
-            evaluation.bytes_down += entry["bytes_down"]
+            bytes_down = record_bytes(content)
+            evaluation.bytes_down += bytes_down
             message = Message(content, dst_node_id=node_id, message_type=MessageType.EVALUATE)
             messages.append(message)
-            self._pending_eval[node_id] = _NodeEval(node_id, plan, entry, message)
+            self._pending_eval[node_id] = _NodeEval(node_id, plan, bytes_down, message)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -530,12 +530,13 @@ class CyclicBlockStrategy(Strategy):
                 self._eval_failed(evaluation, pending.node_id, answer)
                 continue
             result, echo = answer
-            pending.entry.update(
+            node = NodeEvalResult(
+                node_id=pending.node_id, node_key=self.node_keys[pending.node_id], bytes_down=pending.bytes_down,
                 eval_loss=result.eval_loss, num_examples=result.num_examples,
                 task_score=result.task_score if result.task_examples else None,
                 task_examples=result.task_examples, bytes_up=record_bytes(reply.content), seconds=result.seconds)
-            evaluation.bytes_up += pending.entry["bytes_up"]
-            evaluation.nodes.append(pending.entry)
+            evaluation.bytes_up += node.bytes_up
+            evaluation.nodes.append(node)
             if result.task_examples:
                 evaluation.task_metric = str(echo["task-metric"])
             self._confirm_holdings(pending.node_id, pending.plan.manifest, str(echo["cache-digest"]))
@@ -543,15 +544,14 @@ class CyclicBlockStrategy(Strategy):
             self._eval_failed(evaluation, pending.node_id, Rejection(
                 "timeout", f"no evaluation reply within the round timeout ({self.round_timeout:g} s)"))
         self._pending_eval = {}
-        evaluation.nodes.sort(key=lambda e: protocol.node_order_key(e["node_key"]))
-        done = [e for e in evaluation.nodes if e["num_examples"] > 0]
+        evaluation.nodes.sort(key=lambda e: protocol.node_order_key(e.node_key))
+        done = [e for e in evaluation.nodes if e.num_examples > 0]
         if done:
-            evaluation.eval_loss = (sum(e["eval_loss"] * e["num_examples"] for e in done)
-                                    / sum(e["num_examples"] for e in done))
-        scored = [e for e in done if e["task_examples"]]
+            evaluation.eval_loss = sum(e.eval_loss * e.num_examples for e in done) / sum(e.num_examples for e in done)
+        scored = [e for e in done if e.task_examples and e.task_score is not None]
         if scored:
-            evaluation.task_score = (sum(e["task_score"] * e["task_examples"] for e in scored)
-                                     / sum(e["task_examples"] for e in scored))
+            evaluation.task_score = (sum(e.task_score * e.task_examples for e in scored)
+                                     / sum(e.task_examples for e in scored))
         if evaluation.eval_loss is None:
             return None
         metrics = MetricRecord({"nodes-eval-loss": evaluation.eval_loss, "nodes": len(done),
@@ -562,8 +562,8 @@ class CyclicBlockStrategy(Strategy):
 
     def _eval_failed(self, evaluation: NodeEvaluation, node_id: int, problem: Rejection) -> None:
         log(WARNING, "Round %d: node %d did not evaluate: %s", evaluation.round, node_id, problem)
-        evaluation.failed.append({"node_id": node_id, "node_key": self.node_keys.get(node_id),
-                                  "kind": problem.kind, "reason": problem.reason})
+        evaluation.failed.append(FailedNodeEval(node_id=node_id, node_key=self.node_keys.get(node_id),
+                                                kind=problem.kind, reason=problem.reason))
         self.packager.forget(node_id)
 
 

@@ -24,7 +24,8 @@ import torch
 from flwr.app import Array
 
 from fedcybgd.config import RunConfig
-from fedcybgd.report import write_atomic
+from fedcybgd.files import write_atomic
+from fedcybgd.records import NodeEvaluation, RoundRecord
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = 1
@@ -45,11 +46,11 @@ class RunState:
     retry: list[int]
     node_order: list[str]  # stable node keys, in visiting order
     visits: dict[str, int]  # by node key
-    rows: list[dict]  # metrics.jsonl, one row per completed round
+    rows: list[RoundRecord]  # metrics.jsonl, one row per completed round
     evals: dict[int, float]  # held-out loss by round
     rng: dict[str, object]  # python / numpy / torch global RNG states (`capture_rng`)
     task_scores: dict[int, float] = field(default_factory=dict)  # server's task score by round
-    node_evals: dict[int, dict] = field(default_factory=dict)  # `NodeEvaluation`s by round
+    node_evals: dict[int, NodeEvaluation] = field(default_factory=dict)  # by round
 
 
 def run_identity(cfg: RunConfig, base_hashes: dict[str, str], train_examples: int) -> dict[str, object]:
@@ -84,8 +85,10 @@ def save(state: RunState, path: Path) -> None:
     rng = dict(state.rng)
     tensors["rng/torch"] = rng.pop("torch")  # type: ignore[assignment]
     meta = {f.name: getattr(state, f.name) for f in fields(state) if f.name not in ("arrays", "rng")}
-    for by_round in ("evals", "task_scores", "node_evals"):
-        meta[by_round] = {str(r): value for r, value in getattr(state, by_round).items()}
+    meta["rows"] = [row.to_json() for row in state.rows]
+    meta["evals"] = {str(r): loss for r, loss in state.evals.items()}
+    meta["task_scores"] = {str(r): score for r, score in state.task_scores.items()}
+    meta["node_evals"] = {str(r): evaluation.to_json() for r, evaluation in state.node_evals.items()}
     meta["arrays"] = {name: [a.dtype, list(a.shape), a.stype] for name, a in state.arrays.items()}
     meta["rng"] = rng
     meta["format"] = FORMAT
@@ -111,8 +114,10 @@ def load(out_dir: Path) -> RunState:
                           data=raw[f"array/{name}"].numpy().tobytes())
               for name, (dtype, shape, stype) in meta.pop("arrays").items()}
     rng = {**meta.pop("rng"), "torch": raw["rng/torch"]}
-    for by_round in ("evals", "task_scores", "node_evals"):
-        meta[by_round] = {int(r): value for r, value in meta.get(by_round, {}).items()}
+    meta["rows"] = [RoundRecord.from_json(row) for row in meta["rows"]]
+    meta["evals"] = {int(r): loss for r, loss in meta["evals"].items()}
+    meta["task_scores"] = {int(r): score for r, score in meta.get("task_scores", {}).items()}
+    meta["node_evals"] = {int(r): NodeEvaluation.from_json(e) for r, e in meta.get("node_evals", {}).items()}
     return RunState(arrays=arrays, rng=rng, **meta)
 
 
