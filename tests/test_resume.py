@@ -186,4 +186,4 @@ def test_flowers_exit_handlers_write_the_last_completed_round(out_dir):
     assert not (out_dir / CHECKPOINT_FILE).exists()
     trigger_exit_handlers(run_before_force_exit=True)  # what Flower's SIGTERM handler does first
     saved = state.load(out_dir)
-    assert saved.completed_round == 2 and [r["round"] for r in saved.rows] == [1, 2]
+    assert saved.completed_round == 2 and [r.stats.round for r in saved.rows] == [1, 2]

@@ -7,6 +7,7 @@ import torch
 
 from fedcybgd import models, scoring
 from fedcybgd.config import compose
+from fedcybgd.records import read_summary
 from fedcybgd.report import summary_table
 from fedcybgd.scoring import TaskExample
 from server_app.centralized import run_centralized
@@ -62,5 +63,5 @@ def test_runs_report_the_task_score_each_evaluation(out_dir):
     assert s["task_metric"] == "exact_match" and s["task_examples"] == 4
     assert set(s["task_scores"]) == {"0", "1", "2"} and s["final_task_score"] == s["task_scores"]["2"]
     assert s["data_duplicates_dropped"] == 0 and s["data_train_examples"] + s["data_heldout_examples"] == 200
-    assert "task score (exact_match)" in summary_table(s)
+    assert "task score (exact_match)" in summary_table(read_summary(out_dir))
     assert (out_dir / "task_score.png").stat().st_size > 0
