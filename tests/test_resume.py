@@ -15,6 +15,7 @@ from flwr.app import Array
 
 from fedcybgd import models
 from fedcybgd.config import compose
+from fedcybgd.records import NodeEvaluation, RoundRecord, RoundStats, VisitRecord
 from scripts.bench_faults import write_checkpoint_cut_short
 from server_app.app import run
 from strategy import state
@@ -83,7 +84,10 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     saved = RunState(identity={"model.name": "tiny-llama", "seed": 3}, cache_id="abc", completed_round=4,
                      arrays=arrays, block_versions=[4, 2, 0], position=5, retry=[1],
                      node_order=["partition-1", "partition-0"], visits={"partition-0": 2, "partition-1": 2},
-                     rows=[{"round": 1, "x": [1, 2]}], evals={0: 1.5, 4: 1.25}, rng=state.capture_rng())
+                     rows=[RoundRecord(algorithm="fedcybgd", stats=RoundStats(round=1, assignments=[VisitRecord(block=2)]),
+                                       eval_loss=None, task_score=None, task_metric=None, node_eval=None)],
+                     evals={0: 1.5, 4: 1.25}, rng=state.capture_rng(),
+                     node_evals={4: NodeEvaluation(round=4, model="exact", eval_loss=1.0)})
     state.save(saved, tmp_path / CHECKPOINT_FILE)
     loaded = state.load(tmp_path)
     for name, a in arrays.items():
