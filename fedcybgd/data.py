@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedcybgd import tasks
 from fedcybgd.config import DataConfig
+from fedcybgd.files import write_atomic
 
 IGNORE_INDEX = -100
 BUILTIN_PREFIX = "builtin:"
@@ -136,7 +137,7 @@ def write_node_files(ds: Dataset, num_nodes: int, out_dir: Path, seed: int) -> l
     paths = [out_dir / f"node-{i + 1}.jsonl" for i in range(num_nodes)]
     for node, path in enumerate(paths):
         rows = [i for key in order[node::num_nodes] for i in groups[key]]
-        path.write_text("".join(json.dumps({"messages": ds[i]["messages"]}) + "\n" for i in rows), encoding="utf-8")
+        write_atomic(path, "".join(json.dumps({"messages": ds[i]["messages"]}) + "\n" for i in rows))
     return paths
 
 

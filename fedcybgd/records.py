@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -68,7 +68,8 @@ class Record:
             nested = _record_type(hints[f.name])
             if f.metadata.get("flat"):
                 assert nested is not None
-                if f.default is not None or any(name in data for name in nested._json_names()):
+                required = f.default is MISSING
+                if required or any(name in data for name in nested._json_names()):
                     kwargs[f.name] = nested._take(data)
             elif f.name in data:
                 kwargs[f.name] = _decode(hints[f.name], data.pop(f.name))
