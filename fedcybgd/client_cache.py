@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,11 @@ def _read_parts(path: Path, names: set[str]) -> dict[str, dict[str, torch.Tensor
     return parts
 
 
+# A run cache used this recently may belong to a run still going on this machine (runs side by
+# side share the default cache root): pruning it would cost that run's nodes their caches.
+IN_USE_SECONDS = 3600.0
+
+
 def prune_runs(root: Path, current: str, keep: int) -> list[Path]:
     """Delete all but the `keep` most recently used run caches under `root`; returns what went.
 
@@ -178,6 +184,7 @@ def prune_runs(root: Path, current: str, keep: int) -> list[Path]:
     frozen copies besides the current one (each is a whole model: hundreds of MB for SmolLM2).
     "Recently used" is the newest modification time of a run folder or anything directly in it,
     since a cache writes its manifest there (or in a per-node folder inside it) on every visit.
+    A cache used within the last `IN_USE_SECONDS` is never removed, whatever `keep` says.
     """
     if keep < 0:
         raise ValueError(f"cache-keep-runs={keep} must be >= 0")
@@ -185,7 +192,8 @@ def prune_runs(root: Path, current: str, keep: int) -> list[Path]:
         return []
     past = [d for d in root.iterdir() if d.is_dir() and d.name.startswith(RUN_PREFIX) and d.name != current]
     past.sort(key=_last_used, reverse=True)
-    removed = past[keep:]
+    idle_since = time.time() - IN_USE_SECONDS
+    removed = [d for d in past[keep:] if _last_used(d) < idle_since]
     for run_dir in removed:
         shutil.rmtree(run_dir, ignore_errors=True)
     return removed

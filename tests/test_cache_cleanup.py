@@ -51,3 +51,12 @@ def test_a_node_keeps_at_most_cache_keep_runs_past_runs(tmp_path):
 def test_a_bad_cache_keep_runs_is_named(tmp_path):
     with pytest.raises(ValueError, match="cache-keep-runs"):
         _cache_dir(context(1, {"cache-dir": str(tmp_path), "cache-keep-runs": "two"}), "1")
+
+
+def test_prune_spares_a_cache_in_use_by_a_run_beside_this_one(tmp_path):
+    make_run(tmp_path, "run-1", 1_000)
+    busy = make_run(tmp_path, "run-2", 1_000)
+    os.utime(busy / "node-1", None)  # another run on this machine wrote its manifest just now
+    removed = prune_runs(tmp_path, "run-9", keep=0)
+    assert [p.name for p in removed] == ["run-1"]
+    assert busy.is_dir()
