@@ -52,7 +52,7 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
     strategy = CyclicBlockStrategy(
         algorithm, model_name=cfg.model.name, model_spec=models.model_spec(setup.model),
         train=cfg.train, data=cfg.data, compression=cfg.compression, base_hashes=base_hashes,
-        allocation=cfg.algorithm.allocation, pairing=cfg.algorithm.pairing, min_nodes=cfg.algorithm.min_nodes,
+        allocation=cfg.algorithm.allocation, pairing=cfg.algorithm.pairing, min_nodes=cfg.algorithm.nodes_needed,
         round_timeout=cfg.algorithm.round_timeout, max_upload_ratio=cfg.algorithm.max_upload_ratio,
         max_norm_ratio=cfg.algorithm.max_norm_ratio, evaluation=cfg.eval, seed=cfg.seed,
     )

@@ -94,7 +94,7 @@ class CyclicBlockStrategy(Strategy):
         self.base_hashes = base_hashes
         self.allocation = allocation
         self.pairing = pairing
-        self.min_nodes = max(min_nodes, algorithm.clients_per_round)
+        self.min_nodes = min_nodes  # AlgorithmConfig.nodes_needed: at least clients_per_round
         self.round_timeout = round_timeout
         self.max_upload_ratio = max_upload_ratio
         self.max_norm_ratio = max_norm_ratio
