@@ -70,18 +70,7 @@ def train(msg: Message, context: Context) -> Message:
     model, layer_map = models.build_skeleton(instruction.model_spec, instruction.dropped_layers)
     models.load_tensors(model, {layer_map.to_local(n): t for n, t in tensors.items()})
     del tensors
-    if instruction.lora_modules:
-        assert instruction.lora is not None
-        if not adapters:  # fedcybgd-lora: fresh adapters for this visit's block
-            local = {m: layer_map.to_local(m) for m in instruction.lora_modules}
-            shapes = {f"{m}.weight": tuple(model.get_submodule(local[m]).weight.shape) for m in local}
-            transposed = lora.transposed_modules(model)
-            adapters = lora.fresh_adapters(shapes, instruction.lora_modules, instruction.lora,
-                                           instruction.seed, frozenset(m for m in local if local[m] in transposed))
-        local_names = lora.attach(model, {layer_map.to_local(n): t for n, t in adapters.items()},
-                                  instruction.lora)
-    else:
-        local_names = [layer_map.to_local(n) for n in instruction.block_names]
+    trained = _trainable(model, layer_map, instruction, adapters)
 
     model_dir = str(models.resolve_model_dir(instruction.model_name))
     tokenizer = models.load_tokenizer(model_dir)
@@ -90,9 +79,11 @@ def train(msg: Message, context: Context) -> Message:
     batches = data.train_batches(examples, instruction.train.batch_size, tokenizer.pad_token_id,
                                  seed=instruction.seed)
     torch.manual_seed(instruction.seed)  # dropout, if any, draws the same on a rerun of the round
-    result = train_params(model, local_names, batches, instruction.train, device, num_examples=len(examples))
+    result = train_params(model, list(trained.values()), batches, instruction.train, device,
+                          num_examples=len(examples))
 
-    uploaded = _upload(model, layer_map, instruction)
+    params = dict(model.named_parameters())
+    uploaded = {name: params[local].detach().to("cpu") for name, local in trained.items()}
     if instruction.keep_upload:
         try:
             cache.store({Holding(name, instruction.upload_version, DENSE.key): {"v": t}
@@ -112,14 +103,21 @@ def train(msg: Message, context: Context) -> Message:
     }), reply_to=msg)
 
 
-def _upload(model: nn.Module, layer_map: LayerMap, instruction: TrainInstruction) -> dict[str, torch.Tensor]:
-    """What the reply carries, by global name: the trained block, or the trained adapters."""
-    names = instruction.upload_names()
-    if instruction.lora_modules:
-        trained = lora.read_adapters(model, [layer_map.to_local(n) for n in names])
-        return {name: trained[layer_map.to_local(name)] for name in names}
-    params = dict(model.named_parameters())
-    return {name: params[layer_map.to_local(name)].detach().to("cpu") for name in names}
+def _trainable(model: nn.Module, layer_map: LayerMap, instruction: TrainInstruction,
+               downloaded: dict[str, torch.Tensor]) -> dict[str, str]:
+    """What this visit trains and uploads: each upload name -> its parameter in `model`.
+
+    The block's own tensors or, where the instruction names modules to adapt, LoRA adapters on
+    them: the downloaded ones (the global model holds them: fedlora), else fresh from the seed.
+    """
+    if not instruction.lora_modules:
+        return {name: layer_map.to_local(name) for name in instruction.upload_names()}
+    assert instruction.lora is not None
+    adapters = ({layer_map.to_local(n): t for n, t in downloaded.items()} if downloaded else
+                lora.fresh_adapters(model, tuple(layer_map.to_local(m) for m in instruction.lora_modules),
+                                    instruction.lora, instruction.seed))
+    params = lora.attach(model, adapters, instruction.lora)
+    return {name: params[layer_map.to_local(name)] for name in instruction.upload_names()}
 
 
 @app.evaluate()

@@ -128,6 +128,11 @@ class AlgorithmConfig:
     # Reject an upload whose L2 norm exceeds this many times the block's present norm (null: off).
     max_norm_ratio: float | None = None
 
+    @property
+    def nodes_needed(self) -> int:
+        """Nodes a run waits for: `min_nodes`, and one per client of a round."""
+        return max(self.min_nodes, self.clients_per_round)
+
 
 @dataclass
 class LoraConfig:

@@ -50,10 +50,21 @@ def transposed_modules(model: nn.Module) -> frozenset[str]:
     return frozenset(name for name, module in model.named_modules() if isinstance(module, Conv1D))
 
 
-def features(weight_shape: tuple[int, ...], transposed: bool) -> tuple[int, int]:
-    """(out, in) features of an adapted module from its weight's shape."""
-    rows, cols = weight_shape
-    return (cols, rows) if transposed else (rows, cols)
+def features(module: nn.Module) -> tuple[int, int]:
+    """(out, in) features of an adapted module (a `Conv1D` stores its weight (in, out))."""
+    rows, cols = module.weight.shape
+    return (cols, rows) if isinstance(module, Conv1D) else (rows, cols)
+
+
+def adapter_shapes(model: nn.Module, modules: tuple[str, ...], r: int) -> dict[str, tuple[int, int]]:
+    """The adapters of `modules` (names in `model`) and their shapes, as peft shapes them."""
+    shapes = {}
+    for module in modules:
+        out_features, in_features = features(model.get_submodule(module))
+        name_a, name_b = adapter_names(module)
+        shapes[name_a] = (r, in_features)
+        shapes[name_b] = (out_features, r)
+    return shapes
 
 
 def target_modules(model: nn.Module, layer_prefix: str, cfg: LoraConfig) -> dict[int, tuple[str, ...]]:
@@ -72,29 +83,25 @@ def target_modules(model: nn.Module, layer_prefix: str, cfg: LoraConfig) -> dict
     return {i: tuple(names) for i, names in sorted(by_layer.items())}
 
 
-def fresh_adapters(weight_shapes: dict[str, tuple[int, ...]], modules: tuple[str, ...],
-                   cfg: LoraConfig, seed: int, transposed: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
-    """New adapters as peft initialises them: A Kaiming-uniform, B zero (so B @ A starts at 0).
-
-    `weight_shapes[f"{module}.weight"]` is each adapted module's weight shape; `transposed` names
-    the modules whose weight is stored (in, out).
-    """
+def fresh_adapters(model: nn.Module, modules: tuple[str, ...], cfg: LoraConfig, seed: int,
+                   ) -> dict[str, torch.Tensor]:
+    """New adapters for `modules` (names in `model`) as peft initialises them: A Kaiming-uniform,
+    B zero (so B @ A starts at 0)."""
     generator = torch.Generator().manual_seed(seed)
     adapters = {}
-    for module in modules:
-        out_features, in_features = features(weight_shapes[f"{module}.weight"], module in transposed)
-        bound = 1 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on an (r, in) matrix
-        a = (torch.rand(cfg.r, in_features, generator=generator) * 2 - 1) * bound
-        name_a, name_b = adapter_names(module)
-        adapters[name_a] = a
-        adapters[name_b] = torch.zeros(out_features, cfg.r)
+    for name, shape in adapter_shapes(model, modules, cfg.r).items():
+        if name.endswith(".lora_A"):
+            bound = 1 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)) on an (r, in) matrix
+            adapters[name] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+        else:
+            adapters[name] = torch.zeros(shape)
     return adapters
 
 
-def attach(model: nn.Module, adapters: dict[str, torch.Tensor], cfg: LoraConfig) -> list[str]:
+def attach(model: nn.Module, adapters: dict[str, torch.Tensor], cfg: LoraConfig) -> dict[str, str]:
     """Wrap the adapted modules with peft LoRA layers holding `adapters` (model-local names).
 
-    Returns the names of the adapter parameters in the wrapped model: what to train.
+    Returns each adapter's parameter name in the wrapped model: what to train.
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
@@ -105,21 +112,15 @@ def attach(model: nn.Module, adapters: dict[str, torch.Tensor], cfg: LoraConfig)
     inject_adapter_in_model(PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                            target_modules=modules, fan_in_fan_out=conv1d), model)
     params = dict(model.named_parameters())
-    trainable = []
+    trainable = {}
     with torch.no_grad():
         for name, tensor in adapters.items():
             param_name = _peft_param(name)
             if param_name not in params:
                 raise LoraError(f"adapter {name} has no module in the model")
             params[param_name].copy_(tensor)
-            trainable.append(param_name)
+            trainable[name] = param_name
     return trainable
-
-
-def read_adapters(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """The trained adapters of a model wrapped by `attach`, by their plain names."""
-    params = dict(model.named_parameters())
-    return {name: params[_peft_param(name)].detach().to("cpu").clone() for name in names}
 
 
 def _peft_param(adapter: str) -> str:

@@ -94,7 +94,7 @@ def simulate(overrides: str, num_supernodes: int, *, cpus_per_client: int = 2,
     returns the run's entry as it is; the SuperLink is stopped as always.
     """
     cfg = compose(overrides=overrides)  # a bad config fails here, before any process starts
-    needed = max(cfg.algorithm.min_nodes, cfg.algorithm.clients_per_round)
+    needed = cfg.algorithm.nodes_needed
     if needed > num_supernodes:
         raise ValueError(f"the run needs {needed} nodes (algorithm.min_nodes, algorithm.clients_per_round) "
                          f"but the simulation has {num_supernodes} supernodes")

@@ -38,8 +38,9 @@ def main(grid: Grid, context: Context) -> None:
 def run(grid: Grid, cfg: RunConfig) -> Path:
     """Run the configured federated algorithm on `grid`; returns the output directory."""
     setup = prepare(cfg, with_data=False)  # the data once we know whether the server needs it
-    algorithm, layout, extra_tensors = algorithms.build(cfg, setup.model, setup.layout)
-    initial_tensors = {**models.named_tensors(setup.model), **extra_tensors}
+    algorithm = algorithms.build(cfg, setup.model, setup.layout)
+    layout = algorithm.layout
+    initial_tensors = {**models.named_tensors(setup.model), **algorithm.initial}
     base_hashes = {name: tensor_sha256(t) for name, t in initial_tensors.items()}
     out_dir = output_dir(cfg)
     checkpoint = out_dir / state.CHECKPOINT_FILE
@@ -49,9 +50,9 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
                               not_yet_known=("data.train_examples",))
 
     strategy = CyclicBlockStrategy(
-        layout, algorithm=algorithm, model_name=cfg.model.name, model_spec=models.model_spec(setup.model),
+        algorithm, model_name=cfg.model.name, model_spec=models.model_spec(setup.model),
         train=cfg.train, data=cfg.data, compression=cfg.compression, base_hashes=base_hashes,
-        allocation=cfg.algorithm.allocation, pairing=cfg.algorithm.pairing, min_nodes=cfg.algorithm.min_nodes,
+        allocation=cfg.algorithm.allocation, pairing=cfg.algorithm.pairing, min_nodes=cfg.algorithm.nodes_needed,
         round_timeout=cfg.algorithm.round_timeout, max_upload_ratio=cfg.algorithm.max_upload_ratio,
         max_norm_ratio=cfg.algorithm.max_norm_ratio, evaluation=cfg.eval, seed=cfg.seed,
     )
@@ -89,7 +90,7 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         due = experiment.eval_due(server_round)
         if due:
-            experiment.evaluate(server_round, codec.decode_record(arrays))
+            experiment.evaluate(server_round, algorithm.model_tensors(codec.decode_record(arrays)))
         if server_round == 0 and where == "nodes":
             _check_nodes_evaluated(strategy.node_evals[0])
         if server_round > 0:
@@ -104,7 +105,7 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
 
     visits = sum(len(r.stats.assignments) for r in experiment.report.rows)
     total_down = sum(r.stats.bytes_down for r in experiment.report.rows)
-    experiment.finish(codec.decode_record(global_arrays), len(layout.blocks), FederatedTotals(
+    experiment.finish(algorithm.model_tensors(codec.decode_record(global_arrays)), len(layout.blocks), FederatedTotals(
         full_model_bytes=full_model_bytes,
         # Fed-full would send the whole uncompressed model to every client visit.
         download_ratio_vs_fedfull=total_down / (full_model_bytes * visits) if visits else None,

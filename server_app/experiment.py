@@ -20,7 +20,7 @@ import torch
 from flwr.common.logger import log
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fedcybgd import data, lora, models, scoring
+from fedcybgd import data, models, scoring
 from fedcybgd.blocks import ModelLayout, describe
 from fedcybgd.config import RunConfig, to_yaml
 from fedcybgd.files import write_atomic
@@ -43,7 +43,6 @@ class ServerSetup:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     layout: ModelLayout
-    lora_transposed: frozenset[str]  # modules whose LoRA update merges transposed (Conv1D)
     data: ServerData | None = None  # None: the server holds no data (evaluation on the nodes)
 
 
@@ -53,8 +52,7 @@ def prepare(cfg: RunConfig, with_data: bool = True) -> ServerSetup:
     model = models.load_pretrained(model_dir)
     tokenizer = models.load_tokenizer(str(model_dir))
     layout = describe(model, cfg.model.layers_per_block, cfg.model.train_head)
-    return ServerSetup(model, tokenizer, layout, lora.transposed_modules(model),
-                       load_data(cfg, tokenizer) if with_data else None)
+    return ServerSetup(model, tokenizer, layout, load_data(cfg, tokenizer) if with_data else None)
 
 
 def load_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> ServerData:
@@ -132,9 +130,9 @@ class Experiment:
         return scoring.metric_name(examples) if examples else None
 
     def evaluate(self, server_round: int, tensors: dict[str, torch.Tensor]) -> float:
-        """Held-out loss (and task score) of the model with `tensors` (adapters merged in)."""
+        """Held-out loss (and task score) of the model with `tensors` (its weights, adapters merged in)."""
         assert self.setup.data is not None
-        models.load_tensors(self.setup.model, lora.merge_into(tensors, self.cfg.lora, self.setup.lora_transposed))
+        models.load_tensors(self.setup.model, tensors)
         loss, score = scoring.evaluate(self.setup.model, self.setup.tokenizer, self.setup.data.held_out,
                                        self.cfg.eval, self.device)
         self.evals[server_round] = loss
@@ -152,8 +150,9 @@ class Experiment:
     def finish(self, final_tensors: dict[str, torch.Tensor], num_blocks: int,
                federated: FederatedTotals | None = None,
                node_evals: dict[int, NodeEvaluation] | None = None) -> RunSummary:
-        """Save the final model, write summary.json and the plots; returns the summary."""
-        models.load_tensors(self.setup.model, lora.merge_into(final_tensors, self.cfg.lora, self.setup.lora_transposed))
+        """Save the final model (`final_tensors`: its weights), write summary.json and the plots;
+        returns the summary."""
+        models.load_tensors(self.setup.model, final_tensors)
         _save_final(self.setup, self.out_dir / "final")
         rounds = [r.stats for r in self.report.rows]
         peaks = [a.peak_mem_bytes for r in rounds for a in r.assignments if a.peak_mem_bytes is not None]

@@ -1,8 +1,7 @@
 """The block strategy family as one Flower strategy: schedule, package, validate, merge.
 
 FedCyBGD and its baselines differ only in their `Algorithm` (strategy/algorithms.py): how many
-clients a round takes, whether they share one block (averaged) or take distinct ones (written
-back), and whether they train the weights or LoRA adapters.
+blocks a round trains, what its clients train and upload, and how the uploads merge.
 
 The strategy holds the run's global state: the global `ArrayRecord` (updated in place, block by
 block), each block's version, the node order by stable key (strategy/state.py checkpoints it),
@@ -17,14 +16,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedcybgd import codec, lora, protocol
-from fedcybgd.blocks import Block, ModelLayout
+from fedcybgd import protocol
+from fedcybgd.blocks import Block
 from fedcybgd.client_cache import Holding
 from fedcybgd.config import CompressionConfig, DataConfig, EvalConfig, TrainConfig
 from fedcybgd.protocol import (BLOCK, CONFIG, FROZEN, METRICS, EvalInstruction, HoldingsReply, NodeEvalMetrics,
@@ -69,9 +67,8 @@ class CyclicBlockStrategy(Strategy):
 
     def __init__(
         self,
-        layout: ModelLayout,
-        *,
         algorithm: Algorithm,
+        *,
         model_name: str,
         model_spec: str,
         train: TrainConfig,
@@ -87,6 +84,7 @@ class CyclicBlockStrategy(Strategy):
         evaluation: EvalConfig | None = None,
         seed: int = 0,
     ) -> None:
+        layout = algorithm.layout
         self.blocks: list[Block] = list(layout.blocks)
         self.algorithm = algorithm
         self.model_name = model_name
@@ -97,7 +95,7 @@ class CyclicBlockStrategy(Strategy):
         self.base_hashes = base_hashes
         self.allocation = allocation
         self.pairing = pairing
-        self.min_nodes = max(min_nodes, algorithm.clients_per_round)
+        self.min_nodes = min_nodes  # AlgorithmConfig.nodes_needed: at least clients_per_round
         self.round_timeout = round_timeout
         self.max_upload_ratio = max_upload_ratio
         self.max_norm_ratio = max_norm_ratio
@@ -218,14 +216,13 @@ class CyclicBlockStrategy(Strategy):
         return messages
 
     def _assign(self, server_round: int, nodes: list[int]) -> list[schedule.Assignment]:
-        """This round's (node, block) pairs: K nodes in turn, on one block or K distinct ones."""
-        k = self.algorithm.clients_per_round
+        """This round's (node, block) pairs: K nodes in turn, sharing the round's blocks evenly
+        (one block each, or all on one block)."""
+        k, per_round = self.algorithm.clients_per_round, self.algorithm.blocks_per_round
         chosen = schedule.nodes_for_round(server_round, nodes, k, pairing=self.pairing, num_blocks=len(self.blocks),
-                                          blocks_per_round=1 if self.algorithm.average else k)
-        if self.algorithm.average:
-            block = self._next_blocks(1)[0]
-            return [schedule.Assignment(n, block) for n in chosen]
-        return [schedule.Assignment(n, b) for n, b in zip(chosen, self._next_blocks(k))]
+                                          blocks_per_round=per_round)
+        blocks = self._next_blocks(per_round)
+        return [schedule.Assignment(n, blocks[i * per_round // k]) for i, n in enumerate(chosen)]
 
     def _next_blocks(self, count: int) -> list[int]:
         """The next `count` distinct blocks: failed ones first, then the allocation order.
@@ -297,7 +294,7 @@ class CyclicBlockStrategy(Strategy):
             data=self.data,
             seed=self.seed * 1_000_003 + server_round,
             lora=self.algorithm.lora,
-            lora_modules=self.algorithm.lora_modules.get(block.index, ()),
+            lora_modules=self.algorithm.adapted_modules(block),
             keep_upload=self.algorithm.keeps_upload,
             cache_id=self.cache_id,
         )
@@ -362,46 +359,19 @@ class CyclicBlockStrategy(Strategy):
     def _upload_rules(self, block: Block) -> UploadRules:
         """What this round accepts for `block`: see strategy/validation.py."""
         assert self._global is not None
-        replaces = not self.algorithm.merge_adapters
         return UploadRules(
-            expected=self._upload_template(block), block=block.index,
+            expected=self.algorithm.upload_template(block, self._global), block=block.index,
             block_version=self.block_versions[block.index], owner=self._block_of,
             max_upload_ratio=self.max_upload_ratio, max_norm_ratio=self.max_norm_ratio,
-            current={n: self._global[n] for n in block.names} if replaces else None)
-
-    def _upload_template(self, block: Block) -> dict[str, Array]:
-        """What a valid upload for `block` holds: names, shapes and dtypes (the values unused)."""
-        assert self._global is not None
-        if not self.algorithm.merge_adapters:
-            return {name: self._global[name] for name in block.names}
-        assert self.algorithm.lora is not None
-        template = {}
-        for module in self.algorithm.lora_modules[block.index]:
-            out_features, in_features = lora.features(tuple(self._global[f"{module}.weight"].shape),
-                                                      module in self.algorithm.lora_transposed)
-            name_a, name_b = lora.adapter_names(module)
-            template[name_a] = codec.encode_tensor(torch.empty(self.algorithm.lora.r, in_features))
-            template[name_b] = codec.encode_tensor(torch.empty(out_features, self.algorithm.lora.r))
-        return template
+            current=self.algorithm.replaced(block, self._global))
 
     def _merge(self, server_round: int, block: Block, group: list[_Upload]) -> None:
         """Fold a block's accepted uploads into the global record in place; its version is now the round."""
         assert self._global is not None
-        new: dict[str, Array | torch.Tensor]
-        if self.algorithm.average:
-            new = weighted_mean([codec.decode_record(u.arrays) for u in group],
-                                [u.metrics.num_examples for u in group])
-        elif self.algorithm.merge_adapters:
-            assert self.algorithm.lora is not None and len(group) == 1
-            current = {n: codec.decode_array(self._global[n]) for n in block.names}
-            new = lora.merge_into({**current, **codec.decode_record(group[0].arrays)}, self.algorithm.lora,
-                                  self.algorithm.lora_transposed)
-        else:
-            assert len(group) == 1
-            new = {name: group[0].arrays[name] for name in block.names}
+        new = self.algorithm.merge(block, self._global, [u.arrays for u in group],
+                                   [u.metrics.num_examples for u in group])
         for name in block.names:
-            value = new[name]
-            self._global[name] = value if isinstance(value, Array) else codec.encode_tensor(value)
+            self._global[name] = new[name]
         self.block_versions[block.index] = server_round  # unique per upload: see TrainInstruction
         kept = server_round if self.algorithm.keeps_upload else None
         for upload in group:
@@ -582,16 +552,3 @@ def _read_evaluation(reply: Message) -> tuple[NodeEvalMetrics, ConfigRecord] | R
         return Rejection("malformed", f"evaluation reply lacks {err}")
     return result, echo
 
-
-def weighted_mean(uploads: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
-    """The weight-averaged tensors (in fp32, returned in each tensor's dtype)."""
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError("weights must sum to a positive number")
-    mean = {}
-    for name, first in uploads[0].items():
-        acc = torch.zeros(first.shape, dtype=torch.float32)
-        for upload, weight in zip(uploads, weights):
-            acc += upload[name].float() * (weight / total)
-        mean[name] = acc.to(first.dtype)
-    return mean

@@ -4,15 +4,18 @@ import json
 
 import pytest
 import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
 
 from fedcybgd import codec, data, lora, models
 from fedcybgd.blocks import describe
-from fedcybgd.config import ConfigError, LoraConfig, compose
+from fedcybgd.config import FEDERATED_ALGORITHMS, ConfigError, LoraConfig, compose
 from fedcybgd.protocol import BLOCK, CONFIG, METRICS, VisitMetrics
 from server_app.app import run
 from server_app.centralized import run_centralized
-from strategy.algorithms import Algorithm
-from strategy.cyclic import CyclicBlockStrategy, weighted_mean
+from strategy import algorithms
+from strategy.algorithms import FedCyBGD, weighted_mean
+from strategy.cyclic import CyclicBlockStrategy
 from tests.fake_grid import FakeGrid
 
 TINY = "model=tiny-llama train=tiny train.local_steps=3 data.max_examples=300 compression=none eval.every=1"
@@ -84,7 +87,7 @@ def test_parallel_groups_train_distinct_blocks_and_merge_them_exactly(out_dir, t
 
 def test_parallel_groups_never_take_one_block_twice_in_a_round(tiny):
     _, layout, _ = tiny
-    strategy = CyclicBlockStrategy(layout, algorithm=Algorithm("fedcybgd", clients_per_round=3),
+    strategy = CyclicBlockStrategy(FedCyBGD(3, layout),
                                    model_name="m", model_spec="{}", train=None, data=None, compression=None,
                                    base_hashes={}, allocation="random", seed=5)
     strategy.retry = [2, 2]  # a failed block still due, twice, as after two failed rounds
@@ -101,6 +104,7 @@ def test_parallel_groups_never_take_one_block_twice_in_a_round(tiny):
     ("algorithm=fedcybgd algorithm.clients_per_round=5", ConfigError, "clients_per_round=5 exceeds the model's 4 blocks"),
     ("algorithm=centralized-full", ConfigError, "runs without Flower"),
     ("algorithm=fedlora model.train_head=true", ConfigError, "fedlora adapts the decoder layers only"),
+    ("algorithm=fedcybgd-lora model.train_head=true", ConfigError, "fedcybgd-lora needs adapters in every block"),
     ("algorithm=fedbavg algorithm.clients_per_round=3 algorithm.round_timeout=1", RuntimeError,
      "only 2 node\\(s\\) connected after 1 s; this run needs 3"),
 ])
@@ -207,34 +211,68 @@ def test_fedcybgd_lora_uploads_only_the_blocks_adapters_and_merges_them(out_dir,
         assert torch.allclose(final[f"{module}.weight"], initial[f"{module}.weight"] + b @ a, atol=1e-6)
 
 
-@pytest.mark.parametrize("structure", ["tiny-llama", "tiny-gpt2", "tiny-neox"])
-def test_our_lora_merge_matches_peft_on_every_structure(structure):
-    """Llama (nn.Linear), GPT-2 (Conv1D, weights stored transposed), GPT-NeoX (fused qkv)."""
-    model = models.load_pretrained(models.resolve_model_dir(structure))
-    layout, initial = describe(model, 1), models.named_tensors(model)
-    cfg = LoraConfig(r=4, alpha=12.0)
-    modules = lora.target_modules(model, layout.layer_prefix, cfg)[1]
+STRUCTURES = ["tiny-llama", "tiny-gpt2", "tiny-neox"]  # nn.Linear; Conv1D (weights stored transposed); fused qkv
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_our_lora_merge_matches_peft_merge_and_unload_on_every_structure(structure):
+    def load():
+        return models.load_pretrained(models.resolve_model_dir(structure))
+
+    model = load()
+    initial, cfg = models.named_tensors(model), LoraConfig(r=4, alpha=12.0)
+    modules = tuple(m for names in lora.target_modules(model, describe(model, 1).layer_prefix, cfg).values()
+                    for m in names)
     transposed = lora.transposed_modules(model)
     assert bool(transposed & set(modules)) == (structure == "tiny-gpt2")
-    shapes = {n: tuple(t.shape) for n, t in initial.items()}
-    adapters = lora.fresh_adapters(shapes, modules, cfg, seed=0, transposed=transposed)
-    for name in adapters:  # B starts at zero; make the adapters matter
-        adapters[name] = torch.randn_like(adapters[name]) * 0.1
-    batch = {"input_ids": torch.randint(0, 200, (2, 16))}
-
-    wrapped, _ = models.build_skeleton(models.model_spec(model))
-    models.load_tensors(wrapped, initial)
-    lora.attach(wrapped, adapters, cfg)
+    generator = torch.Generator().manual_seed(0)
+    adapters = {name: torch.randn(shape, generator=generator) * 0.1  # B nonzero: the adapters matter
+                for name, shape in lora.adapter_shapes(model, modules, cfg.r).items()}
     ours = lora.merge_into({**initial, **adapters}, cfg, transposed)
-    merged, _ = models.build_skeleton(models.model_spec(model))
+
+    peft_model = get_peft_model(load(), PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, target_modules=list(modules),
+                                                       fan_in_fan_out=bool(transposed)))
+    with torch.no_grad():
+        for module in modules:
+            layer = peft_model.base_model.model.get_submodule(module)
+            for part in lora.PARTS:
+                getattr(layer, part)["default"].weight.copy_(adapters[f"{module}.{part}"])
+    theirs = models.named_tensors(peft_model.merge_and_unload())
+    assert set(theirs) == set(ours)
+    for name in ours:
+        assert torch.allclose(ours[name], theirs[name], atol=1e-6), name
+
+    # The client trains through `attach`: its wrapped model computes what the merged one does.
+    wrapped = load()
+    lora.attach(wrapped, adapters, cfg)
+    merged = load()
     models.load_tensors(merged, ours)
-    wrapped.eval(), merged.eval()  # GPT-2 has dropout
+    batch = {"input_ids": torch.randint(0, 200, (2, 16), generator=generator)}
     with torch.no_grad():
         assert torch.allclose(wrapped(**batch).logits, merged(**batch).logits, atol=1e-4)
-        for module in modules:  # peft's own merge, module by module
-            layer = wrapped.get_submodule(module)
-            layer.merge()
-            assert torch.allclose(layer.get_base_layer().weight, ours[f"{module}.weight"], atol=1e-6), module
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("name", ["fedlora", "fedcybgd-lora"])
+def test_lora_algorithms_build_on_every_structure_and_expect_what_a_client_uploads(structure, name):
+    cfg = compose(overrides=f"model.name={structure} algorithm={name} lora.r=4")
+    model = models.load_pretrained(models.resolve_model_dir(structure))
+    algorithm = algorithms.build(cfg, model, describe(model, cfg.model.layers_per_block))
+    arrays = codec.encode_tensors({**models.named_tensors(model), **algorithm.initial})
+    for block in algorithm.layout.blocks:
+        # What a client trains for this block: peft's adapters on the modules the instruction names.
+        client, _ = models.build_skeleton(models.model_spec(model))
+        adapters = lora.fresh_adapters(client, algorithm.adapted_modules(block), cfg.lora, seed=0)
+        param_names = lora.attach(client, adapters, cfg.lora)
+        params = dict(client.named_parameters())
+        trained = {n: tuple(params[p].shape) for n, p in param_names.items()}
+        template = algorithm.upload_template(block, arrays)
+        assert trained and {n: tuple(a.shape) for n, a in template.items()} == trained
+
+
+def test_every_federated_algorithm_has_its_class_and_its_config():
+    assert set(algorithms.REGISTRY) == set(FEDERATED_ALGORITHMS)
+    assert all(compose(overrides=f"algorithm={name}").algorithm.name == name for name in FEDERATED_ALGORITHMS)
 
 
 @pytest.mark.parametrize("structure", ["tiny-gpt2", "tiny-neox"])
