@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client_app import faults
-from scripts.deploy import LoopbackDeployment, SuperNodeProcess, _alive
+from scripts.deploy import LoopbackDeployment, SuperNodeProcess
+from scripts.flower import is_alive
 from strategy import state
 
 TINY = "model=tiny-llama train=tiny data.max_examples=300 eval.every=100 eval.max_examples=20 compression=none"
@@ -314,7 +315,7 @@ def _wait_exit(pid: int, timeout: float) -> float | None:
     """Seconds until `pid` has exited (None: still alive after `timeout`)."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
-        if not _alive(pid):
+        if not is_alive(pid):
             return time.monotonic() - start
         time.sleep(0.1)
     return None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import signal
 import sys
 import tempfile
@@ -520,7 +521,7 @@ def main() -> int:
               + ", ".join(f"{h.name} {edge.net.ip(h.name)} ({h.rate_mbit or 'no limit'} Mbit/s)"
                           for h in config.hosts()), flush=True)
         for label in args.runs:
-            overrides = run_overrides(label, args.preset, " ".join(args.overrides), out / label,
+            overrides = run_overrides(label, args.preset, shlex.join(args.overrides), out / label,
                                       len(config.supernodes))
             result = edge.run(label, overrides, out / label, args.timeout)
             summaries.append(summarize(result, config))

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from scripts import netns
-from scripts.deploy import _alive
 from scripts.edge import (EdgeConfig, EdgeDeployment, Event, explained_down, load_edge_config,
                           markdown, run_overrides, summarize, train_downloads, transfer_times)
+from scripts.flower import is_alive
 from scripts.netns import Host, Network
 
 REASON = netns.unavailable_reason()
@@ -179,7 +179,7 @@ def test_tiny_run_survives_a_link_cut_mid_visit(tmp_path: Path) -> None:
                               if (out.parent / "fedcybgd-serverapp.log").exists() else "")
     assert prefix not in namespaces()
     time.sleep(1)
-    assert not {pid for pid in pids if _alive(pid)}
+    assert not {pid for pid in pids if is_alive(pid)}
     assert sorted(e["event"] for e in result.events) == sorted(e.describe() for e in events), result.events
 
     report = summarize(result, config)
