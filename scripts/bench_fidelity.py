@@ -13,7 +13,6 @@ a random ceil(p x n) of the n trained blocks; it sees those trained, the rest st
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 from pathlib import Path
@@ -25,6 +24,7 @@ from fedcybgd.blocks import describe, layer_index
 from fedcybgd.compression import TensorForm
 from fedcybgd.config import DataConfig
 from fedcybgd.train import evaluate_loss
+from scripts import sweep
 
 # (label, dropped layers or a count to draw at random, frozen-layer form, head form)
 CASES = [
@@ -84,10 +84,22 @@ def refresh_rows(base, trained, layout, batches, block: int, draws: int) -> list
         losses = [refresh_loss(base, trained, layout, batches, block, c) for c in choices]
         rows.append({"case": f"refresh {fraction:g} of trained blocks", "refresh_fraction": fraction,
                      "fresh": [sorted(c) for c in choices], "losses": losses, "mean_loss": sum(losses) / len(losses)})
-        current = rows[0]["mean_loss"]
-        print(f"{rows[-1]['case']:<28}{rows[-1]['mean_loss']:>9.4f}{(rows[-1]['mean_loss'] - current) / current:>+9.1%}"
-              f"   {', '.join(f'{l:.3f}' for l in losses) if len(losses) > 1 else ''}", flush=True)
+        print_newest(rows)
     return rows
+
+
+def print_newest(rows: list[dict]) -> None:
+    """The newest row of the table (the header before the first), its loss relative to the first's."""
+    base = rows[0]["mean_loss"]
+    table = sweep.Table({
+        "case": lambda r: r["case"],
+        "mean loss": lambda r: f"{r['mean_loss']:.4f}",
+        "vs first row": lambda r: f"{(r['mean_loss'] - base) / base:+.1%}",
+        "loss per draw": lambda r: ", ".join(f"{loss:.3f}" for loss in r["losses"]) if len(r["losses"]) > 1 else "",
+    })
+    if len(rows) == 1:
+        print(table.header())
+    print(table.line(rows[-1]), flush=True)
 
 
 def main() -> None:
@@ -120,17 +132,14 @@ def main() -> None:
         losses = [compressed_loss(model, layout, batches, block, c, layer_form, head_form) for c in choices]
         rows.append({"case": label, "dropped": [list(c) for c in choices], "layer_form": layer_form,
                      "head_form": head_form, "losses": losses, "mean_loss": sum(losses) / len(losses)})
-        base = rows[0]["mean_loss"]
-        print(f"{label:<28}{rows[-1]['mean_loss']:>9.4f}{(rows[-1]['mean_loss'] - base) / base:>+9.1%}"
-              f"   {', '.join(f'{l:.3f}' for l in losses) if len(losses) > 1 else ''}", flush=True)
+        print_newest(rows)
     if args.trained is not None:
         print("\nrefresh from the base model (relative to a copy with every trained block):", flush=True)
         trained = models.load_pretrained(args.trained)
         rows += refresh_rows(model, trained, layout, batches, block, args.draws)
-    args.out.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "trained": str(args.trained) if args.trained else None,
               "block_dense": block, "examples": len(examples), "rows": rows}
-    (args.out / "fidelity.json").write_text(json.dumps(result, indent=2) + "\n")
+    sweep.write_json(args.out / "fidelity.json", result)
     print(f"\nwrote {args.out / 'fidelity.json'}")
 
 

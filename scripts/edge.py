@@ -32,7 +32,8 @@ from pathlib import Path
 
 import yaml
 
-from scripts import netns
+from fedcybgd.report import write_atomic
+from scripts import netns, sweep
 from scripts.deploy import LoopbackDeployment, SuperNodeProcess
 from scripts.netns import Counters, Host, Network
 
@@ -208,7 +209,7 @@ class EdgeDeployment:
         wait for the end. First, `idle_seconds` of counters with no run: Flower's own traffic
         (the SuperNodes poll every 3 s and send a heartbeat every 30 s)."""
         events = self.config.events if events is None else events
-        overrides = f"{overrides} output_dir={out_dir}"
+        overrides = f"{overrides} {shlex.quote(f'output_dir={out_dir}')}"
         hosts = [SUPERLINK, *self.nodes]
         idle_start = {h: self.net.counters(h) for h in hosts}
         time.sleep(idle_seconds)
@@ -449,24 +450,14 @@ def markdown(summaries: list[dict]) -> str:
 
 
 def plot_loss_vs_wall(summaries: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    curves = {}
     for s in summaries:
         points = [(0.0, s["initial_eval_loss"])] if s["initial_eval_loss"] is not None else []
         points += [(r["wall_at_end"], r["eval_loss"]) for r in s["rounds"] if r["eval_loss"] is not None]
         if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=s["label"])
-    ax.set(xlabel="wall seconds since the run was submitted", ylabel="held-out loss",
-           title="Held-out loss against wall time over the emulated links")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            curves[s["label"]] = points
+    sweep.plot_curves(curves, path, xlabel="wall seconds since the run was submitted", ylabel="held-out loss",
+                      title="Held-out loss against wall time over the emulated links")
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -478,16 +469,15 @@ RUNS = {  # label -> (algorithm, extra overrides)
 }
 
 
-def run_overrides(label: str, preset_name: str, extra: str, out_dir: Path, nodes: int) -> str:
-    """The compare preset's overrides for this run (equal samples for every algorithm)."""
+def run_overrides(label: str, preset_name: str, extra: str, nodes: int) -> str:
+    """The compare preset's overrides for this run (equal samples for every algorithm); not
+    output_dir, which `EdgeDeployment.run` sets."""
     from scripts.compare import PRESETS, RunSpec, Trial, overrides_for
 
     algorithm, more = RUNS[label]
     preset = PRESETS[preset_name]
     trial = Trial(RunSpec(label, algorithm, "ascending"), preset.rounds, preset.eval_points)
-    base = overrides_for(trial, preset, out_dir)
-    base = base.rsplit(" output_dir=", 1)[0]  # EdgeDeployment.run sets it
-    return f"{base} {more} algorithm.min_nodes={nodes} {extra}".strip()
+    return f"{overrides_for(trial, preset)} {more} algorithm.min_nodes={nodes} {extra}".strip()
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:
@@ -521,8 +511,7 @@ def main() -> int:
               + ", ".join(f"{h.name} {edge.net.ip(h.name)} ({h.rate_mbit or 'no limit'} Mbit/s)"
                           for h in config.hosts()), flush=True)
         for label in args.runs:
-            overrides = run_overrides(label, args.preset, shlex.join(args.overrides), out / label,
-                                      len(config.supernodes))
+            overrides = run_overrides(label, args.preset, shlex.join(args.overrides), len(config.supernodes))
             result = edge.run(label, overrides, out / label, args.timeout)
             summaries.append(summarize(result, config))
             _write_report(out, summaries)
@@ -531,9 +520,7 @@ def main() -> int:
 
 
 def _write_report(out: Path, summaries: list[dict]) -> None:
-    from fedcybgd.report import write_atomic
-
-    write_atomic(out / "edge.json", json.dumps(summaries, indent=2))
+    sweep.write_json(out / "edge.json", summaries)
     write_atomic(out / "edge.md", markdown(summaries))
     plot_loss_vs_wall(summaries, out / "loss_vs_wall.png")
 

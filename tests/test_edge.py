@@ -131,8 +131,8 @@ def test_a_cut_waits_for_the_whole_download() -> None:
     assert train_downloads("\n".join(log)) == 1
 
 
-def test_run_overrides_follow_the_compare_preset(tmp_path: Path) -> None:
-    text = run_overrides("fedlora", "tiny", "rounds=3", tmp_path / "out", 3)
+def test_run_overrides_follow_the_compare_preset() -> None:
+    text = run_overrides("fedlora", "tiny", "rounds=3", 3)
     assert "model=tiny-llama" in text and "algorithm=fedlora" in text and "algorithm.min_nodes=3" in text
     assert text.endswith("rounds=3") and "output_dir" not in text  # extra last: it wins; run() sets the dir
 
@@ -170,7 +170,7 @@ def test_tiny_run_survives_a_link_cut_mid_visit(tmp_path: Path) -> None:
         # The strategy orders nodes by key, here the partition id: node-1, node-2, node-3.
         events = [Event(host="node-2", visit=1, after=CUT_AFTER, cut=CUT_SECONDS),
                   Event(host="node-3", at=5, rate_mbit=20)]  # a link slowing down: costs nothing
-        overrides = run_overrides("fedcybgd", "tiny", TINY, out, len(RATES))
+        overrides = run_overrides("fedcybgd", "tiny", TINY, len(RATES))
         result = edge.run("fedcybgd", overrides, out, timeout=300, events=events, idle_seconds=3)
         pids = edge.dep.process_ids()
         prefix = edge.net.prefix

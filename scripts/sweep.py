@@ -1,0 +1,143 @@
+"""Sweeps: named runs, each in a fresh process, one row each; a markdown table, JSON and plots.
+
+`compare.py` and `bench_comm.py` sweep runs with `measure`: a run whose outputs are there, for
+the same overrides, is read back instead of redone, so a long sweep survives an interruption
+(run the same command again). `bench_fidelity.py` measures cases, not runs, and shares the table
+and the JSON.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import multiprocessing
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedcybgd.config import compose
+from fedcybgd.report import write_atomic
+
+STAMP = "sweep-run.json"  # in a run's directory once it has finished: the overrides it ran with
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str  # its directory under the sweep's output directory
+    overrides: str  # Hydra overrides in shell syntax; `measure` adds output_dir
+    nodes: int  # in-process clients of a federated run
+    centralized: bool = False  # pooled data, no clients (server_app/centralized.py)
+
+
+def execute(run: Run, overrides: str) -> None:
+    """The run itself, in the fresh process `measure` starts; federated runs go through the real
+    strategy and ClientApp with the in-process grid (the bytes of the records Flower carries)."""
+    from client_app.app import app as client_app
+    from scripts.inprocess import InProcessGrid
+    from server_app.app import run as run_federated
+    from server_app.centralized import run_centralized
+
+    # Every in-process ClientApp visit runs gc.collect() for its memory baseline; what the imports
+    # created is never garbage, and walking it cost about a second per visit on 2 cores.
+    gc.freeze()
+    cfg = compose(overrides=overrides)
+    if run.centralized:
+        run_centralized(cfg)
+    else:
+        run_federated(InProcessGrid(client_app, run.nodes), cfg)
+
+
+def measure(run: Run, out_root: Path, row: Callable[[Path], dict], tag: str) -> dict:
+    """`row` of the run's output directory, after running it in a fresh process (one run's memory
+    never counts in another's) or reading back its finished run of the same overrides; a row
+    holding only "error" when the run failed."""
+    out_dir = out_root / run.name
+    overrides = f"{run.overrides} {shlex.quote(f'output_dir={out_dir}')}"
+    stamp = out_dir / STAMP
+    if (out_dir / "summary.json").exists() and stamp.exists() and \
+            json.loads(stamp.read_text()) == {"overrides": overrides}:
+        print(f"[{tag}] {run.name}: finished earlier, read back from {out_dir}", flush=True)
+    else:
+        print(f"[{tag}] {run.name}: {overrides}", flush=True)
+        (out_dir / "summary.json").unlink(missing_ok=True)
+        process = multiprocessing.get_context("spawn").Process(target=execute, args=(run, overrides))
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            return {"error": f"run failed (exit code {process.exitcode}); see the log above"}
+        write_atomic(stamp, json.dumps({"overrides": overrides}))
+    return row(out_dir)
+
+
+def outputs(out_dir: Path) -> tuple[dict, list[dict]]:
+    """A finished run's summary.json and its metrics.jsonl rows."""
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((out_dir / "summary.json").read_text()), rows
+
+
+def write_json(path: Path, value: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(value, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class Table:
+    """A markdown table: each header with the text of its cell in a row. A row with an "error"
+    shows its first cell and the error."""
+
+    columns: Mapping[str, Callable[[dict], str]]
+
+    def header(self) -> str:
+        return "| " + " | ".join(self.columns) + " |\n|" + "---|" * len(self.columns)
+
+    def line(self, row: dict) -> str:
+        cells = [cell(row) for cell in self.columns.values()] if "error" not in row else \
+            [next(iter(self.columns.values()))(row), row["error"], *[""] * (len(self.columns) - 2)]
+        return "| " + " | ".join(cells) + " |"
+
+    def render(self, rows: Sequence[dict]) -> str:
+        return "\n".join([self.header(), *map(self.line, rows)])
+
+
+def _pyplot():
+    """matplotlib.pyplot on a file backend, imported only where a plot is made."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: Path, *, xlabel: str, ylabel: str,
+                title: str) -> None:
+    """One line with markers per label."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in curves.items():
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_bars(series: Mapping[str, Mapping[str, float]], path: Path, *, ylabel: str, title: str,
+              log: bool = False) -> None:
+    """Per label on the x axis, one bar of each series side by side ({series: {label: value}})."""
+    plt = _pyplot()
+    labels = list(next(iter(series.values()), {}))
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, values) in enumerate(series.items()):
+        offset = (i - (len(series) - 1) / 2) * width
+        ax.bar([x + offset for x in range(len(labels))], [values[label] for label in labels], width=width,
+               label=name)
+    ax.set_xticks(list(range(len(labels))), labels, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel=ylabel, yscale="log" if log else "linear", title=title)
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
