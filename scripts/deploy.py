@@ -285,16 +285,15 @@ class LoopbackDeployment:
 
     def wait_for_nodes(self, count: int, timeout: float = 120.0) -> list[int]:
         """Block until `count` SuperNodes are online; a SuperNode that dies fails at once."""
-        deadline = time.monotonic() + timeout
-        while len(online := self.online_nodes()) < count:
+        def enough_online() -> list[int] | None:
             for node in self.supernodes:
                 if node.process.poll() is not None and node.process.returncode != 0:
                     raise RuntimeError(f"{node.name} exited ({node.process.returncode}):\n"
                                        f"{node.log_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(online)} of {count} SuperNodes online after {timeout:.0f} s")
-            time.sleep(1)
-        return online
+            online = self.online_nodes()
+            return online if len(online) >= count else None
+
+        return flower.poll(enough_online, timeout, f"fewer than {count} SuperNodes online", interval=1)
 
     def submit(self, overrides: str) -> int:
         """`flwr run . <connection>` with Hydra overrides (shell syntax); returns the run id."""

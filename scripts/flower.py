@@ -1,10 +1,6 @@
-"""Flower's processes and its `flwr` CLI, for every launcher here (simulate, deploy, edge, benches).
-
-Free ports and a private FLWR_HOME, so a run never lands on someone else's SuperLink; processes
-in sessions of their own, logged to a file and stopped by PID with their whole tree; `flwr run`
-with overrides that survive whatever characters they hold; one reader of the CLI's JSON, for a
-run's status and the wait for its end (`flwr run` exits 0 even for a failed run).
-"""
+"""Flower's processes and its `flwr` CLI for every launcher here: free ports and a private
+FLWR_HOME, processes stopped by PID with their whole tree, `flwr run` with any overrides, and one
+reader of the CLI's JSON for a run's status (`flwr run` exits 0 even for a failed run)."""
 
 from __future__ import annotations
 
@@ -18,9 +14,11 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
+
+import psutil  # with flwr[simulation]
 
 APP_DIR = Path(__file__).resolve().parent.parent
 # Seconds between checks of a run's status. Each check runs the `flwr` CLI, a fresh Python process
@@ -84,13 +82,13 @@ class Process(subprocess.Popen):
         """
         if self.poll() is None:
             children = descendants(self.pid)
-            _signal_group(self.pid, signal.SIGTERM)
+            _signal(self.pid, signal.SIGTERM, group=True)
             for pid in children:
-                signal_pid(pid, signal.SIGTERM)
+                _signal(pid, signal.SIGTERM)
             try:
                 self.wait(timeout=grace)
             except subprocess.TimeoutExpired:
-                _signal_group(self.pid, signal.SIGKILL)
+                _signal(self.pid, signal.SIGKILL, group=True)
                 self.wait()
             _kill_survivors(children, grace)
         self._log_copy.join(timeout=5)
@@ -110,7 +108,7 @@ def _kill_survivors(pids: list[int], grace: float) -> list[int]:
     while (alive := [pid for pid in pids if is_alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.2)
     for pid in alive:
-        signal_pid(pid, signal.SIGKILL)
+        _signal(pid, signal.SIGKILL)
     return alive
 
 
@@ -136,40 +134,39 @@ def _copy_timestamped(stream: IO[bytes], log_path: Path) -> threading.Thread:
 def descendants(pid: int) -> list[int]:
     """Every live descendant of `pid`."""
     try:
-        import psutil  # comes with flwr[simulation] (ray); without it, the group kill has to do
-    except ImportError:
-        return []
-    try:
         return [p.pid for p in psutil.Process(pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
 
 
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def signal_pid(pid: int, sig: int) -> None:
-    """`os.kill`, for a process that may have exited meanwhile."""
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
 def is_alive(pid: int) -> bool:
+    """Whether `pid` runs; a zombie is dead for our purpose: its parent (not us) reaps it."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    try:  # a zombie is dead for our purpose: its parent (not us) reaps it
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+
+
+def _signal(pid: int, sig: int, *, group: bool = False) -> None:
+    """Signal a process (or its group) that may have exited meanwhile."""
+    try:
+        (os.killpg if group else os.kill)(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+T = TypeVar("T")
+
+
+def poll(check: Callable[[], T], timeout: float, what: str, interval: float = 0.5) -> T:
+    """`check()` every `interval` s until it returns a true value, which is returned; a
+    TimeoutError saying `what` did not happen after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} in {timeout:.0f} s")
+        time.sleep(interval)
+    return value
 
 
 def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 60.0,
@@ -177,18 +174,17 @@ def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 60.0,
     """Wait for the SuperLink's /health; over HTTPS, verified against `ca_file`, when given."""
     url = f"{'https' if ca_file else 'http'}://127.0.0.1:{port}/health"
     context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def healthy() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"flower-superlink exited with code {process.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=1, context=context) as r:
-                if r.status == 200:
-                    return
+                return r.status == 200
         except OSError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"flower-superlink did not become healthy on port {port} in {timeout:.0f} s")
+            return False
+
+    poll(healthy, timeout, f"flower-superlink not healthy on port {port}", interval=0.3)
 
 
 # -- the flwr CLI -------------------------------------------------------------------------------

@@ -70,10 +70,15 @@ def measure(run: Run, out_root: Path, row: Callable[[Path], dict], tag: str) -> 
     return row(out_dir)
 
 
+def metrics(out_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl rows so far (none before its first round)."""
+    path = out_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def outputs(out_dir: Path) -> tuple[dict, list[dict]]:
     """A finished run's summary.json and its metrics.jsonl rows."""
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return json.loads((out_dir / "summary.json").read_text()), rows
+    return json.loads((out_dir / "summary.json").read_text()), metrics(out_dir)
 
 
 def write_json(path: Path, value: object) -> None:
