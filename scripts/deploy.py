@@ -20,13 +20,13 @@ import shlex
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 import yaml
+from flwr.common.config import parse_config_args
 
 from fedcybgd import data
 from fedcybgd.config import compose
@@ -81,25 +81,13 @@ def compose_commands(compose_file: Path) -> dict[str, list[str]]:
 
 
 def parse_node_config(text: str) -> dict[str, object]:
-    """`--node-config` text back to a dict (the inverse of `node_config_arg`)."""
-    return tomllib.loads(re.sub(r"\s+(?=[\w-]+=)", "\n", text.strip()))
+    """`--node-config` text back to a dict (the inverse of `node_config_arg`), as Flower reads it."""
+    return parse_config_args([text])
 
 
 def node_config_arg(node_config: Mapping[str, object]) -> str:
-    """`--node-config` text: Flower parses each value as TOML, so strings must be quoted."""
-    parts = []
-    for key, value in node_config.items():
-        if isinstance(value, bool):
-            text = str(value).lower()
-        elif isinstance(value, (int, float)):
-            text = str(value)
-        else:
-            text = str(value)
-            if '"' in text or "\\" in text:
-                raise ValueError(f"node-config {key}={text!r}: quotes and backslashes are not supported")
-            text = f'"{text}"'
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
+    """`--node-config` text: Flower parses each value as TOML, so strings are quoted (any characters)."""
+    return flower.config_arg(node_config)
 
 
 def _tls_server_flags(tls: ServerCredentials | None) -> list[str]:

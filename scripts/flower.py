@@ -209,22 +209,27 @@ def cli_json(args: list[str], env: Mapping[str, str], needs: str, *, timeout: fl
     return reply
 
 
-def run_config_arg(overrides: str) -> str:
-    """`--run-config` text that hands `overrides` (shlex syntax, as `config.compose` splits it)
-    to the ServerApp whatever characters it holds.
+def config_arg(values: Mapping[str, object]) -> str:
+    """`key=value ...` text as Flower's parser reads `--run-config` and `--node-config`, whatever
+    characters a string holds: the parser takes a double-quoted value up to the next `"` and reads
+    it as a TOML basic string, so `"`, backslashes and control characters go in as \\u escapes
+    (spaces and `'` need none)."""
+    return " ".join(f"{key}={_toml_value(value)}" for key, value in values.items())
 
-    Flower's parser takes a double-quoted value up to the next `"` and reads it as a TOML basic
-    string: with `"`, backslashes and control characters as \\u escapes there is no `"` inside,
-    while spaces and `'` need no escaping.
-    """
-    escaped = "".join(f"\\u{ord(c):04x}" if c in '"\\\x7f' or c < " " else c for c in overrides)
-    return f'overrides="{escaped}"'
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return str(value)
+    return '"' + "".join(f"\\u{ord(c):04x}" if c in '"\\\x7f' or c < " " else c for c in str(value)) + '"'
 
 
 def submit(overrides: str, env: Mapping[str, str], *, connection: str | None = None,
            federation_config: str | None = None, timeout: float = 300.0) -> int:
     """`flwr run .` (on `connection`, default: the config's default) with Hydra overrides; the run id."""
-    args = ["run", ".", *([connection] if connection else []), "--run-config", run_config_arg(overrides)]
+    # The ServerApp splits `overrides` as the shell would (config.compose).
+    args = ["run", ".", *([connection] if connection else []), "--run-config", config_arg({"overrides": overrides})]
     if federation_config:
         args += ["--federation-config", federation_config]
     return int(cli_json(args, env, "run-id", timeout=timeout)["run-id"])

@@ -12,13 +12,17 @@ import gc
 import json
 import multiprocessing
 import shlex
+import traceback
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from fedcybgd.config import compose
 from fedcybgd.report import write_atomic
 
+T = TypeVar("T")
 STAMP = "sweep-run.json"  # in a run's directory once it has finished: the overrides it ran with
 
 
@@ -28,6 +32,13 @@ class Run:
     overrides: str  # Hydra overrides in shell syntax; `measure` adds output_dir
     nodes: int  # in-process clients of a federated run
     centralized: bool = False  # pooled data, no clients (server_app/centralized.py)
+
+
+def in_fresh_process(function: Callable[..., T], *args: object) -> T:
+    """`function(*args)` in a fresh (spawned) Python process, so nothing of this one's memory
+    counts in what it measures; its exception is raised here (BrokenProcessPool if it died)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
 
 
 def execute(run: Run, overrides: str) -> None:
@@ -61,11 +72,11 @@ def measure(run: Run, out_root: Path, row: Callable[[Path], dict], tag: str) -> 
     else:
         print(f"[{tag}] {run.name}: {overrides}", flush=True)
         (out_dir / "summary.json").unlink(missing_ok=True)
-        process = multiprocessing.get_context("spawn").Process(target=execute, args=(run, overrides))
-        process.start()
-        process.join()
-        if process.exitcode != 0:
-            return {"error": f"run failed (exit code {process.exitcode}); see the log above"}
+        try:
+            in_fresh_process(execute, run, overrides)
+        except Exception as err:  # the run's own error, or BrokenProcessPool when the process died
+            traceback.print_exception(err)
+            return {"error": f"run failed ({type(err).__name__}: {err}); see the log above"}
         write_atomic(stamp, json.dumps({"overrides": overrides}))
     return row(out_dir)
 
