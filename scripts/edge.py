@@ -350,8 +350,7 @@ def transfer_times(log: str, run_id: int) -> dict[str, list[float]]:
 # -- report -----------------------------------------------------------------------------------
 def summarize(result: RunResult, config: EdgeConfig) -> dict:
     """The run's numbers: per node wire vs app bytes, per round times, totals."""
-    metrics = result.out_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    rows = sweep.metrics(result.out_dir)
     summary = json.loads((result.out_dir / "summary.json").read_text()) if result.completed else {}
     rates = dict(config.supernodes)
     fab = fab_bytes()

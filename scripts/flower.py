@@ -16,7 +16,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import TypeVar
 
 import psutil  # with flwr[simulation]
 
@@ -67,8 +67,19 @@ class Process(subprocess.Popen):
         super().__init__(command, env=dict(env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          start_new_session=True)
         self.log = log
-        self._log_copy = _copy_timestamped(self.stdout, log)
+        self._log_copy = threading.Thread(target=self._copy_output, daemon=True)
+        self._log_copy.start()
         threading.Thread(target=self.wait, daemon=True).start()
+
+    def _copy_output(self) -> None:
+        """Each line of output to the log, prefixed with the wall-clock time: Flower prints none below
+        DEBUG level, and they show where a round's time goes (message in, ClientApp started, reply)."""
+        with self.stdout, open(self.log, "ab") as log:
+            for line in self.stdout:
+                now = time.time()
+                log.write(f"{time.strftime('%H:%M:%S', time.localtime(now))}.{int(now % 1 * 1000):03d} ".encode()
+                          + line)
+                log.flush()
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -110,25 +121,6 @@ def _kill_survivors(pids: list[int], grace: float) -> list[int]:
     for pid in alive:
         _signal(pid, signal.SIGKILL)
     return alive
-
-
-def _copy_timestamped(stream: IO[bytes], log_path: Path) -> threading.Thread:
-    """Copy a child's output to its log, each line prefixed with the wall-clock time.
-
-    Flower prints no timestamps below DEBUG level; with them the log shows where a round's
-    time goes (message received, ClientApp started, reply sent).
-    """
-    def copy() -> None:
-        with stream, open(log_path, "ab") as log:
-            for line in stream:
-                now = time.time()
-                stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d} "
-                log.write(stamp.encode() + line)
-                log.flush()
-
-    thread = threading.Thread(target=copy, daemon=True)
-    thread.start()
-    return thread
 
 
 def descendants(pid: int) -> list[int]:

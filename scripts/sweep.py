@@ -1,10 +1,6 @@
 """Sweeps: named runs, each in a fresh process, one row each; a markdown table, JSON and plots.
-
-`compare.py` and `bench_comm.py` sweep runs with `measure`: a run whose outputs are there, for
-the same overrides, is read back instead of redone, so a long sweep survives an interruption
-(run the same command again). `bench_fidelity.py` measures cases, not runs, and shares the table
-and the JSON.
-"""
+A run already done with the same overrides is read back, not redone, so a sweep survives an
+interruption (run the same command again)."""
 
 from __future__ import annotations
 
@@ -105,12 +101,12 @@ class Table:
     columns: Mapping[str, Callable[[dict], str]]
 
     def header(self) -> str:
-        return "| " + " | ".join(self.columns) + " |\n|" + "---|" * len(self.columns)
+        return f"| {' | '.join(self.columns)} |\n|{'---|' * len(self.columns)}"
 
     def line(self, row: dict) -> str:
         cells = [cell(row) for cell in self.columns.values()] if "error" not in row else \
             [next(iter(self.columns.values()))(row), row["error"], *[""] * (len(self.columns) - 2)]
-        return "| " + " | ".join(cells) + " |"
+        return f"| {' | '.join(cells)} |"
 
     def render(self, rows: Sequence[dict]) -> str:
         return "\n".join([self.header(), *map(self.line, rows)])
