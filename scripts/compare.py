@@ -199,11 +199,17 @@ def tune(spec: RunSpec, preset: Preset, out_root: Path, tuning_rows: list[dict])
 
 def plot(rows: list[dict], out_root: Path) -> None:
     done = [r for r in rows if "error" not in r]
-    sweep.plot_curves({r["algorithm"]: r["loss_curve"] for r in done}, out_root / "loss_vs_samples.png",
-                      xlabel="training examples seen (all clients)", ylabel="held-out loss", title="Held-out loss")
+    with sweep.figure(out_root / "loss_vs_samples.png", xlabel="training examples seen (all clients)",
+                      ylabel="held-out loss", title="Held-out loss") as ax:
+        for r in done:
+            ax.plot(*zip(*r["loss_curve"]), marker="o", label=r["algorithm"])
     federated = [r for r in done if r["bytes_down"] + r["bytes_up"] > 0]  # centralized: no wire
-    sweep.plot_bars({way: {r["algorithm"]: r[f"bytes_{way}"] / 1e6 for r in federated} for way in ("down", "up")},
-                    out_root / "bytes.png", ylabel="MB (log scale)", title="Bytes on the wire, whole run", log=True)
+    with sweep.figure(out_root / "bytes.png", ylabel="MB (log scale)", yscale="log",
+                      title="Bytes on the wire, whole run") as ax:
+        x = range(len(federated))
+        ax.bar([i - 0.2 for i in x], [r["bytes_down"] / 1e6 for r in federated], width=0.4, label="down")
+        ax.bar([i + 0.2 for i in x], [r["bytes_up"] / 1e6 for r in federated], width=0.4, label="up")
+        ax.set_xticks(list(x), [r["algorithm"] for r in federated], rotation=30, ha="right", fontsize=8)
 
 
 def main() -> int:

@@ -449,14 +449,13 @@ def markdown(summaries: list[dict]) -> str:
 
 
 def plot_loss_vs_wall(summaries: list[dict], path: Path) -> None:
-    curves = {}
-    for s in summaries:
-        points = [(0.0, s["initial_eval_loss"])] if s["initial_eval_loss"] is not None else []
-        points += [(r["wall_at_end"], r["eval_loss"]) for r in s["rounds"] if r["eval_loss"] is not None]
-        if points:
-            curves[s["label"]] = points
-    sweep.plot_curves(curves, path, xlabel="wall seconds since the run was submitted", ylabel="held-out loss",
-                      title="Held-out loss against wall time over the emulated links")
+    with sweep.figure(path, xlabel="wall seconds since the run was submitted", ylabel="held-out loss",
+                      title="Held-out loss against wall time over the emulated links") as ax:
+        for s in summaries:
+            points = [(0.0, s["initial_eval_loss"])] if s["initial_eval_loss"] is not None else []
+            points += [(r["wall_at_end"], r["eval_loss"]) for r in s["rounds"] if r["eval_loss"] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=s["label"])
 
 
 # -- command line -----------------------------------------------------------------------------

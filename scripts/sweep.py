@@ -9,11 +9,12 @@ import json
 import multiprocessing
 import shlex
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fedcybgd.config import compose
 from fedcybgd.report import write_atomic
@@ -112,44 +113,19 @@ class Table:
         return "\n".join([self.header(), *map(self.line, rows)])
 
 
-def _pyplot():
-    """matplotlib.pyplot on a file backend, imported only where a plot is made."""
+@contextmanager
+def figure(path: Path, **settings: str) -> Iterator[Any]:
+    """Axes to draw on; on exit labelled with `settings` (xlabel, ylabel, title, yscale, ...), with
+    a grid and a legend, and saved to `path`."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only
     import matplotlib.pyplot as plt
 
-    return plt
-
-
-def plot_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: Path, *, xlabel: str, ylabel: str,
-                title: str) -> None:
-    """One line with markers per label."""
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, points in curves.items():
-        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    yield ax
+    ax.set(**settings)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_bars(series: Mapping[str, Mapping[str, float]], path: Path, *, ylabel: str, title: str,
-              log: bool = False) -> None:
-    """Per label on the x axis, one bar of each series side by side ({series: {label: value}})."""
-    plt = _pyplot()
-    labels = list(next(iter(series.values()), {}))
-    width = 0.8 / max(1, len(series))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (name, values) in enumerate(series.items()):
-        offset = (i - (len(series) - 1) / 2) * width
-        ax.bar([x + offset for x in range(len(labels))], [values[label] for label in labels], width=width,
-               label=name)
-    ax.set_xticks(list(range(len(labels))), labels, rotation=30, ha="right", fontsize=8)
-    ax.set(ylabel=ylabel, yscale="log" if log else "linear", title=title)
-    ax.legend()
-    ax.grid(alpha=0.3, axis="y")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
