@@ -89,12 +89,8 @@ def refresh_rows(base, trained, layout, batches, block: int, draws: int) -> list
 
 
 def add_row(rows: list[dict], case: str, losses: list[float], **fields: object) -> None:
+    """Add a case's row and print it (the table's header first), its loss relative to the first row's."""
     rows.append({"case": case, **fields, "losses": losses, "mean_loss": sum(losses) / len(losses)})
-    print_newest(rows)
-
-
-def print_newest(rows: list[dict]) -> None:
-    """The newest row of the table (the header before the first), its loss relative to the first's."""
     base = rows[0]["mean_loss"]
     table = sweep.Table({
         "case": lambda r: r["case"],
@@ -102,9 +98,7 @@ def print_newest(rows: list[dict]) -> None:
         "vs first row": lambda r: f"{(r['mean_loss'] - base) / base:+.1%}",
         "loss per draw": lambda r: ", ".join(f"{loss:.3f}" for loss in r["losses"]) if len(r["losses"]) > 1 else "",
     })
-    if len(rows) == 1:
-        print(table.header())
-    print(table.line(rows[-1]), flush=True)
+    print(table.render(rows) if len(rows) == 1 else table.line(rows[-1]), flush=True)
 
 
 def main() -> None:

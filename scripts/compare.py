@@ -120,8 +120,8 @@ def overrides_for(trial: Trial, preset: Preset) -> str:
 def measure(trial: Trial, preset: Preset, out_root: Path) -> dict:
     """The trial's row: run in a fresh process, or read back (scripts/sweep.py)."""
     spec = trial.spec
-    run = sweep.Run(trial.name, overrides_for(trial, preset), preset.nodes, spec.algorithm.startswith("centralized"))
-    row = sweep.measure(run, out_root, lambda out_dir: result_row(spec, out_dir), "compare")
+    row = sweep.measure(sweep.Run(trial.name, overrides_for(trial, preset), preset.nodes), out_root,
+                        lambda out_dir: result_row(spec, out_dir), "compare")
     return {"algorithm": spec.label, "lr": trial.lr, **row} if "error" in row else row
 
 

@@ -3,9 +3,8 @@
 Unlike `scripts.simulate`, nothing is simulated: one `flower-superlink` and N `flower-supernode`
 processes talk over HTTP(S) on loopback ports of their own, each SuperNode with its own
 `--node-config` (its own data file, or its partition of the default data), exactly as on
-separate hosts. TLS and SuperNode authentication are optional. Every process is started in a
-session of its own and stopped by PID at the end, whatever happens; the run's real status
-(`flwr list`) decides the exit code, as `flwr run` exits 0 even for a failed run.
+separate hosts. TLS and SuperNode authentication are optional. Every process is stopped by PID
+at the end, whatever happens; the run's real status decides the exit code (scripts/flower.py).
 
 The flag builders below (`superlink_flags`, `supernode_flags`, `superexec_flags`) are the one
 description of how the processes start; `compose.yaml` uses the same flags (a test checks it),
@@ -23,7 +22,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 import yaml
 from flwr.common.config import parse_config_args
@@ -151,8 +149,7 @@ class LoopbackDeployment:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     @property

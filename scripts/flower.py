@@ -57,11 +57,8 @@ def flower_env(flwr_home: Path, http_port: int, control_port: int) -> dict[str, 
 
 # -- processes ----------------------------------------------------------------------------------
 class Process(subprocess.Popen):
-    """A process in a session (and process group) of its own, its output copied to `log`.
-
-    It is reaped as soon as it exits: Flower's children watch their parent's PID, and an unreaped
-    zombie parent would keep them waiting for a process that is already gone.
-    """
+    """A process in a session (and process group) of its own, its output copied to `log`, reaped
+    as soon as it exits: Flower's children watch their parent's PID, which a zombie would keep."""
 
     def __init__(self, command: list[str], log: Path, env: Mapping[str, str], cwd: Path = APP_DIR) -> None:
         super().__init__(command, env=dict(env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -86,11 +83,8 @@ class Process(subprocess.Popen):
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM the process's group and its descendants outside it (Flower starts its SuperExec
-        in a session of its own); SIGKILL what is left after `grace`.
-
-        A process that has exited is left alone: its PID (and group id) may belong to someone
-        else by now. Its Flower children exit by themselves, as they watch their parent's PID.
-        """
+        in a session of its own); SIGKILL what is left after `grace`. One that has exited is left
+        alone: its PID may be someone else's by now, and its Flower children exit by themselves."""
         if self.poll() is None:
             children = descendants(self.pid)
             _signal(self.pid, signal.SIGTERM, group=True)

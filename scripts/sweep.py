@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fedcybgd.config import compose
+from fedcybgd.config import CENTRALIZED_ALGORITHMS, compose
 from fedcybgd.report import write_atomic
 
 T = TypeVar("T")
@@ -27,8 +27,7 @@ STAMP = "sweep-run.json"  # in a run's directory once it has finished: the overr
 class Run:
     name: str  # its directory under the sweep's output directory
     overrides: str  # Hydra overrides in shell syntax; `measure` adds output_dir
-    nodes: int  # in-process clients of a federated run
-    centralized: bool = False  # pooled data, no clients (server_app/centralized.py)
+    nodes: int  # in-process clients of a federated run (a centralized one pools their data)
 
 
 def in_fresh_process(function: Callable[..., T], *args: object) -> T:
@@ -50,7 +49,7 @@ def execute(run: Run, overrides: str) -> None:
     # created is never garbage, and walking it cost about a second per visit on 2 cores.
     gc.freeze()
     cfg = compose(overrides=overrides)
-    if run.centralized:
+    if cfg.algorithm.name in CENTRALIZED_ALGORITHMS:
         run_centralized(cfg)
     else:
         run_federated(InProcessGrid(client_app, run.nodes), cfg)
