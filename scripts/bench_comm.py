@@ -17,7 +17,7 @@ from pathlib import Path
 from scripts import sweep
 
 POLICIES = ["none", "drop", "prune", "quantize", "hybrid", "refresh"]
-TABLE = sweep.Table({
+COLUMNS = {
     "policy": lambda r: r["policy"],
     "1st visit down": lambda r: f"{r['first_visit_down_frac']:.2%}",
     "later visits down": lambda r: "-" if r["later_visit_down_frac"] is None else f"{r['later_visit_down_frac']:.2%}",
@@ -25,7 +25,7 @@ TABLE = sweep.Table({
     "final loss": lambda r: f"{r['final_eval_loss']:.4f}",
     "vs none": lambda r: "-" if r["final_eval_loss_rel_to_none"] is None else f"{r['final_eval_loss_rel_to_none']:+.2%}",
     "wall s": lambda r: f"{r['wall_seconds']:.0f}",
-})
+}
 
 
 def result_row(policy: str, out_dir: Path) -> dict:
@@ -74,7 +74,7 @@ def main() -> int:
         rows.append({"policy": policy, **row})
         rows = relative_to_none(rows)
         sweep.write_json(args.out / "comm.json", rows)
-        print(TABLE.render(rows), flush=True)
+        print(sweep.table(rows, COLUMNS), flush=True)
     print(f"\nwrote {args.out / 'comm.json'}")
     return 1 if any("error" in r for r in rows) else 0
 

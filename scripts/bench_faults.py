@@ -331,11 +331,11 @@ def main() -> int:
         print(f"server faults: wall {report['server_wall_seconds']} s", flush=True)
     report["rows"] = rows
     sweep.write_json(args.out, report)
-    print(sweep.Table({"fault": lambda r: r["fault"], "injected": lambda r: str(r["injected"]),
-                       "rounds": lambda r: str(r["rounds_completed"]),
-                       "accepted": lambda r: str(r.get("accepted_from_faulty_visits", "-")),
-                       "re-sent bytes": lambda r: str(r["bytes_resent_after_recovery"]),
-                       "outcome": lambda r: r["outcome"]}).render(rows))
+    print(sweep.table(rows, {"fault": lambda r: r["fault"], "injected": lambda r: str(r["injected"]),
+                             "rounds": lambda r: str(r["rounds_completed"]),
+                             "accepted": lambda r: str(r.get("accepted_from_faulty_visits", "-")),
+                             "re-sent bytes": lambda r: str(r["bytes_resent_after_recovery"]),
+                             "outcome": lambda r: r["outcome"]}))
     print(args.out)
     return 0 if ok and all(r["outcome"] == "recovered" for r in rows) else 1
 

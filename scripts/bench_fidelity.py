@@ -92,13 +92,13 @@ def add_row(rows: list[dict], case: str, losses: list[float], **fields: object) 
     """Add a case's row and print it (the table's header first), its loss relative to the first row's."""
     rows.append({"case": case, **fields, "losses": losses, "mean_loss": sum(losses) / len(losses)})
     base = rows[0]["mean_loss"]
-    table = sweep.Table({
+    table = sweep.table(rows[-1:], {
         "case": lambda r: r["case"],
         "mean loss": lambda r: f"{r['mean_loss']:.4f}",
         "vs first row": lambda r: f"{(r['mean_loss'] - base) / base:+.1%}",
         "loss per draw": lambda r: ", ".join(f"{loss:.3f}" for loss in r["losses"]) if len(r["losses"]) > 1 else "",
     })
-    print(table.render(rows) if len(rows) == 1 else table.line(rows[-1]), flush=True)
+    print(table if len(rows) == 1 else table.splitlines()[-1], flush=True)
 
 
 def main() -> None:

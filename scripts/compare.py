@@ -162,7 +162,7 @@ def table(rows: list[dict]) -> str:
     def optional(value: float | None, form: str, scale: float = 1.0) -> str:
         return "-" if value is None else format(value / scale, form)
 
-    return sweep.Table({
+    return sweep.table(rows, {
         "algorithm": lambda r: r["algorithm"],
         "lr": lambda r: f"{r['lr']:g}",
         "final loss": lambda r: f"{r['final_eval_loss']:.4f}",
@@ -173,7 +173,7 @@ def table(rows: list[dict]) -> str:
         "client peak MB": lambda r: optional(r["client_peak_mem_bytes"], ",.0f", 1e6),
         "wall s": lambda r: f"{r['wall_seconds']:.0f}",
         "samples": lambda r: str(r["samples_seen"]),
-    }).render(rows)
+    })
 
 
 def tune(spec: RunSpec, preset: Preset, out_root: Path, tuning_rows: list[dict]) -> float | None:

@@ -93,23 +93,16 @@ def write_json(path: Path, value: object) -> None:
     write_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
-@dataclass(frozen=True)
-class Table:
+def table(rows: Sequence[dict], columns: Mapping[str, Callable[[dict], str]]) -> str:
     """A markdown table: each header with the text of its cell in a row. A row with an "error"
     shows its first cell and the error."""
-
-    columns: Mapping[str, Callable[[dict], str]]
-
-    def header(self) -> str:
-        return f"| {' | '.join(self.columns)} |\n|{'---|' * len(self.columns)}"
-
-    def line(self, row: dict) -> str:
-        cells = [cell(row) for cell in self.columns.values()] if "error" not in row else \
-            [next(iter(self.columns.values()))(row), row["error"], *[""] * (len(self.columns) - 2)]
-        return f"| {' | '.join(cells)} |"
-
-    def render(self, rows: Sequence[dict]) -> str:
-        return "\n".join([self.header(), *map(self.line, rows)])
+    first = next(iter(columns.values()))
+    lines = [f"| {' | '.join(columns)} |", f"|{'---|' * len(columns)}"]
+    for row in rows:
+        cells = [first(row), row["error"], *[""] * (len(columns) - 2)] if "error" in row else \
+            [cell(row) for cell in columns.values()]
+        lines.append(f"| {' | '.join(cells)} |")
+    return "\n".join(lines)
 
 
 @contextmanager
