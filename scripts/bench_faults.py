@@ -288,11 +288,7 @@ def _is_serverapp(pid: int) -> bool:
 def _wait_exit(pid: int, timeout: float) -> float | None:
     """Seconds until `pid` has exited (None: still alive after `timeout`)."""
     start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if not flower.is_alive(pid):
-            return time.monotonic() - start
-        time.sleep(0.1)
-    return None
+    return None if flower.wait_gone([pid], timeout) else time.monotonic() - start
 
 
 def main() -> int:

@@ -109,11 +109,17 @@ class Process(subprocess.Popen):
 
 def _kill_survivors(pids: list[int], grace: float) -> list[int]:
     """SIGKILL those of `pids` still alive after `grace` seconds; returns them."""
-    deadline = time.monotonic() + grace
-    while (alive := [pid for pid in pids if is_alive(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    alive = wait_gone(pids, grace)
     for pid in alive:
         _signal(pid, signal.SIGKILL)
+    return alive
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait up to `timeout` s for `pids` to exit; those still alive."""
+    deadline = time.monotonic() + timeout
+    while (alive := [pid for pid in pids if is_alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
     return alive
 
 
