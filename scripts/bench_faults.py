@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client_app import faults
-from fedcybgd.records import METRICS_FILE, SUMMARY_FILE, RoundStats, read_metrics, read_summary
-from scripts.deploy import LoopbackDeployment, SuperNodeProcess, _alive
+from fedcybgd.records import SUMMARY_FILE, read_summary
+from scripts import flower, sweep
+from scripts.deploy import LoopbackDeployment, SuperNodeProcess
 from strategy import state
 
 TINY = "model=tiny-llama train=tiny data.max_examples=300 eval.every=100 eval.max_examples=20 compression=none"
@@ -71,7 +72,7 @@ def run_faults(workdir: Path, out: Path, plan: Plan, timeout: float = 3600.0) ->
             killed = victim.node_id()
             os.killpg(victim.process.pid, signal.SIGKILL)
             again = dep.add_supernode(configs[plan.kill_node])
-            restarted = _wait_node_id(again, 120)
+            restarted = flower.poll(again.node_id, 120, f"{again.name} did not connect")
             node_ids[again.name] = restarted
         status = dep.wait(run_id, timeout=timeout)
         log = dep.run_log(run_id)
@@ -79,35 +80,19 @@ def run_faults(workdir: Path, out: Path, plan: Plan, timeout: float = 3600.0) ->
     return {"status": status, "node_ids": node_ids, "killed": killed, "restarted": restarted}
 
 
-def _train_messages(node: SuperNodeProcess) -> list[str]:
-    """The node's log from each train message received on: one chunk per visit."""
-    return re.split(r"Receiving: train message", node.log_text())[1:]
-
-
 def _wait_for_train_start(node: SuperNodeProcess, visit: int, timeout: float) -> None:
     """Until the node's `visit`-th train message has started its ClientApp (mid-visit)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        chunks = _train_messages(node)
-        if len(chunks) >= visit and "Start `flwr-clientapp` process" in chunks[visit - 1]:
-            time.sleep(3)  # into the visit: the ClientApp is loading or training
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"{node.name} never started its train visit {visit}")
+    def started() -> bool:
+        visits = re.split(r"Receiving: train message", node.log_text())[1:]  # its log from each on
+        return len(visits) >= visit and "Start `flwr-clientapp` process" in visits[visit - 1]
 
-
-def _wait_node_id(node: SuperNodeProcess, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while (node_id := node.node_id()) is None:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{node.name} did not connect")
-        time.sleep(0.5)
-    return node_id
+    flower.poll(started, timeout, f"{node.name} did not start its train visit {visit}")
+    time.sleep(3)  # into the visit: the ClientApp is loading or training
 
 
 def fault_rows(out: Path, plan: Plan, run: dict) -> list[dict]:
     """One row per injected fault kind, from what the server recorded (metrics.jsonl)."""
-    rows = _metrics(out)
+    rows = [r.stats for r in sweep.metrics(out)]
     injected: dict[str, int] = {}
     for spec in plan.node_faults:
         for item in filter(None, spec.split(",")):
@@ -179,7 +164,7 @@ def run_server_faults(workdir: Path, out: Path, plan: ServerPlan) -> list[dict]:
         rows.append(_superlink_killed(dep, out, f"{base} checkpoint.every=1 resume=true", plan))
         for row in rows:
             print(f"[bench-faults] {json.dumps(row)}", flush=True)
-    metrics = _metrics(out)
+    metrics = [r.stats for r in sweep.metrics(out)]
     logged = [r.round for r in metrics]
     complete = logged == list(range(1, plan.rounds + 1)) and (out / "final" / "config.json").exists()
     for row in rows:
@@ -271,12 +256,8 @@ def write_checkpoint_cut_short(out: Path, limit: int) -> int:
     return child.returncode
 
 
-def _metrics(out: Path) -> list[RoundStats]:
-    return [row.stats for row in read_metrics(out)] if (out / METRICS_FILE).exists() else []
-
-
 def _last_logged_round(out: Path) -> int:
-    return max((r.round for r in _metrics(out)), default=0)
+    return max((r.stats.round for r in sweep.metrics(out)), default=0)
 
 
 def _completed_round(out: Path) -> int:
@@ -284,21 +265,16 @@ def _completed_round(out: Path) -> int:
 
 
 def _wait_for_round(out: Path, round_: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while _last_logged_round(out) < round_:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"round {round_} not logged in {out} after {timeout:.0f} s")
-        time.sleep(0.5)
+    flower.poll(lambda: _last_logged_round(out) >= round_, timeout, f"round {round_} not logged in {out}")
 
 
 def _new_process(dep: LoopbackDeployment, before: set[int], timeout: float) -> int:
     """The run's ServerApp: the one process under the SuperLink that the submission started."""
-    deadline = time.monotonic() + timeout
-    while len(new := [p for p in dep.server_processes() - before if _is_serverapp(p)]) != 1:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no single ServerApp process started within {timeout:.0f} s (found {new})")
-        time.sleep(0.2)
-    return new[0]
+    def single() -> int | None:
+        new = [p for p in dep.server_processes() - before if _is_serverapp(p)]
+        return new[0] if len(new) == 1 else None
+
+    return flower.poll(single, timeout, "no single ServerApp process started", interval=0.2)
 
 
 def _is_serverapp(pid: int) -> bool:
@@ -313,11 +289,7 @@ def _is_serverapp(pid: int) -> bool:
 def _wait_exit(pid: int, timeout: float) -> float | None:
     """Seconds until `pid` has exited (None: still alive after `timeout`)."""
     start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if not _alive(pid):
-            return time.monotonic() - start
-        time.sleep(0.1)
-    return None
+    return None if flower.wait_gone([pid], timeout) else time.monotonic() - start
 
 
 def main() -> int:
@@ -355,13 +327,12 @@ def main() -> int:
                        "server_wall_seconds": round(time.perf_counter() - started, 1)})
         print(f"server faults: wall {report['server_wall_seconds']} s", flush=True)
     report["rows"] = rows
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'fault':<27}{'injected':>9}{'rounds':>8}{'accepted':>9}  {'re-sent bytes':<22}{'outcome'}")
-    for r in rows:
-        print(f"{r['fault']:<27}{r['injected']:>9}{r['rounds_completed']:>8}"
-              f"{r.get('accepted_from_faulty_visits', '-')!s:>9}  {str(r['bytes_resent_after_recovery']):<22}"
-              f"{r['outcome']}")
+    sweep.write_json(args.out, report)
+    print(sweep.table(rows, {"fault": lambda r: r["fault"], "injected": lambda r: str(r["injected"]),
+                             "rounds": lambda r: str(r["rounds_completed"]),
+                             "accepted": lambda r: str(r.get("accepted_from_faulty_visits", "-")),
+                             "re-sent bytes": lambda r: str(r["bytes_resent_after_recovery"]),
+                             "outcome": lambda r: r["outcome"]}))
     print(args.out)
     return 0 if ok and all(r["outcome"] == "recovered" for r in rows) else 1
 

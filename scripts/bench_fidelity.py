@@ -13,9 +13,9 @@ a random ceil(p x n) of the n trained blocks; it sees those trained, the rest st
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from fedcybgd.blocks import describe, layer_index
 from fedcybgd.compression import TensorForm
 from fedcybgd.config import DataConfig
 from fedcybgd.train import evaluate_loss
+from scripts import sweep
 
 # (label, dropped layers or a count to draw at random, frozen-layer form, head form)
 CASES = [
@@ -43,20 +44,25 @@ CASES = [
 ]
 
 
-def compressed_loss(model, layout, batches, block: int, dropped: tuple[int, ...], layer_form: str,
-                    head_form: str) -> float:
+def view_loss(model, layout, batches, dropped: tuple[int, ...],
+              view: Callable[[str, int | None, torch.Tensor], torch.Tensor]) -> float:
+    """Held-out loss of `model` without its `dropped` layers, each tensor as `view(name, layer, it)` has it."""
     skeleton, layer_map = models.build_skeleton(models.model_spec(model), dropped)
-    tensors = {}
-    for name, tensor in models.named_tensors(model).items():
-        layer = layer_index(name, layout.layer_prefix)
-        if layer in dropped:
-            continue
-        form = TensorForm.parse(head_form if layer is None else layer_form)
-        if layer != block and compression.applies_to(tensor):
-            tensor = compression.decode(compression.encode(tensor, form), form)
-        tensors[layer_map.to_local(name)] = tensor
+    tensors = {layer_map.to_local(name): view(name, layer, tensor) for name, tensor in models.named_tensors(model).items()
+               if (layer := layer_index(name, layout.layer_prefix)) not in dropped}
     models.load_tensors(skeleton, tensors)
     return evaluate_loss(skeleton, batches, torch.device("cpu"))
+
+
+def compressed_loss(model, layout, batches, block: int, dropped: tuple[int, ...], layer_form: str,
+                    head_form: str) -> float:
+    def compressed(name: str, layer: int | None, tensor: torch.Tensor) -> torch.Tensor:
+        form = TensorForm.parse(head_form if layer is None else layer_form)
+        if layer == block or not compression.applies_to(tensor):
+            return tensor
+        return compression.decode(compression.encode(tensor, form), form)
+
+    return view_loss(model, layout, batches, dropped, compressed)
 
 
 REFRESH_FRACTIONS = [1.0, 0.75, 0.5, 0.25]
@@ -65,29 +71,34 @@ REFRESH_FRACTIONS = [1.0, 0.75, 0.5, 0.25]
 def refresh_loss(base, trained, layout, batches, block: int, fresh: set[int]) -> float:
     """Held-out loss of a node's view after a refresh: the block and `fresh` layers trained,
     every other decoder layer still at the base model's values (stale)."""
-    skeleton, layer_map = models.build_skeleton(models.model_spec(trained), ())
     stale = models.named_tensors(base)
-    tensors = {}
-    for name, tensor in models.named_tensors(trained).items():
-        layer = layer_index(name, layout.layer_prefix)
-        tensors[layer_map.to_local(name)] = tensor if layer is None or layer == block or layer in fresh else stale[name]
-    models.load_tensors(skeleton, tensors)
-    return evaluate_loss(skeleton, batches, torch.device("cpu"))
+    return view_loss(trained, layout, batches, (), lambda name, layer, tensor:
+                     tensor if layer is None or layer == block or layer in fresh else stale[name])
 
 
 def refresh_rows(base, trained, layout, batches, block: int, draws: int) -> list[dict]:
     others = [i for i in range(layout.num_layers) if i != block]
-    rows = []
+    rows: list[dict] = []
     for fraction in REFRESH_FRACTIONS:
         count = math.ceil(fraction * len(others))
         choices = [set(random.Random(s).sample(others, count)) for s in range(draws if count < len(others) else 1)]
-        losses = [refresh_loss(base, trained, layout, batches, block, c) for c in choices]
-        rows.append({"case": f"refresh {fraction:g} of trained blocks", "refresh_fraction": fraction,
-                     "fresh": [sorted(c) for c in choices], "losses": losses, "mean_loss": sum(losses) / len(losses)})
-        current = rows[0]["mean_loss"]
-        print(f"{rows[-1]['case']:<28}{rows[-1]['mean_loss']:>9.4f}{(rows[-1]['mean_loss'] - current) / current:>+9.1%}"
-              f"   {', '.join(f'{l:.3f}' for l in losses) if len(losses) > 1 else ''}", flush=True)
+        add_row(rows, f"refresh {fraction:g} of trained blocks",
+                [refresh_loss(base, trained, layout, batches, block, c) for c in choices],
+                refresh_fraction=fraction, fresh=[sorted(c) for c in choices])
     return rows
+
+
+def add_row(rows: list[dict], case: str, losses: list[float], **fields: object) -> None:
+    """Add a case's row and print it (the table's header first), its loss relative to the first row's."""
+    rows.append({"case": case, **fields, "losses": losses, "mean_loss": sum(losses) / len(losses)})
+    base = rows[0]["mean_loss"]
+    table = sweep.table(rows[-1:], {
+        "case": lambda r: r["case"],
+        "mean loss": lambda r: f"{r['mean_loss']:.4f}",
+        "vs first row": lambda r: f"{(r['mean_loss'] - base) / base:+.1%}",
+        "loss per draw": lambda r: ", ".join(f"{loss:.3f}" for loss in r["losses"]) if len(r["losses"]) > 1 else "",
+    })
+    print(table if len(rows) == 1 else table.splitlines()[-1], flush=True)
 
 
 def main() -> None:
@@ -110,27 +121,22 @@ def main() -> None:
     batches = data.eval_batches(examples, 8, tokenizer.pad_token_id)
     frozen = [i for i in range(layout.num_layers) if i != block]
 
-    rows = []
+    rows: list[dict] = []
     for label, drop, layer_form, head_form in CASES:
         if isinstance(drop, (int, float)) and not isinstance(drop, bool):
             count = drop if isinstance(drop, int) else round(drop * len(frozen))
             choices = [tuple(sorted(random.Random(s).sample(frozen, count))) for s in range(args.draws)]
         else:
             choices = [tuple(layout.num_layers - 1 if d == "last" else d for d in drop)]
-        losses = [compressed_loss(model, layout, batches, block, c, layer_form, head_form) for c in choices]
-        rows.append({"case": label, "dropped": [list(c) for c in choices], "layer_form": layer_form,
-                     "head_form": head_form, "losses": losses, "mean_loss": sum(losses) / len(losses)})
-        base = rows[0]["mean_loss"]
-        print(f"{label:<28}{rows[-1]['mean_loss']:>9.4f}{(rows[-1]['mean_loss'] - base) / base:>+9.1%}"
-              f"   {', '.join(f'{l:.3f}' for l in losses) if len(losses) > 1 else ''}", flush=True)
+        add_row(rows, label, [compressed_loss(model, layout, batches, block, c, layer_form, head_form) for c in choices],
+                dropped=[list(c) for c in choices], layer_form=layer_form, head_form=head_form)
     if args.trained is not None:
         print("\nrefresh from the base model (relative to a copy with every trained block):", flush=True)
         trained = models.load_pretrained(args.trained)
         rows += refresh_rows(model, trained, layout, batches, block, args.draws)
-    args.out.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "trained": str(args.trained) if args.trained else None,
               "block_dense": block, "examples": len(examples), "rows": rows}
-    (args.out / "fidelity.json").write_text(json.dumps(result, indent=2) + "\n")
+    sweep.write_json(args.out / "fidelity.json", result)
     print(f"\nwrote {args.out / 'fidelity.json'}")
 
 

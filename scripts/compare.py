@@ -21,20 +21,14 @@ config) are read back, not redone.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import multiprocessing
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedcybgd.config import ALGORITHMS, ALLOCATIONS, compose
-from fedcybgd.files import write_atomic
-from fedcybgd.records import read_metrics, read_summary
+from scripts import sweep
 
 REFERENCE = "centralized-full"
-
-
 LORA_ALGORITHMS = ("fedlora", "fedcybgd-lora")
 
 
@@ -107,7 +101,7 @@ class Trial:
         return f"tune/{label}-lr{self.lr:g}" if self.tuning else label
 
 
-def overrides_for(trial: Trial, preset: Preset, out_dir: Path) -> str:
+def overrides_for(trial: Trial, preset: Preset) -> str:
     """The run's config: the preset, the algorithm (with its own clients per round, K), and
     rounds that give every run equal samples."""
     spec = trial.spec
@@ -120,48 +114,19 @@ def overrides_for(trial: Trial, preset: Preset, out_dir: Path) -> str:
     if trial.tuning:
         extra += " eval.split=validation eval.task_examples=0"
     return (f"{preset.overrides} algorithm={spec.algorithm} "
-            f"algorithm.allocation={spec.allocation} rounds={rounds} eval.every={every}{extra} "
-            f"output_dir={out_dir}")
-
-
-def run_one(spec: RunSpec, overrides: str, nodes: int) -> None:
-    """One run, in its own process (see `measure`)."""
-    from client_app.app import app as client_app
-    from scripts.inprocess import InProcessGrid
-    from server_app.app import run
-    from server_app.centralized import run_centralized
-
-    # Every in-process ClientApp visit runs gc.collect() for its memory baseline; what the imports
-    # created is never garbage, and walking it cost about a second per visit on 2 cores.
-    gc.freeze()
-    cfg = compose(overrides=overrides)
-    if spec.algorithm.startswith("centralized"):
-        run_centralized(cfg)
-    else:
-        run(InProcessGrid(client_app, nodes), cfg)
+            f"algorithm.allocation={spec.allocation} rounds={rounds} eval.every={every}{extra}")
 
 
 def measure(trial: Trial, preset: Preset, out_root: Path) -> dict:
-    """Run the trial in a fresh process, or read back its finished run of the same config."""
-    spec, out_dir = trial.spec, out_root / trial.name
-    overrides = overrides_for(trial, preset, out_dir)
-    stamp = out_dir / "compare-run.json"
-    finished = (out_dir / "summary.json").exists() and stamp.exists() and \
-        json.loads(stamp.read_text()) == {"overrides": overrides}
-    if finished:
-        print(f"[compare] {trial.name}: finished earlier, read back from {out_dir}", flush=True)
-    else:
-        print(f"[compare] {trial.name}: {overrides}", flush=True)
-        (out_dir / "summary.json").unlink(missing_ok=True)
-        process = multiprocessing.get_context("spawn").Process(target=run_one, args=(spec, overrides, preset.nodes))
-        process.start()
-        process.join()
-        if process.exitcode != 0:
-            return {"algorithm": spec.label, "lr": trial.lr,
-                    "error": f"run failed (exit code {process.exitcode}); see the log above"}
-        write_atomic(stamp, json.dumps({"overrides": overrides}))
-    summary = read_summary(out_dir)
-    rows = read_metrics(out_dir)
+    """The trial's row: run in a fresh process, or read back (scripts/sweep.py)."""
+    spec = trial.spec
+    row = sweep.measure(sweep.Run(trial.name, overrides_for(trial, preset), preset.nodes), out_root,
+                        lambda out_dir: result_row(spec, out_dir), "compare")
+    return {"algorithm": spec.label, "lr": trial.lr, **row} if "error" in row else row
+
+
+def result_row(spec: RunSpec, out_dir: Path) -> dict:
+    summary, rows = sweep.outputs(out_dir)
     samples, curve = 0, [(0, summary.initial_eval_loss)]
     for row in rows:
         samples += row.stats.samples_seen
@@ -192,20 +157,22 @@ def measure(trial: Trial, preset: Preset, out_root: Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     ref = next((r["final_eval_loss"] for r in rows if r["algorithm"] == REFERENCE and "error" not in r), None)
-    head = (f"{'algorithm':<24}{'lr':>8}{'final loss':>11}{'vs ' + REFERENCE:>22}{'task score':>12}"
-            f"{'MB down':>10}{'MB up':>10}{'client peak MB':>16}{'wall s':>8}{'samples':>9}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['algorithm']:<24}{r['error']}")
-            continue
-        ratio = "-" if ref is None else f"{r['final_eval_loss'] / ref:.3f}"
-        task = "-" if r["final_task_score"] is None else f"{r['final_task_score']:.3f}"
-        peak = "-" if r["client_peak_mem_bytes"] is None else f"{r['client_peak_mem_bytes'] / 1e6:,.0f}"
-        lines.append(f"{r['algorithm']:<24}{r['lr']:>8g}{r['final_eval_loss']:>11.4f}{ratio:>22}{task:>12}"
-                     f"{r['bytes_down'] / 1e6:>10,.1f}{r['bytes_up'] / 1e6:>10,.1f}{peak:>16}"
-                     f"{r['wall_seconds']:>8.0f}{r['samples_seen']:>9}")
-    return "\n".join(lines)
+
+    def optional(value: float | None, form: str, scale: float = 1.0) -> str:
+        return "-" if value is None else format(value / scale, form)
+
+    return sweep.table(rows, {
+        "algorithm": lambda r: r["algorithm"],
+        "lr": lambda r: f"{r['lr']:g}",
+        "final loss": lambda r: f"{r['final_eval_loss']:.4f}",
+        f"vs {REFERENCE}": lambda r: "-" if ref is None else f"{r['final_eval_loss'] / ref:.3f}",
+        "task score": lambda r: optional(r["final_task_score"], ".3f"),
+        "MB down": lambda r: f"{r['bytes_down'] / 1e6:,.1f}",
+        "MB up": lambda r: f"{r['bytes_up'] / 1e6:,.1f}",
+        "client peak MB": lambda r: optional(r["client_peak_mem_bytes"], ",.0f", 1e6),
+        "wall s": lambda r: f"{r['wall_seconds']:.0f}",
+        "samples": lambda r: str(r["samples_seen"]),
+    })
 
 
 def tune(spec: RunSpec, preset: Preset, out_root: Path, tuning_rows: list[dict]) -> float | None:
@@ -218,7 +185,7 @@ def tune(spec: RunSpec, preset: Preset, out_root: Path, tuning_rows: list[dict])
     for trial in trials:
         rows.append(measure(trial, preset, out_root))
         tuning_rows.append(rows[-1])
-        write_atomic(out_root / "tuning.json", json.dumps(tuning_rows, indent=2) + "\n")
+        sweep.write_json(out_root / "tuning.json", tuning_rows)
     done = [r for r in rows if "error" not in r]
     if not done:
         raise SystemExit(f"every tuning run of {spec.label} failed; see the log above")
@@ -230,31 +197,18 @@ def tune(spec: RunSpec, preset: Preset, out_root: Path, tuning_rows: list[dict])
 
 
 def plot(rows: list[dict], out_root: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = [r for r in rows if "error" not in r]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in done:
-        ax.plot([s for s, _ in r["loss_curve"]], [l for _, l in r["loss_curve"]], marker="o", label=r["algorithm"])
-    ax.set(xlabel="training examples seen (all clients)", ylabel="held-out loss", title="Held-out loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(out_root / "loss_vs_samples.png", dpi=100, bbox_inches="tight")
-
+    with sweep.figure(out_root / "loss_vs_samples.png", xlabel="training examples seen (all clients)",
+                      ylabel="held-out loss", title="Held-out loss") as ax:
+        for r in done:
+            ax.plot(*zip(*r["loss_curve"]), marker="o", label=r["algorithm"])
     federated = [r for r in done if r["bytes_down"] + r["bytes_up"] > 0]  # centralized: no wire
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    x = range(len(federated))
-    ax.bar([i - 0.2 for i in x], [r["bytes_down"] / 1e6 for r in federated], width=0.4, label="down")
-    ax.bar([i + 0.2 for i in x], [r["bytes_up"] / 1e6 for r in federated], width=0.4, label="up")
-    ax.set_xticks(list(x), [r["algorithm"] for r in federated], rotation=30, ha="right", fontsize=8)
-    ax.set(ylabel="MB (log scale)", yscale="log", title="Bytes on the wire, whole run")
-    ax.legend()
-    ax.grid(alpha=0.3, axis="y")
-    fig.savefig(out_root / "bytes.png", dpi=100, bbox_inches="tight")
-    plt.close("all")
+    with sweep.figure(out_root / "bytes.png", ylabel="MB (log scale)", yscale="log",
+                      title="Bytes on the wire, whole run") as ax:
+        x = range(len(federated))
+        ax.bar([i - 0.2 for i in x], [r["bytes_down"] / 1e6 for r in federated], width=0.4, label="down")
+        ax.bar([i + 0.2 for i in x], [r["bytes_up"] / 1e6 for r in federated], width=0.4, label="up")
+        ax.set_xticks(list(x), [r["algorithm"] for r in federated], rotation=30, ha="right", fontsize=8)
 
 
 def main() -> int:
@@ -270,14 +224,14 @@ def main() -> int:
     out_root.mkdir(parents=True, exist_ok=True)
     for spec in specs:  # a budget that does not divide fails now, not after hours of runs
         for rounds in (preset.rounds, preset.tune_rounds) if preset.grid(spec.algorithm) else (preset.rounds,):
-            overrides_for(Trial(spec, rounds, preset.eval_points), preset, out_root)
+            overrides_for(Trial(spec, rounds, preset.eval_points), preset)
     rows: list[dict] = []
     tuning_rows: list[dict] = []
     for spec in specs:
         lr = tune(spec, preset, out_root, tuning_rows)
         rows.append({**measure(Trial(spec, preset.rounds, preset.eval_points, lr), preset, out_root),
                      "preset": args.preset})
-        write_atomic(out_root / "compare.json", json.dumps(rows, indent=2) + "\n")
+        sweep.write_json(out_root / "compare.json", rows)
     plot(rows, out_root)
     print(table(rows))
     print(f"[compare] outputs in {out_root}")

@@ -3,9 +3,8 @@
 Unlike `scripts.simulate`, nothing is simulated: one `flower-superlink` and N `flower-supernode`
 processes talk over HTTP(S) on loopback ports of their own, each SuperNode with its own
 `--node-config` (its own data file, or its partition of the default data), exactly as on
-separate hosts. TLS and SuperNode authentication are optional. Every process is started in a
-session of its own and stopped by PID at the end, whatever happens; the run's real status
-(`flwr list`) decides the exit code, as `flwr run` exits 0 even for a failed run.
+separate hosts. TLS and SuperNode authentication are optional. Every process is stopped by PID
+at the end, whatever happens; the run's real status decides the exit code (scripts/flower.py).
 
 The flag builders below (`superlink_flags`, `supernode_flags`, `superexec_flags`) are the one
 description of how the processes start; `compose.yaml` uses the same flags (a test checks it),
@@ -15,28 +14,23 @@ and `LoopbackDeployment.start_compose` runs compose.yaml's own commands as proce
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
-import signal
-import subprocess
+import shlex
 import sys
 import tempfile
-import threading
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import IO
 
 import yaml
+from flwr.common.config import parse_config_args
 
 from fedcybgd import data
 from fedcybgd.config import compose
+from scripts import flower
 from scripts.certs import DEFAULT_HOSTS, NodeKeys, ServerCredentials, generate_node_keys, generate_server_credentials
-from scripts.simulate import STATUS_POLL_S, _flwr, _wait_healthy, flower_env, free_port, run_status
+from scripts.flower import free_port
 
 DEFAULT_CONNECTION = "loopback"
 
@@ -85,25 +79,13 @@ def compose_commands(compose_file: Path) -> dict[str, list[str]]:
 
 
 def parse_node_config(text: str) -> dict[str, object]:
-    """`--node-config` text back to a dict (the inverse of `node_config_arg`)."""
-    return tomllib.loads(re.sub(r"\s+(?=[\w-]+=)", "\n", text.strip()))
+    """`--node-config` text back to a dict (the inverse of `node_config_arg`), as Flower reads it."""
+    return parse_config_args([text])
 
 
 def node_config_arg(node_config: Mapping[str, object]) -> str:
-    """`--node-config` text: Flower parses each value as TOML, so strings must be quoted."""
-    parts = []
-    for key, value in node_config.items():
-        if isinstance(value, bool):
-            text = str(value).lower()
-        elif isinstance(value, (int, float)):
-            text = str(value)
-        else:
-            text = str(value)
-            if '"' in text or "\\" in text:
-                raise ValueError(f"node-config {key}={text!r}: quotes and backslashes are not supported")
-            text = f'"{text}"'
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
+    """`--node-config` text: Flower parses each value as TOML, so strings are quoted (any characters)."""
+    return flower.config_arg(node_config)
 
 
 def _tls_server_flags(tls: ServerCredentials | None) -> list[str]:
@@ -118,11 +100,10 @@ def _tls_server_flags(tls: ServerCredentials | None) -> list[str]:
 class SuperNodeProcess:
     name: str
     port: int
-    process: subprocess.Popen
-    log: Path
+    process: flower.Process
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        return self.process.log_text()
 
     def node_id(self) -> int | None:
         """The ID the SuperLink gave this node, as its log reports it (None before it connects)."""
@@ -148,9 +129,8 @@ class LoopbackDeployment:
     port: int = 0
     credentials: ServerCredentials | None = None
     supernodes: list[SuperNodeProcess] = field(default_factory=list)
-    _superlink: subprocess.Popen | None = None
-    _started: list[subprocess.Popen] = field(default_factory=list)
-    _log_threads: list[threading.Thread] = field(default_factory=list)
+    _superlink: flower.Process | None = None
+    _started: list[flower.Process] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.node_auth and not self.tls:
@@ -159,7 +139,7 @@ class LoopbackDeployment:
         self.flwr_home = self.workdir / "flwr-home"
         self.logs = self.workdir / "logs"
         self.certs = self.workdir / "certs"
-        self.env = flower_env(self.flwr_home, free_port(), free_port())
+        self.env = flower.flower_env(self.flwr_home, free_port(), free_port())
 
     def __enter__(self) -> LoopbackDeployment:
         try:
@@ -169,8 +149,7 @@ class LoopbackDeployment:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     @property
@@ -196,29 +175,21 @@ class LoopbackDeployment:
         flags = superlink_flags(host=bind, port=self.port, isolation="subprocess",
                                 tls=self.credentials, node_auth=self.node_auth, database=self.database)
         self._superlink = self._spawn(["flower-superlink", *flags], self.superlink_log)
-        _wait_healthy(self.port, self._superlink, timeout=90,
-                      ca_file=self.credentials.ca_cert if self.credentials else None)
+        flower.wait_healthy(self.port, self._superlink, timeout=90,
+                            ca_file=self.credentials.ca_cert if self.credentials else None)
 
     def kill_superlink(self, grace: float = 60.0) -> list[int]:
         """SIGKILL the SuperLink alone, as a crash would. Its SuperExec and ServerApps watch its
         PID and exit by themselves; returns those still alive after `grace`, then SIGKILLed (an
         old ServerApp must not write the output directory beside a resumed one)."""
         assert self._superlink is not None and self._superlink.poll() is None, "no SuperLink running"
-        children = _descendants(self._superlink.pid)
-        self._superlink.kill()
-        self._superlink.wait()
-        deadline = time.monotonic() + grace
-        while (alive := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for pid in alive:
-            _signal_pid(pid, signal.SIGKILL)
-        return alive
+        return self._superlink.crash(grace)
 
     def server_processes(self) -> set[int]:
         """PIDs under the SuperLink: its SuperExec and, while a run is on, that run's ServerApp."""
         if self._superlink is None or self._superlink.poll() is not None:
             return set()
-        return set(_descendants(self._superlink.pid))
+        return set(flower.descendants(self._superlink.pid))
 
     def start_compose(self, compose_file: Path, node_data: Sequence[Path]) -> None:
         """`compose_file`'s services as processes here, in its order, with its very commands.
@@ -254,13 +225,12 @@ class LoopbackDeployment:
                 args = _set_flag(args, "--node-config", node_config_arg(node_config))
             program = "flower-" + name.split("-")[0]  # the images' entrypoints
             env = {**self.env, "FLWR_HOME": str(self.workdir / f"{name}-home")}
-            log_path = self.logs / f"{name}.log"
-            process = self._spawn([program, *args], log_path, env if name != "superlink" else None)
+            process = self._spawn([program, *args], self.logs / f"{name}.log", env if name != "superlink" else None)
             if name == "superlink":
                 self._superlink = process
-                _wait_healthy(self.port, process, timeout=90)
+                flower.wait_healthy(self.port, process, timeout=90)
             elif name in nodes:
-                self.supernodes.append(SuperNodeProcess(name, ports[name], process, log_path))
+                self.supernodes.append(SuperNodeProcess(name, ports[name], process))
 
     def node_keys(self, name: str) -> NodeKeys:
         """A fresh key pair for one SuperNode (not registered yet)."""
@@ -268,12 +238,9 @@ class LoopbackDeployment:
 
     def register(self, keys: NodeKeys) -> int:
         """`flwr supernode register`: the SuperLink will accept a node holding this key."""
-        out = _flwr(["supernode", "register", str(keys.public_key), self.connection, "--format", "json"],
-                    self.env, capture_output=True, timeout=60)
-        try:
-            return int(_last_json(out.stdout)["node-id"])
-        except (ValueError, KeyError) as err:
-            raise RuntimeError(f"registering {keys.public_key} failed:\n{out.stdout}\n{out.stderr}") from err
+        reply = flower.cli_json(["supernode", "register", str(keys.public_key), self.connection], self.env,
+                                "node-id", timeout=60)
+        return int(reply["node-id"])
 
     def add_supernode(self, node_config: Mapping[str, object], *, keys: NodeKeys | None = None,
                       max_retries: int | None = None) -> SuperNodeProcess:
@@ -286,95 +253,60 @@ class LoopbackDeployment:
             auth_key=keys.private_key if keys else None, node_config=node_config,
             max_retries=max_retries,
         )
-        log_path = self.logs / f"{name}.log"
         # A FLWR_HOME per node, as on separate hosts: the FABs each one installs stay apart.
         env = {**self.env, "FLWR_HOME": str(self.workdir / f"{name}-home")}
-        node = SuperNodeProcess(name, port, self._spawn(["flower-supernode", *flags], log_path, env),
-                                log_path)
+        process = self._spawn(["flower-supernode", *flags], self.logs / f"{name}.log", env)
+        node = SuperNodeProcess(name, port, process)
         self.supernodes.append(node)
         return node
 
     def online_nodes(self) -> list[int]:
         """IDs of the SuperNodes the SuperLink sees online (`flwr supernode list`)."""
-        out = _flwr(["supernode", "list", self.connection, "--format", "json"], self.env,
-                    capture_output=True, timeout=60)
         try:
-            nodes = _last_json(out.stdout)["nodes"]
-        except (ValueError, KeyError):
+            nodes = flower.cli_json(["supernode", "list", self.connection], self.env, "nodes", timeout=60)["nodes"]
+        except flower.FlowerCliError:
             return []
         return [int(n["node-id"]) for n in nodes if n.get("status") == "online"]
 
     def wait_for_nodes(self, count: int, timeout: float = 120.0) -> list[int]:
         """Block until `count` SuperNodes are online; a SuperNode that dies fails at once."""
-        deadline = time.monotonic() + timeout
-        while len(online := self.online_nodes()) < count:
+        def enough_online() -> list[int] | None:
             for node in self.supernodes:
                 if node.process.poll() is not None and node.process.returncode != 0:
                     raise RuntimeError(f"{node.name} exited ({node.process.returncode}):\n"
                                        f"{node.log_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(online)} of {count} SuperNodes online after {timeout:.0f} s")
-            time.sleep(1)
-        return online
+            online = self.online_nodes()
+            return online if len(online) >= count else None
+
+        return flower.poll(enough_online, timeout, f"fewer than {count} SuperNodes online", interval=1)
 
     def submit(self, overrides: str) -> int:
-        """`flwr run . <connection>` with Hydra overrides; returns the run id."""
-        out = _flwr(["run", ".", self.connection, "--run-config", f"overrides='{overrides}'",
-                     "--format", "json"], self.env, capture_output=True, timeout=300)
-        try:
-            return int(_last_json(out.stdout)["run-id"])
-        except (ValueError, KeyError) as err:
-            raise RuntimeError(f"flwr run did not submit a run:\n{out.stdout}\n{out.stderr}") from err
+        """`flwr run . <connection>` with Hydra overrides (shell syntax); returns the run id."""
+        return flower.submit(overrides, self.env, connection=self.connection)
 
     def wait(self, run_id: int, timeout: float = 3600.0, stream: bool = False) -> dict:
         """Block until the run has finished; returns its `flwr list` entry (status and details)."""
-        if stream:
-            _flwr(["log", str(run_id), self.connection, "--stream"], self.env, timeout=timeout)
-        deadline = time.monotonic() + timeout
-        while not (status := self.status(run_id)).get("status", "").startswith("finished"):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"run {run_id} not finished after {timeout:.0f} s")
-            if self._superlink is not None and self._superlink.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited ({self._superlink.returncode})")
-            time.sleep(STATUS_POLL_S)
-        return status
-
-    def status(self, run_id: int) -> dict:
-        try:
-            return run_status(run_id, self.env, self.connection)
-        except json.JSONDecodeError:  # the CLI printed an error instead: not finished
-            return {}
+        return flower.wait_run(run_id, self.env, connection=self.connection, timeout=timeout, stream=stream,
+                               superlink=self._superlink)
 
     def process_ids(self) -> set[int]:
         """PIDs of every process started here and of their live descendants."""
         pids = {p.pid for p in self._started if p.poll() is None}
-        return pids | {child for pid in pids for child in _descendants(pid)}
+        return pids | {child for pid in pids for child in flower.descendants(pid)}
 
     def stop(self) -> None:
         """Stop every process this deployment started, SuperNodes first, by PID."""
         for process in reversed(self._started):
-            _stop_tree(process)
+            process.stop()
         self._started.clear()
-        for thread in self._log_threads:
-            thread.join(timeout=5)
-        self._log_threads.clear()
 
     def run_log(self, run_id: int) -> str:
         """The run's ServerApp log as the SuperLink keeps it (`flwr log --show`)."""
-        out = _flwr(["log", str(run_id), self.connection, "--show"], self.env, capture_output=True,
-                    timeout=120)
-        return out.stdout
+        return flower.cli(["log", str(run_id), self.connection, "--show"], self.env, timeout=120).stdout
 
-    def _spawn(self, command: list[str], log_path: Path,
-               env: dict[str, str] | None = None) -> subprocess.Popen:
-        process = subprocess.Popen(command, env=env or self.env, cwd=self.workdir,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+    def _spawn(self, command: list[str], log_path: Path, env: dict[str, str] | None = None) -> flower.Process:
+        process = flower.Process(command, log_path, env or self.env, cwd=self.workdir)
         self._started.append(process)
-        self._log_threads.append(_timestamp_lines(process.stdout, log_path))
-        # Reap it as soon as it exits: Flower's children watch their parent's PID, and an unreaped
-        # zombie parent would keep them waiting for a process that is already gone.
-        threading.Thread(target=process.wait, daemon=True).start()
         return process
 
     def _write_connection(self) -> None:
@@ -396,95 +328,6 @@ def _flag_value(args: list[str], flag: str) -> str:
 def _set_flag(args: list[str], flag: str, value: str) -> list[str]:
     i = args.index(flag)
     return [*args[:i + 1], value, *args[i + 2:]]
-
-
-def _timestamp_lines(stream: IO[bytes], log_path: Path) -> threading.Thread:
-    """Copy a child's output to its log, each line prefixed with the wall-clock time.
-
-    Flower prints no timestamps below DEBUG level; with them the log shows where a round's
-    time goes (message received, ClientApp started, reply sent).
-    """
-    def copy() -> None:
-        with stream, open(log_path, "ab") as log:
-            for line in stream:
-                now = time.time()
-                stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d} "
-                log.write(stamp.encode() + line)
-                log.flush()
-
-    thread = threading.Thread(target=copy, daemon=True)
-    thread.start()
-    return thread
-
-
-def _last_json(stdout: str) -> dict:
-    """The JSON object the CLI printed (`--format json` output can follow other lines)."""
-    start = stdout.find("{")
-    if start < 0:
-        raise ValueError("no JSON in output")
-    return json.loads(stdout[start:])
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid`: Flower starts its SuperExec in a session of its own."""
-    try:
-        import psutil  # comes with flwr[simulation] (ray); without it, the group kill has to do
-    except ImportError:
-        return []
-    try:
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _stop_tree(process: subprocess.Popen, grace: float = 15.0) -> None:
-    """SIGTERM the process's group and its descendants outside it; SIGKILL what is left.
-
-    A process that has exited is left alone: its PID (and group id) may belong to someone else
-    by now. Its Flower children exit by themselves, as they watch their parent's PID.
-    """
-    if process.poll() is not None:
-        return
-    children = _descendants(process.pid)
-    _signal_group(process.pid, signal.SIGTERM)
-    for pid in children:
-        _signal_pid(pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        _signal_group(process.pid, signal.SIGKILL)
-        process.wait()
-    deadline = time.monotonic() + grace
-    while (alive := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in alive:
-        _signal_pid(pid, signal.SIGKILL)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _signal_pid(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purpose: its parent (not us) reaps it
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -510,7 +353,7 @@ def main() -> int:
         parser.error("--data and --own-data both give the nodes their data: choose one")
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fedcybgd-deploy-"))
-    overrides = " ".join(args.overrides)
+    overrides = shlex.join(args.overrides)
     if args.own_data:
         cfg = compose(overrides=args.overrides)
         args.data = data.write_node_files(data.load_examples(cfg.data), args.supernodes,
@@ -538,8 +381,7 @@ def main() -> int:
         print(f"[deploy] run {run_id} submitted", flush=True)
         status = dep.wait(run_id, timeout=args.timeout, stream=True)
         (dep.logs / "serverapp.log").write_text(dep.run_log(run_id))
-    print(f"[deploy] run {run_id}: {status.get('status')} {status.get('status-details') or ''}".rstrip()
-          + f" | wall {time.perf_counter() - started:.1f} s (SuperLink start to stop)", flush=True)
+    print(f"[deploy] {flower.describe(status)} | wall {time.perf_counter() - started:.1f} s (SuperLink start to stop)", flush=True)
     return 0 if status.get("status") == "finished:completed" else 1
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import signal
 import sys
 import tempfile
@@ -31,8 +32,9 @@ from pathlib import Path
 
 import yaml
 
-from fedcybgd.records import METRICS_FILE, read_metrics, read_summary
-from scripts import netns
+from fedcybgd.files import write_atomic
+from fedcybgd.records import read_summary
+from scripts import netns, sweep
 from scripts.deploy import LoopbackDeployment, SuperNodeProcess
 from scripts.netns import Counters, Host, Network
 
@@ -208,7 +210,7 @@ class EdgeDeployment:
         wait for the end. First, `idle_seconds` of counters with no run: Flower's own traffic
         (the SuperNodes poll every 3 s and send a heartbeat every 30 s)."""
         events = self.config.events if events is None else events
-        overrides = f"{overrides} output_dir={out_dir}"
+        overrides = f"{overrides} {shlex.quote(f'output_dir={out_dir}')}"
         hosts = [SUPERLINK, *self.nodes]
         idle_start = {h: self.net.counters(h) for h in hosts}
         time.sleep(idle_seconds)
@@ -349,21 +351,22 @@ def transfer_times(log: str, run_id: int) -> dict[str, list[float]]:
 # -- report -----------------------------------------------------------------------------------
 def summarize(result: RunResult, config: EdgeConfig) -> dict:
     """The run's numbers: per node wire vs app bytes, per round times, totals."""
-    rows = read_metrics(result.out_dir) if (result.out_dir / METRICS_FILE).exists() else []
+    records = sweep.metrics(result.out_dir)
+    rows = [r.stats for r in records]
     summary = read_summary(result.out_dir) if result.completed else None
     rates = dict(config.supernodes)
     fab = fab_bytes()
     app: dict[str, dict[str, int]] = {name: {"down": 0, "up": 0, "visits": 0} for name in rates}
     transfer_by_round: dict[int, float] = {}
     for row in rows:
-        for a in row.stats.assignments:
+        for a in row.assignments:
             name = result.node_names.get(a.node_id)
             if name is None:
                 continue
             moved = result.transfers[name]
             visit = app[name]["visits"]
             seconds = sum(moved[d][visit] for d in ("down", "up") if visit < len(moved[d]))
-            transfer_by_round[row.stats.round] = transfer_by_round.get(row.stats.round, 0.0) + seconds
+            transfer_by_round[row.round] = transfer_by_round.get(row.round, 0.0) + seconds
             app[name]["down"] += a.bytes_down or 0
             app[name]["up"] += a.bytes_up or 0  # none when the reply never came
             app[name]["visits"] += 1
@@ -386,12 +389,12 @@ def summarize(result: RunResult, config: EdgeConfig) -> dict:
                "round_seconds": round(r.stats.round_seconds, 2), "client_seconds": round(r.stats.client_seconds, 2),
                "transfer_seconds": round(transfer_by_round.get(r.stats.round, 0.0), 2),
                "eval_loss": r.eval_loss, "rejected": [x.reason for x in r.stats.rejected]}
-              for r in rows]
+              for r in records]
     return {
         "label": result.label, "run_id": result.run_id, "status": result.status.get("status"),
         "output_dir": str(result.out_dir), "wall_seconds": round(result.wall_seconds, 2),
-        "sum_round_seconds": round(sum(r.stats.round_seconds for r in rows), 2),
-        "sum_client_seconds": round(sum(r.stats.client_seconds for r in rows), 2),
+        "sum_round_seconds": round(sum(r.round_seconds for r in rows), 2),
+        "sum_client_seconds": round(sum(r.client_seconds for r in rows), 2),
         "sum_transfer_seconds": round(sum(transfer_by_round.values()), 2),
         "initial_eval_loss": summary.initial_eval_loss if summary else None,
         "final_eval_loss": summary.final_eval_loss if summary else None,
@@ -448,24 +451,13 @@ def markdown(summaries: list[dict]) -> str:
 
 
 def plot_loss_vs_wall(summaries: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for s in summaries:
-        points = [(0.0, s["initial_eval_loss"])] if s["initial_eval_loss"] is not None else []
-        points += [(r["wall_at_end"], r["eval_loss"]) for r in s["rounds"] if r["eval_loss"] is not None]
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=s["label"])
-    ax.set(xlabel="wall seconds since the run was submitted", ylabel="held-out loss",
-           title="Held-out loss against wall time over the emulated links")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with sweep.figure(path, xlabel="wall seconds since the run was submitted", ylabel="held-out loss",
+                      title="Held-out loss against wall time over the emulated links") as ax:
+        for s in summaries:
+            points = [(0.0, s["initial_eval_loss"])] if s["initial_eval_loss"] is not None else []
+            points += [(r["wall_at_end"], r["eval_loss"]) for r in s["rounds"] if r["eval_loss"] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=s["label"])
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -477,16 +469,15 @@ RUNS = {  # label -> (algorithm, extra overrides)
 }
 
 
-def run_overrides(label: str, preset_name: str, extra: str, out_dir: Path, nodes: int) -> str:
-    """The compare preset's overrides for this run (equal samples for every algorithm)."""
+def run_overrides(label: str, preset_name: str, extra: str, nodes: int) -> str:
+    """The compare preset's overrides for this run (equal samples for every algorithm); not
+    output_dir, which `EdgeDeployment.run` sets."""
     from scripts.compare import PRESETS, RunSpec, Trial, overrides_for
 
     algorithm, more = RUNS[label]
     preset = PRESETS[preset_name]
     trial = Trial(RunSpec(label, algorithm, "ascending"), preset.rounds, preset.eval_points)
-    base = overrides_for(trial, preset, out_dir)
-    base = base.rsplit(" output_dir=", 1)[0]  # EdgeDeployment.run sets it
-    return f"{base} {more} algorithm.min_nodes={nodes} {extra}".strip()
+    return f"{overrides_for(trial, preset)} {more} algorithm.min_nodes={nodes} {extra}".strip()
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:
@@ -520,8 +511,7 @@ def main() -> int:
               + ", ".join(f"{h.name} {edge.net.ip(h.name)} ({h.rate_mbit or 'no limit'} Mbit/s)"
                           for h in config.hosts()), flush=True)
         for label in args.runs:
-            overrides = run_overrides(label, args.preset, " ".join(args.overrides), out / label,
-                                      len(config.supernodes))
+            overrides = run_overrides(label, args.preset, shlex.join(args.overrides), len(config.supernodes))
             result = edge.run(label, overrides, out / label, args.timeout)
             summaries.append(summarize(result, config))
             _write_report(out, summaries)
@@ -530,9 +520,7 @@ def main() -> int:
 
 
 def _write_report(out: Path, summaries: list[dict]) -> None:
-    from fedcybgd.files import write_atomic
-
-    write_atomic(out / "edge.json", json.dumps(summaries, indent=2))
+    sweep.write_json(out / "edge.json", summaries)
     write_atomic(out / "edge.md", markdown(summaries))
     plot_loss_vs_wall(summaries, out / "loss_vs_wall.png")
 

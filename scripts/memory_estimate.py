@@ -12,15 +12,13 @@ each in a fresh process, and fails if an estimated peak is off by more than 25 %
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from fedcybgd.memory_estimate import DTYPE_BYTES, MemoryEstimate, estimate, load_config
 from fedcybgd.models import SMOLLM2, resolve_model_dir
+from scripts.sweep import in_fresh_process, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_2_7B = "llama-2-7b"
@@ -130,23 +128,13 @@ def measure(mode: str, batch_size: int, seq_len: int, layers_per_block: int, dev
     }
 
 
-def measure_in_subprocess(mode: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "scripts.memory_estimate", "--measure", mode, "--config", SMOLLM2,
-           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-           "--layers-per-block", str(args.layers_per_block), "--device", args.device]
-    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"the {mode} measurement failed (exit {done.returncode}); its errors are above")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def check(est: MemoryEstimate, args: argparse.Namespace) -> tuple[dict, list[str]]:
     device = resolve_device(args.device)
     print(f"\nmeasuring SmolLM2-135M on {device.type}: 3 steps each, batches padded to {args.seq_len} "
           "tokens, each in a fresh process ...", flush=True)
     results, failures = {}, []
     for mode, memory in (("full", est.full), ("block", est.block)):
-        got = measure_in_subprocess(mode, args)
+        got = in_fresh_process(measure, mode, args.batch_size, args.seq_len, args.layers_per_block, device)
         got["estimated_peak_bytes"] = memory.peak
         got["relative_error"] = (memory.peak - got["measured_bytes"]) / got["measured_bytes"]
         results[mode] = got
@@ -188,13 +176,7 @@ def main() -> None:
                         help="also measure SmolLM2-135M training here and compare (within 25 %%)")
     parser.add_argument("--device", default="auto", help="for --check: auto, cpu or cuda")
     parser.add_argument("--out", type=Path, help="JSON output (default outputs/memory/estimate-<name>.json)")
-    parser.add_argument("--measure", choices=["full", "block"], help=argparse.SUPPRESS)  # --check's child
     args = parser.parse_args()
-
-    if args.measure:
-        print(json.dumps(measure(args.measure, args.batch_size, args.seq_len, args.layers_per_block,
-                                 resolve_device(args.device))))
-        return
     if args.check and args.config != SMOLLM2:
         parser.error(f"--check measures SmolLM2-135M: use --config {SMOLLM2}")
     if args.check and args.weight_dtype not in (None, "float32"):
@@ -213,8 +195,7 @@ def main() -> None:
     if args.check:
         report["check"], failures = check(est, args)
     out = args.out or Path("outputs") / "memory" / f"estimate-{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, report)
     print(f"\nwrote {out}")
     if failures:
         raise SystemExit("the estimate is off by more than 25 %: " + "; ".join(failures))

@@ -20,7 +20,8 @@ from client_app.app import _local_examples
 from fedcybgd import data, models
 from fedcybgd.config import DataConfig
 from scripts.certs import generate_node_keys, generate_server_credentials, missing_files
-from scripts.deploy import LoopbackDeployment, _alive
+from scripts.deploy import LoopbackDeployment
+from scripts.flower import is_alive
 from tests.test_deployment import APP_DIR, TINY, _run, metrics_rows, write_alpaca
 
 DATA_JSON = json.dumps(asdict(DataConfig(max_examples=200)))
@@ -115,4 +116,4 @@ def test_compose_topology_trains_on_loopback_with_an_empty_node(tmp_path: Path) 
     assert trained[node_ids["supernode-2"]]["bytes_up"] > 0
     assert "holds no data: using partition 1 of 2 of the packaged data" in empty_log
     time.sleep(1)
-    assert not {pid for pid in pids if _alive(pid)}
+    assert not {pid for pid in pids if is_alive(pid)}

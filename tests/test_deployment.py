@@ -24,7 +24,7 @@ from fedcybgd import models
 from fedcybgd.blocks import partition_blocks
 from scripts.certs import ServerCredentials
 from scripts.deploy import LoopbackDeployment, superexec_flags, superlink_flags, supernode_flags
-from scripts.deploy import _alive
+from scripts.flower import is_alive
 
 APP_DIR = Path(__file__).resolve().parent.parent
 TINY = "model=tiny-llama train=tiny eval.every=1 data.max_examples=400 eval.max_examples=40"
@@ -144,7 +144,7 @@ def test_node_with_broken_data_is_rejected_and_the_run_goes_on(insecure_run: Fin
 def test_no_deployment_process_is_left_behind(insecure_run: Finished) -> None:
     assert insecure_run.pids, "no process was recorded"
     deadline = time.monotonic() + 10
-    while (alive := {pid for pid in insecure_run.pids if _alive(pid)}) and time.monotonic() < deadline:
+    while (alive := {pid for pid in insecure_run.pids if is_alive(pid)}) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive
 
@@ -184,7 +184,7 @@ def test_tls_and_supernode_auth_admit_only_registered_nodes(tmp_path: Path) -> N
     assert {a["node_id"] for r in rows for a in r["assignments"]} == set(registered)
     assert (out / "summary.json").exists()
     time.sleep(1)
-    assert not {pid for pid in pids if _alive(pid)}
+    assert not {pid for pid in pids if is_alive(pid)}
 
 
 # -- Docker: compose files and image, checked without a Docker engine ------------------------------

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from scripts import netns
-from scripts.deploy import _alive
 from scripts.edge import (EdgeConfig, EdgeDeployment, Event, explained_down, load_edge_config,
                           markdown, run_overrides, summarize, train_downloads, transfer_times)
+from scripts.flower import is_alive
 from scripts.netns import Host, Network
 
 REASON = netns.unavailable_reason()
@@ -131,8 +131,8 @@ def test_a_cut_waits_for_the_whole_download() -> None:
     assert train_downloads("\n".join(log)) == 1
 
 
-def test_run_overrides_follow_the_compare_preset(tmp_path: Path) -> None:
-    text = run_overrides("fedlora", "tiny", "rounds=3", tmp_path / "out", 3)
+def test_run_overrides_follow_the_compare_preset() -> None:
+    text = run_overrides("fedlora", "tiny", "rounds=3", 3)
     assert "model=tiny-llama" in text and "algorithm=fedlora" in text and "algorithm.min_nodes=3" in text
     assert text.endswith("rounds=3") and "output_dir" not in text  # extra last: it wins; run() sets the dir
 
@@ -170,7 +170,7 @@ def test_tiny_run_survives_a_link_cut_mid_visit(tmp_path: Path) -> None:
         # The strategy orders nodes by key, here the partition id: node-1, node-2, node-3.
         events = [Event(host="node-2", visit=1, after=CUT_AFTER, cut=CUT_SECONDS),
                   Event(host="node-3", at=5, rate_mbit=20)]  # a link slowing down: costs nothing
-        overrides = run_overrides("fedcybgd", "tiny", TINY, out, len(RATES))
+        overrides = run_overrides("fedcybgd", "tiny", TINY, len(RATES))
         result = edge.run("fedcybgd", overrides, out, timeout=300, events=events, idle_seconds=3)
         pids = edge.dep.process_ids()
         prefix = edge.net.prefix
@@ -179,7 +179,7 @@ def test_tiny_run_survives_a_link_cut_mid_visit(tmp_path: Path) -> None:
                               if (out.parent / "fedcybgd-serverapp.log").exists() else "")
     assert prefix not in namespaces()
     time.sleep(1)
-    assert not {pid for pid in pids if _alive(pid)}
+    assert not {pid for pid in pids if is_alive(pid)}
     assert sorted(e["event"] for e in result.events) == sorted(e.describe() for e in events), result.events
 
     report = summarize(result, config)
