@@ -19,9 +19,9 @@ def test_a_run_is_read_back_only_when_it_finished_with_the_same_overrides(tmp_pa
 
     monkeypatch.setattr(sweep, "in_fresh_process", fake_run)
 
-    def row(out_dir):
-        summary, rows = sweep.outputs(out_dir)
-        return {"overrides": summary["overrides"], "rounds": len(rows)}
+    def row(out_dir):  # the fake files are no run records: read them as they were written
+        rows = (out_dir / "metrics.jsonl").read_text().splitlines()
+        return {"overrides": json.loads((out_dir / "summary.json").read_text())["overrides"], "rounds": len(rows)}
 
     first = sweep.measure(sweep.Run("a", "rounds=1", 2), tmp_path, row, "test")
     assert first == {"overrides": f"rounds=1 output_dir={tmp_path / 'a'}", "rounds": 1} and len(calls) == 1
