@@ -24,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ import yaml
 
 from fedcybgd import data
 from fedcybgd.config import compose
+from fedcybgd.node_config import NodeConfig
 from scripts.certs import DEFAULT_HOSTS, NodeKeys, ServerCredentials, generate_node_keys, generate_server_credentials
 from scripts.simulate import STATUS_POLL_S, _flwr, _wait_healthy, flower_env, free_port, run_status
 
@@ -86,24 +86,12 @@ def compose_commands(compose_file: Path) -> dict[str, list[str]]:
 
 def parse_node_config(text: str) -> dict[str, object]:
     """`--node-config` text back to a dict (the inverse of `node_config_arg`)."""
-    return tomllib.loads(re.sub(r"\s+(?=[\w-]+=)", "\n", text.strip()))
+    return NodeConfig.from_flower_arg(text).to_mapping()
 
 
 def node_config_arg(node_config: Mapping[str, object]) -> str:
-    """`--node-config` text: Flower parses each value as TOML, so strings must be quoted."""
-    parts = []
-    for key, value in node_config.items():
-        if isinstance(value, bool):
-            text = str(value).lower()
-        elif isinstance(value, (int, float)):
-            text = str(value)
-        else:
-            text = str(value)
-            if '"' in text or "\\" in text:
-                raise ValueError(f"node-config {key}={text!r}: quotes and backslashes are not supported")
-            text = f'"{text}"'
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
+    """`--node-config` text; every key must be one of NodeConfig's (fedcybgd/node_config.py)."""
+    return NodeConfig.from_mapping(node_config).to_flower_arg()
 
 
 def _tls_server_flags(tls: ServerCredentials | None) -> list[str]:
