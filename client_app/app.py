@@ -251,11 +251,10 @@ def _local_examples(node: NodeConfig, data_json: str, model_dir: str, max_seq_le
 def _local_split(node: NodeConfig, data_json: str, side: str) -> data.Dataset:
     """This node's held-out (`heldout`) or validation (`validation`) examples: never trained on."""
     split = _split(data_json, *_data_source(node))
-    chosen = split.validation if side == "validation" else split.heldout
-    if chosen is None:
-        raise data.DataError("eval.split=validation, but this node's data has no validation side "
-                             "(data.validation_fraction)")
-    return chosen
+    if side == "heldout":
+        return split.heldout
+    assert split.validation is not None  # config.check: eval.split=validation needs a validation_fraction
+    return split.validation
 
 
 def _holds_data(path: Path) -> bool:
