@@ -43,7 +43,6 @@ app = ClientApp(mods=faults.mods())
 gc.freeze()
 
 
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     instruction = TrainInstruction.from_record(msg.content.config_records[CONFIG])
