@@ -3,12 +3,8 @@
 Evaluation (`eval.where` nodes or both): the same cache update, the whole global model, its
 loss and task score on the node's held-out data.
 
-Node-local facts come from `node_config`: `partition-id`/`num-partitions` (simulation),
-`data-path` (a node's own data file: de-duplicated and split by prompt as the server splits its
-data, so the held-out part is never trained on), `device` (`auto`, `cpu`, `cuda`, `cuda:1`, ...),
-`cache-dir` (where this node keeps its frozen copy; default under ~/.cache/fedcybgd),
-`cache-keep-runs` (how many past runs' caches survive a new run; default 2), and
-`base-model` (a local path or hub id of the base model this node already has).
+Node-local facts (its data, device, cache folder, ...) come from the node's `node_config`, read
+into a `NodeConfig` (fedcybgd/node_config.py: every key declared there, with its meaning).
 """
 
 from __future__ import annotations
@@ -34,6 +30,7 @@ from client_app import faults
 from fedcybgd.client_cache import CacheWriteError, ClientCache, Holding, digest, prune_runs, run_dir_name
 from fedcybgd.compression import DENSE
 from fedcybgd.config import DataConfig
+from fedcybgd.node_config import NodeConfig, NodeConfigError
 from fedcybgd.protocol import (BLOCK, CONFIG, FROZEN, METRICS, EvalInstruction, HoldingsReply, NodeEvalMetrics,
                                TrainInstruction, VisitMetrics)
 from fedcybgd.train import pick_device, train_params
@@ -46,19 +43,13 @@ app = ClientApp(mods=faults.mods())
 gc.freeze()
 
 
-class NodeConfigError(ValueError):
-    """A `node_config` value of the wrong type or range (a SuperNode's `--node-config`)."""
-
-# Past runs' caches a node keeps (node config `cache-keep-runs`); each is a copy of the model.
-DEFAULT_KEEP_RUNS = 2
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     instruction = TrainInstruction.from_record(msg.content.config_records[CONFIG])
-    device = pick_device(_node_str(context.node_config, "device", "auto"))
+    node = NodeConfig.from_mapping(context.node_config)
+    device = pick_device(node.device)
     memory_before = memory.baseline_bytes(device)
-    cache = ClientCache(_cache_dir(context, instruction.cache_id))
+    cache = ClientCache(_cache_dir(node, context.node_id, instruction.cache_id))
     # Each raises its own error, and the server rejects the visit by it: CacheWriteError (the
     # download cannot be stored: disk full), CacheMissError (cache lost or stale: never train on
     # stale weights), CacheCorruptError (a file unreadable: its entries are dropped). The server
@@ -74,7 +65,7 @@ def train(msg: Message, context: Context) -> Message:
 
     model_dir = str(models.resolve_model_dir(instruction.model_name))
     tokenizer = models.load_tokenizer(model_dir)
-    examples = _local_examples(context.node_config, json.dumps(asdict(instruction.data)), model_dir,
+    examples = _local_examples(node, json.dumps(asdict(instruction.data)), model_dir,
                                instruction.train.max_seq_len)
     batches = data.train_batches(examples, instruction.train.batch_size, tokenizer.pad_token_id,
                                  seed=instruction.seed)
@@ -125,8 +116,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """The global model's loss and task score on this node's held-out data."""
     instruction = EvalInstruction.from_record(msg.content.config_records[CONFIG])
     started = time.perf_counter()
-    device = pick_device(_node_str(context.node_config, "device", "auto"))
-    cache = ClientCache(_cache_dir(context, instruction.cache_id))
+    node = NodeConfig.from_mapping(context.node_config)
+    device = pick_device(node.device)
+    cache = ClientCache(_cache_dir(node, context.node_id, instruction.cache_id))
     cache.store(protocol.decode_parts(msg.content.array_records[FROZEN], instruction.manifest))
     tensors = cache.load(list(instruction.manifest))
     model, _ = models.build_skeleton(instruction.model_spec)
@@ -138,7 +130,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model_dir = str(models.resolve_model_dir(instruction.model_name))
     tokenizer = models.load_tokenizer(model_dir)
     cfg = instruction.eval
-    heldout = _local_split(context.node_config, json.dumps(asdict(instruction.data)), cfg.split)
+    heldout = _local_split(node, json.dumps(asdict(instruction.data)), cfg.split)
     held_out = scoring.eval_set(heldout, tokenizer, cfg, instruction.max_seq_len)
     loss, score = scoring.evaluate(model, tokenizer, held_out, cfg, device)
     metrics = NodeEvalMetrics(eval_loss=loss, num_examples=held_out.num_examples,
@@ -156,12 +148,20 @@ def holdings(msg: Message, context: Context) -> Message:
     """Tell the server what this node's cache holds (seeding it from a local base model first),
     and the node's stable key, by which the server orders nodes."""
     base_hashes, cache_id = protocol.parse_holdings_query(msg.content)
-    cache = ClientCache(_cache_dir(context, cache_id))
-    if "base-model" in context.node_config:
-        _seed_from_base(cache, _node_str(context.node_config, "base-model"), base_hashes)
-    path = context.node_config.get("data-path")  # a bad value is named by the node's first visit
-    has_data = isinstance(path, str) and _holds_data(Path(path))
-    return Message(HoldingsReply(cache.holdings(), _node_key(context), has_data).to_content(), reply_to=msg)
+    try:
+        node = NodeConfig.from_mapping(context.node_config)
+    except NodeConfigError as err:
+        # Answer as a node with no settings: the server then sends it a visit, and the visit's
+        # error names the bad key in the server's records (an unanswered query would only be
+        # asked again).
+        log(WARNING, "%s: the first visit will fail with it", err)
+        node = NodeConfig()
+    cache = ClientCache(_cache_dir(node, context.node_id, cache_id))
+    if node.base_model is not None:
+        _seed_from_base(cache, node.base_model, base_hashes)
+    has_data = node.data_path is not None and _holds_data(Path(node.data_path))
+    key = protocol.node_key(node, context.node_id)
+    return Message(HoldingsReply(cache.holdings(), key, has_data).to_content(), reply_to=msg)
 
 
 def _received(content: RecordDict, instruction: TrainInstruction) -> dict[Holding, dict]:
@@ -184,40 +184,18 @@ def _seed_from_base(cache: ClientCache, base: str, base_hashes: dict[str, str]) 
     })
 
 
-def _node_str(node_config: dict, key: str, default: str | None = None) -> str:
-    value = node_config.get(key, default)
-    if not isinstance(value, str):
-        raise NodeConfigError(f"node_config {key}={value!r} must be a string (quoted in --node-config: "
-                              f'{key}="...")')
-    return value
-
-
-def _node_int(node_config: dict, key: str, default: int | None = None) -> int:
-    value = node_config[key] if default is None else node_config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise NodeConfigError(f"node_config {key}={value!r} must be an integer")
-    return value
-
-
-def _node_key(context: Context) -> str:
-    return protocol.node_key(context.node_config, context.node_id)
-
-
-def _cache_dir(context: Context, cache_id: str) -> Path:
+def _cache_dir(node: NodeConfig, node_id: int, cache_id: str) -> Path:
     """This node's cache for the server's run (`cache_id`, the same after a resume, unlike
     Flower's run id). When a node first meets a run, all but its newest past runs' caches go."""
     run = run_dir_name(cache_id)
-    if "cache-dir" in context.node_config:
-        root = Path(_node_str(context.node_config, "cache-dir")).expanduser()
+    if node.cache_dir is not None:
+        root = Path(node.cache_dir).expanduser()
         directory = root / run
     else:
         root = models.default_cache_dir() / "client-cache"
-        directory = root / run / re.sub(r"[^A-Za-z0-9._-]", "_", _node_key(context))
+        directory = root / run / re.sub(r"[^A-Za-z0-9._-]", "_", protocol.node_key(node, node_id))
     if not directory.exists():
-        keep = _node_int(context.node_config, "cache-keep-runs", DEFAULT_KEEP_RUNS)
-        if keep < 0:
-            raise NodeConfigError(f"node_config cache-keep-runs={keep} must be >= 0")
-        prune_runs(root, run, keep)
+        prune_runs(root, run, node.cache_keep_runs)
     return directory
 
 
@@ -245,38 +223,35 @@ def _tokenized_train(data_json: str, data_path: str | None, partition: tuple[int
     return data.tokenize(_split(data_json, data_path, partition).train, models.load_tokenizer(model_dir), max_seq_len)
 
 
-def _data_source(node_config: dict) -> tuple[str | None, tuple[int, int] | None]:
+def _data_source(node: NodeConfig) -> tuple[str | None, tuple[int, int] | None]:
     """(this node's data file, or its partition of the shared source).
 
     A `data-path` with nothing there (no such path, or an empty folder: what Docker mounts when
     the host folder is missing) falls back to the node's partition when its node config has one,
     so a demo trains with nothing prepared. Without a partition, the loader's error names the file.
     """
-    path = _node_str(node_config, "data-path") if "data-path" in node_config else None
-    has_partition = "partition-id" in node_config and "num-partitions" in node_config
-    if path is not None and (not has_partition or _holds_data(Path(path))):
+    path, partition = node.data_path, node.partition
+    if path is not None and (partition is None or _holds_data(Path(path))):
         return path, None
-    if not has_partition:
+    if partition is None:
         raise data.DataError("node_config needs data-path, or partition-id and num-partitions")
-    partition = (_node_int(node_config, "partition-id"), _node_int(node_config, "num-partitions"))
     if path is not None:
         log(WARNING, "data-path %s holds no data: using partition %d of %d of the packaged data", path, *partition)
     return None, partition
 
 
-def _local_examples(node_config: dict, data_json: str, model_dir: str, max_seq_len: int) -> list[data.Example]:
+def _local_examples(node: NodeConfig, data_json: str, model_dir: str, max_seq_len: int) -> list[data.Example]:
     """This node's tokenized training examples."""
-    return _tokenized_train(data_json, *_data_source(node_config), model_dir, max_seq_len)
+    return _tokenized_train(data_json, *_data_source(node), model_dir, max_seq_len)
 
 
-def _local_split(node_config: dict, data_json: str, side: str) -> data.Dataset:
+def _local_split(node: NodeConfig, data_json: str, side: str) -> data.Dataset:
     """This node's held-out (`heldout`) or validation (`validation`) examples: never trained on."""
-    split = _split(data_json, *_data_source(node_config))
-    chosen = split.validation if side == "validation" else split.heldout
-    if chosen is None:
-        raise data.DataError("eval.split=validation, but this node's data has no validation side "
-                             "(data.validation_fraction)")
-    return chosen
+    split = _split(data_json, *_data_source(node))
+    if side == "heldout":
+        return split.heldout
+    assert split.validation is not None  # config.check: eval.split=validation needs a validation_fraction
+    return split.validation
 
 
 def _holds_data(path: Path) -> bool:

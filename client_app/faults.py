@@ -2,10 +2,10 @@
 
 Only when `FEDCYBGD_FAULT_INJECTION=1` is set in a SuperNode's environment (it reaches the
 ClientApp processes that node starts) does the ClientApp get the mod below, and the mod then reads
-one `node_config` key, `fault`: `<kind>@<n>` (this node's n-th train message), several separated
+one node config key, `fault`: `<kind>@<n>` (this node's n-th train message), several separated
 by commas, each kind one of
 
-- `hang@n`: never answer that message (sleep `fault-hang-s` seconds, default 3600),
+- `hang@n`: never answer that message (sleep `fault-hang-s` seconds),
 - `lose-cache@n`: delete this run's cache directory first (a node back with an empty disk),
 - `corrupt-cache@n`: overwrite every cached tensor file with garbage first,
 - `disk-full@n`: every cache write of that visit fails with ENOSPC, leaving a partial file.
@@ -28,6 +28,7 @@ from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedcybgd.client_cache import run_dir_name
+from fedcybgd.node_config import NodeConfig, NodeConfigError
 from fedcybgd.protocol import CONFIG, TrainInstruction
 
 ENV = "FEDCYBGD_FAULT_INJECTION"
@@ -40,22 +41,27 @@ def mods() -> list[Mod]:
 
 def inject(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Apply this node's configured fault on its n-th train message; otherwise pass through."""
-    spec = context.node_config.get("fault")
-    if not spec or msg.metadata.message_type != MessageType.TRAIN:
+    if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
+    node = NodeConfig.from_mapping(context.node_config)
+    spec = node.fault
+    if not spec:
+        return call_next(msg, context)
+    if node.cache_dir is None:
+        raise NodeConfigError(f"node_config fault={spec!r} needs cache-dir (it counts train messages there)")
     plan = {}
-    for item in str(spec).split(","):
+    for item in spec.split(","):
         kind, _, at = item.strip().partition("@")
         if kind not in KINDS or not at.isdigit():
             raise ValueError(f"node_config fault={spec!r}: expected <kind>@<n>[,...], kind one of {KINDS}")
         plan[int(at)] = kind
-    root = Path(str(context.node_config["cache-dir"])).expanduser()
+    root = Path(node.cache_dir).expanduser()
     kind = plan.get(_count_train_message(root))
     if kind is None:
         return call_next(msg, context)
     run_cache = root / run_dir_name(TrainInstruction.from_record(msg.content.config_records[CONFIG]).cache_id)
     if kind == "hang":
-        time.sleep(float(context.node_config.get("fault-hang-s", 3600)))
+        time.sleep(node.fault_hang_s)
     elif kind == "lose-cache":
         shutil.rmtree(run_cache, ignore_errors=True)
     elif kind == "corrupt-cache":

@@ -62,8 +62,6 @@ def partition_blocks(model: nn.Module, layers_per_block: int, train_head: bool =
     """
     path = find_layer_path(model)
     num_layers = len(model.get_submodule(path))
-    if layers_per_block < 1:
-        raise ValueError(f"model.layers_per_block must be >= 1, got {layers_per_block}")
     if layers_per_block > num_layers:
         raise ValueError(
             f"model.layers_per_block={layers_per_block} exceeds the model's {num_layers} layers"

@@ -178,7 +178,8 @@ IN_USE_SECONDS = 3600.0
 
 
 def prune_runs(root: Path, current: str, keep: int) -> list[Path]:
-    """Delete all but the `keep` most recently used run caches under `root`; returns what went.
+    """Delete all but the `keep` (>= 0: NodeConfig checks) most recently used run caches under
+    `root`; returns what went.
 
     Called when a node first meets a run, so a long-lived node holds at most `keep` past runs'
     frozen copies besides the current one (each is a whole model: hundreds of MB for SmolLM2).
@@ -186,8 +187,6 @@ def prune_runs(root: Path, current: str, keep: int) -> list[Path]:
     since a cache writes its manifest there (or in a per-node folder inside it) on every visit.
     A cache used within the last `IN_USE_SECONDS` is never removed, whatever `keep` says.
     """
-    if keep < 0:
-        raise ValueError(f"cache-keep-runs={keep} must be >= 0")
     if not root.is_dir():
         return []
     past = [d for d in root.iterdir() if d.is_dir() and d.name.startswith(RUN_PREFIX) and d.name != current]

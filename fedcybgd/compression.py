@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-QUANTS = ("none", "int8", "nf4")
-PATTERNS = ("unstructured", "2:4")
+from fedcybgd.config import PRUNE_PATTERNS, QUANTIZATIONS
+
 NF4_BLOCK = 64
 # The 16 NF4 levels (QLoRA, Dettmers et al. 2023): quantiles of a unit normal, scaled to [-1, 1].
 NF4_LEVELS = torch.tensor([
@@ -34,10 +34,10 @@ class TensorForm:
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if self.pattern not in PATTERNS:
-            raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
-        if self.quant not in QUANTS:
-            raise ValueError(f"quantization must be one of {QUANTS}, got {self.quant!r}")
+        if self.pattern not in PRUNE_PATTERNS:
+            raise ValueError(f"pattern must be one of {PRUNE_PATTERNS}, got {self.pattern!r}")
+        if self.quant not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quant!r}")
 
     @property
     def prunes(self) -> bool:

@@ -1,8 +1,10 @@
 """Every knob of a run: typed, named and documented once, here.
 
-The dataclasses are the schema and the defaults. The YAML tree in `conf/` only selects and
-overrides values per group (model, data, algorithm, train). `compose` merges both with the user's
-Hydra overrides, so an unknown key or a value of the wrong type fails at once, naming the key.
+The dataclasses are the schema and the only place a default is written: `RunConfig()` is the
+default run. The YAML tree in `conf/` holds the defaults list (`conf/config.yaml`) and, per group
+option (model, data, algorithm, train, compression), only what that option changes. `compose`
+merges both with the user's Hydra overrides, so an unknown key or a value of the wrong type fails
+at once, naming the key.
 """
 
 from __future__ import annotations
@@ -83,7 +85,10 @@ class TrainConfig:
     lr: float = 1e-4
     # Learning rate over a visit's steps, restarted every visit: `constant`, or `cosine` decay
     # to 0 after the warmup. `warmup_fraction` of the visit's steps ramp the rate up linearly
-    # from lr/warmup-steps (0: no warmup).
+    # from lr/warmup-steps (0: no warmup). Constant, like no clipping below, by measurement on
+    # SmolLM2-135M (centralized-cy, 3 blocks of 10 layers, one cycle of 10 steps per block, 100
+    # held-out examples): warmup 10 % + cosine ended at held-out loss 1.504 against 1.246 for
+    # constant: with 10 steps per visit, cosine halves the mean rate.
     lr_schedule: str = "constant"
     warmup_fraction: float = 0.0
     # Clip the gradient norm of what trains to this before each step (null or 0: no clipping).
@@ -151,10 +156,13 @@ class CompressionConfig:
     """How the frozen rest of the model travels to a client (the assigned block is always dense).
 
     Our choices, not the paper's (it does not publish its settings); see README "Compression".
+    The defaults are the `quantize` policy: int8 per output row for the frozen decoder layers,
+    embeddings and lm_head. Chosen by measurement (make bench-comm, bench-fidelity): +0.3 % final
+    held-out loss against `none`. Each file in conf/compression/ sets what its policy changes.
     """
 
     # Label of the policy, for reports.
-    name: str = "none"
+    name: str = "quantize"
     # Fraction of the frozen decoder layers left out of this visit's model (never the block).
     drop_fraction: float = 0.0
     # `random`: a fresh random choice per visit (seeded); `keep-near`: drop the layers farthest
@@ -165,9 +173,9 @@ class CompressionConfig:
     prune_sparsity: float = 0.0
     prune_pattern: str = "unstructured"
     # Quantization of frozen decoder-layer matrices: `none`, `int8` (per output row), `nf4`.
-    quantize: str = "none"
+    quantize: str = "int8"
     # Embeddings and lm_head (never dropped): `none`, `int8`, `nf4`.
-    head_quantize: str = "none"
+    head_quantize: str = "int8"
     # The reference code's `--compress p`: of the blocks updated since a node's last copy of
     # them, a visit sends a random ceil(p x n); the node keeps its stale copy of the others
     # until a later visit draws them. 1.0: always send the current version.

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -31,6 +30,7 @@ from fedcybgd import codec
 from fedcybgd.lora import adapter_names
 from fedcybgd.client_cache import Holding, decode_holdings, encode_holdings
 from fedcybgd.config import DataConfig, EvalConfig, LoraConfig, TrainConfig
+from fedcybgd.node_config import NodeConfig
 
 BLOCK = "block"
 FROZEN = "frozen"
@@ -267,16 +267,16 @@ class HoldingsReply:
 FALLBACK_KEY_PREFIX = "node-id-"
 
 
-def node_key(node_config: Mapping[str, object], node_id: int) -> str:
+def node_key(node: NodeConfig, node_id: int) -> str:
     """A name for the node that does not change when Flower assigns new node ids.
 
     The declared `node-name` (deployment), else the partition (simulation), else the Flower node
     id (`node-id-...`: stable only as long as the node keeps its id; the server warns).
     """
-    if "node-name" in node_config:
-        return f"name-{node_config['node-name']}"
-    if "partition-id" in node_config:
-        return f"partition-{int(node_config['partition-id'])}"  # type: ignore[call-overload]
+    if node.node_name is not None:
+        return f"name-{node.node_name}"
+    if node.partition_id is not None:
+        return f"partition-{node.partition_id}"
     return f"{FALLBACK_KEY_PREFIX}{node_id}"
 
 

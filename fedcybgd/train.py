@@ -48,8 +48,7 @@ def visit_steps(cfg: TrainConfig, num_examples: int | None) -> int:
     `num_examples` of the node's shard, rounded up to whole steps."""
     if cfg.local_steps is not None:
         return cfg.local_steps
-    if cfg.local_epochs is None:
-        raise ValueError("train.local_steps and train.local_epochs are both null: set one")
+    assert cfg.local_epochs is not None  # config.check: exactly one of the two is set
     if not num_examples:
         raise ValueError("train.local_epochs needs the number of training examples")
     return max(1, math.ceil(cfg.local_epochs * num_examples / (cfg.batch_size * cfg.grad_accum)))
@@ -62,9 +61,8 @@ def lr_at(step: int, steps: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / (warmup + 1)
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
-    raise ValueError(f"unknown train.lr_schedule {cfg.lr_schedule!r}")
+    # `cosine`, the only other schedule config.check lets through
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
 
 
 def train_params(

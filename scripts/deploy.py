@@ -28,6 +28,7 @@ from flwr.common.config import parse_config_args
 
 from fedcybgd import data
 from fedcybgd.config import compose
+from fedcybgd.node_config import NodeConfig
 from scripts import flower
 from scripts.certs import DEFAULT_HOSTS, NodeKeys, ServerCredentials, generate_node_keys, generate_server_credentials
 from scripts.flower import free_port
@@ -79,13 +80,13 @@ def compose_commands(compose_file: Path) -> dict[str, list[str]]:
 
 
 def parse_node_config(text: str) -> dict[str, object]:
-    """`--node-config` text back to a dict (the inverse of `node_config_arg`), as Flower reads it."""
-    return parse_config_args([text])
+    """`--node-config` text back to a dict (the inverse of `node_config_arg`)."""
+    return NodeConfig.from_flower_arg(text).to_mapping()
 
 
 def node_config_arg(node_config: Mapping[str, object]) -> str:
-    """`--node-config` text: Flower parses each value as TOML, so strings are quoted (any characters)."""
-    return flower.config_arg(node_config)
+    """`--node-config` text; every key must be one of NodeConfig's (fedcybgd/node_config.py)."""
+    return NodeConfig.from_mapping(node_config).to_flower_arg()
 
 
 def _tls_server_flags(tls: ServerCredentials | None) -> list[str]:

@@ -20,6 +20,8 @@ from typing import TypeVar
 
 import psutil  # with flwr[simulation]
 
+from fedcybgd.node_config import config_text
+
 APP_DIR = Path(__file__).resolve().parent.parent
 # Seconds between checks of a run's status. Each check runs the `flwr` CLI, a fresh Python process
 # of about 1.5 CPU-seconds: polled every second or two, it took a good share of a 2-core machine
@@ -201,27 +203,11 @@ def cli_json(args: list[str], env: Mapping[str, str], needs: str, *, timeout: fl
     return reply
 
 
-def config_arg(values: Mapping[str, object]) -> str:
-    """`key=value ...` text as Flower's parser reads `--run-config` and `--node-config`, whatever
-    characters a string holds: the parser takes a double-quoted value up to the next `"` and reads
-    it as a TOML basic string, so `"`, backslashes and control characters go in as \\u escapes
-    (spaces and `'` need none)."""
-    return " ".join(f"{key}={_toml_value(value)}" for key, value in values.items())
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (int, float)):
-        return str(value)
-    return '"' + "".join(f"\\u{ord(c):04x}" if c in '"\\\x7f' or c < " " else c for c in str(value)) + '"'
-
-
 def submit(overrides: str, env: Mapping[str, str], *, connection: str | None = None,
            federation_config: str | None = None, timeout: float = 300.0) -> int:
     """`flwr run .` (on `connection`, default: the config's default) with Hydra overrides; the run id."""
     # The ServerApp splits `overrides` as the shell would (config.compose).
-    args = ["run", ".", *([connection] if connection else []), "--run-config", config_arg({"overrides": overrides})]
+    args = ["run", ".", *([connection] if connection else []), "--run-config", config_text({"overrides": overrides})]
     if federation_config:
         args += ["--federation-config", federation_config]
     return int(cli_json(args, env, "run-id", timeout=timeout)["run-id"])

@@ -19,6 +19,7 @@ import pytest
 from client_app.app import _local_examples
 from fedcybgd import data, models
 from fedcybgd.config import DataConfig
+from fedcybgd.node_config import NodeConfig
 from scripts.certs import generate_node_keys, generate_server_credentials, missing_files
 from scripts.deploy import LoopbackDeployment
 from scripts.flower import is_alive
@@ -34,7 +35,7 @@ def tiny_dir() -> str:
 
 
 def examples(node_config: dict, tiny_dir: str) -> list[data.Example]:
-    return _local_examples(node_config, DATA_JSON, tiny_dir, 64)
+    return _local_examples(NodeConfig.from_mapping(node_config), DATA_JSON, tiny_dir, 64)
 
 
 # -- a node with no data trains on its packaged partition -------------------------------------

@@ -1,6 +1,11 @@
-import pytest
+import json
+from dataclasses import asdict
+from pathlib import Path
 
-from fedcybgd.config import ConfigError, compose
+import pytest
+import yaml
+
+from fedcybgd.config import CONF_DIR, ConfigError, RunConfig, compose
 
 
 def test_defaults_compose_to_the_documented_run():
@@ -27,3 +32,38 @@ def test_overrides_from_one_string():
 def test_bad_overrides_fail_naming_the_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         compose(overrides=override)
+
+
+# tests/data/composed_configs.json was written by the code before the defaults moved into the
+# dataclasses alone (issue 14): `compose()` flattened to dotted keys ("default"), and for each
+# option file conf/<group>/<option>.yaml, `compose(overrides=[f"{group}={option}"])` flattened,
+# keeping only the keys that differ from the default ("options").
+SNAPSHOT = json.loads((Path(__file__).parent / "data" / "composed_configs.json").read_text())
+GROUPS = ("model", "data", "algorithm", "train", "compression")
+OPTIONS = [f"{group}={path.stem}" for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def test_the_default_run_is_the_dataclass_defaults_and_composes_as_before():
+    assert flat(asdict(RunConfig())) == flat(asdict(compose())) == SNAPSHOT["default"]
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_every_group_option_composes_as_before(option):
+    assert option in SNAPSHOT["options"], f"{option} is new: add it to tests/data/composed_configs.json"
+    assert flat(asdict(compose(overrides=[option]))) == {**SNAPSHOT["default"], **SNAPSHOT["options"][option]}
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_an_option_file_sets_only_what_differs_from_the_dataclass_defaults(option):
+    group, name = option.split("=")
+    defaults = asdict(getattr(RunConfig(), group))
+    same = {key: value for key, value in (yaml.safe_load((CONF_DIR / group / f"{name}.yaml").read_text()) or {}).items()
+            if defaults[key] == value}
+    assert not same, f"conf/{group}/{name}.yaml repeats dataclass defaults {same}: the dataclass is their one home"

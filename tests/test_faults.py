@@ -219,6 +219,7 @@ def test_a_partition_with_no_usable_example_stops_before_round_1(out_dir, tmp_pa
 @pytest.mark.parametrize("node_config, message", [
     ({"partition-id": "0", "num-partitions": 2}, r"partition-id='0' must be an integer"),
     ({"data-path": 3}, r"data-path=3 must be a string"),
+    ({"data_path": "/srv/a.jsonl"}, r"unknown key\(s\) data_path; the known keys are data-path"),
 ])
 def test_a_node_config_of_the_wrong_type_names_the_key(out_dir, node_config, message):
     grid = FakeGrid(1, node_config=lambda i: node_config)

@@ -39,6 +39,11 @@ def test_no_dropping_below_one_layer():
 LAYERS = 20
 
 
+def uncompressed(**changes: float) -> CompressionConfig:
+    """The `none` policy (every tensor dense, full precision) with `changes`."""
+    return CompressionConfig(name="none", quantize="none", head_quantize="none", **changes)
+
+
 def layout():
     """20 one-layer blocks of a weight matrix and a norm each, plus an embedding in no block."""
     blocks = tuple(Block(i, (f"model.layers.{i}.w", f"model.layers.{i}.norm"), (i,)) for i in range(LAYERS))
@@ -68,7 +73,7 @@ def first_visit(packager, node, versions):
 
 
 def test_refresh_sends_about_half_of_the_updated_blocks_and_the_manifest_names_the_stale_rest():
-    packager = Packager(layout(), CompressionConfig(refresh_fraction=0.5), seed=0)
+    packager = Packager(layout(), uncompressed(refresh_fraction=0.5), seed=0)
     first_visit(packager, 7, versions_with({}))
     current = versions_with({b: 5 for b in range(1, LAYERS)})  # every other block trained since
     block = layout().blocks[0]
@@ -85,7 +90,7 @@ def test_refresh_sends_about_half_of_the_updated_blocks_and_the_manifest_names_t
 
 
 def test_the_assigned_block_always_comes_at_its_newest_version():
-    packager = Packager(layout(), CompressionConfig(refresh_fraction=0.1), seed=0)
+    packager = Packager(layout(), uncompressed(refresh_fraction=0.1), seed=0)
     first_visit(packager, 7, versions_with({}))
     current = versions_with({b: 3 for b in range(LAYERS)})
     for b in range(1, LAYERS):
@@ -94,7 +99,7 @@ def test_the_assigned_block_always_comes_at_its_newest_version():
 
 
 def test_stale_blocks_are_not_resent_until_drawn_and_a_newer_version_is_sent_once():
-    packager = Packager(layout(), CompressionConfig(refresh_fraction=0.5), seed=1)
+    packager = Packager(layout(), uncompressed(refresh_fraction=0.5), seed=1)
     first_visit(packager, 7, versions_with({}))
     current = versions_with({b: 5 for b in range(1, LAYERS)})
     block = layout().blocks[0]
@@ -127,7 +132,7 @@ def test_refresh_composes_with_dropping_and_quantization():
 
 
 def test_the_clients_cache_resolves_the_manifest_and_the_digests_agree(tmp_path):
-    packager = Packager(layout(), CompressionConfig(refresh_fraction=0.5), seed=0)
+    packager = Packager(layout(), uncompressed(refresh_fraction=0.5), seed=0)
     packager.set_holdings(7, [])
     cache = ClientCache(tmp_path)
     block = layout().blocks[0]
