@@ -29,8 +29,12 @@ LR_SCHEDULES = ("constant", "cosine")
 EVAL_SPLITS = ("heldout", "validation")
 EVAL_WHERE = ("auto", "server", "nodes", "both")
 NODE_EVAL_MODELS = ("exact", "compressed")
-FEDERATED_ALGORITHMS = ("fedcybgd", "fedbavg", "fedavg-full", "fedlora", "fedcybgd-lora")
 CENTRALIZED_ALGORITHMS = ("centralized-cy", "centralized-full")
+# Every other option of the `algorithm` group is federated: adding one is its class in
+# strategy/algorithms.py and its conf/algorithm/<name>.yaml, nothing here.
+FEDERATED_ALGORITHMS = tuple(sorted(  # FedCyBGD first (tables list it first), then by name
+    (p.stem for p in (CONF_DIR / "algorithm").glob("*.yaml") if p.stem not in CENTRALIZED_ALGORITHMS),
+    key=lambda name: (name != "fedcybgd", name)))
 ALGORITHMS = FEDERATED_ALGORITHMS + CENTRALIZED_ALGORITHMS
 
 
