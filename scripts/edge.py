@@ -236,7 +236,6 @@ class EdgeDeployment:
             for thread in threads:
                 thread.join(timeout=30)
             self._restore_links()
-        _read_new_rows(out_dir, submitted, round_times)
         after = {h: self.net.counters(h) for h in hosts}
         result = RunResult(
             label=label, run_id=run_id, status=status, out_dir=out_dir, wall_seconds=wall,
@@ -297,22 +296,19 @@ def train_downloads(log: str) -> int:
 
 def _watch_metrics(out_dir: Path, submitted: float, round_times: dict[int, float],
                    stop: threading.Event) -> None:
-    while not stop.wait(0.25):
-        _read_new_rows(out_dir, submitted, round_times)
-
-
-def _read_new_rows(out_dir: Path, submitted: float, round_times: dict[int, float]) -> None:
-    """Stamp each metrics line with the time it was first seen (a round's end, within 0.25 s)."""
-    try:
-        lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return
-    now = time.monotonic() - submitted
-    for line in lines:
-        try:
-            round_times.setdefault(json.loads(line)["round"], now)
-        except (ValueError, KeyError):
-            pass  # a line being written
+    """Stamp each metrics line with the time it was first seen (a round's end, within 0.25 s),
+    until `stop` is set, and once more then."""
+    while True:
+        stopped = stop.wait(0.25)
+        path = out_dir / "metrics.jsonl"
+        now = time.monotonic() - submitted
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                round_times.setdefault(json.loads(line)["round"], now)
+            except (ValueError, KeyError):
+                pass  # a line being written
+        if stopped:
+            return
 
 
 _LOG_LINE = re.compile(r"^(\d\d):(\d\d):(\d\d)\.(\d{3}) .*?(\[RUN (\d+)[],]|Receiving: (\w+) message|"
@@ -355,7 +351,9 @@ def summarize(result: RunResult, config: EdgeConfig) -> dict:
     rows = [r.stats for r in records]
     summary = read_summary(result.out_dir) if result.completed else None
     rates = dict(config.supernodes)
-    fab = fab_bytes()
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = len(build_fab_from_disk(APP_DIR))  # the FAB `flwr run` builds: every SuperNode pulls it once per run
     app: dict[str, dict[str, int]] = {name: {"down": 0, "up": 0, "visits": 0} for name in rates}
     transfer_by_round: dict[int, float] = {}
     for row in rows:
@@ -411,13 +409,6 @@ def explained_down(node: dict) -> int:
 
 def explained_up(node: dict) -> int:
     return node["app_bytes_up"] + node["idle_bytes_up"]
-
-
-def fab_bytes() -> int:
-    """Size of the FAB `flwr run` builds from this app: every SuperNode pulls it once per run."""
-    from flwr.cli.build import build_fab_from_disk
-
-    return len(build_fab_from_disk(APP_DIR))
 
 
 def markdown(summaries: list[dict]) -> str:
@@ -514,15 +505,11 @@ def main() -> int:
             overrides = run_overrides(label, args.preset, shlex.join(args.overrides), len(config.supernodes))
             result = edge.run(label, overrides, out / label, args.timeout)
             summaries.append(summarize(result, config))
-            _write_report(out, summaries)
+            sweep.write_json(out / "edge.json", summaries)  # after each run: an interruption keeps the rest
+            write_atomic(out / "edge.md", markdown(summaries))
+            plot_loss_vs_wall(summaries, out / "loss_vs_wall.png")
     print(markdown(summaries), flush=True)
     return 0 if all(s["status"] == "finished:completed" for s in summaries) else 1
-
-
-def _write_report(out: Path, summaries: list[dict]) -> None:
-    sweep.write_json(out / "edge.json", summaries)
-    write_atomic(out / "edge.md", markdown(summaries))
-    plot_loss_vs_wall(summaries, out / "loss_vs_wall.png")
 
 
 if __name__ == "__main__":
