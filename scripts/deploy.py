@@ -146,11 +146,9 @@ class LoopbackDeployment:
 
     def start(self) -> None:
         """Start the SuperLink, wait until it answers, and point the `flwr` CLI at it."""
-        self.logs.mkdir(parents=True, exist_ok=True)
         if self.tls:
             self.credentials = generate_server_credentials(self.certs, tuple(dict.fromkeys((*DEFAULT_HOSTS, self.host))))
-        self.port = free_port()
-        self._write_connection()
+        self._prepare()
         self.start_superlink()
 
     def start_superlink(self) -> None:
@@ -190,9 +188,7 @@ class LoopbackDeployment:
         nodes = [name for name in commands if name.startswith("supernode-")]
         if len(node_data) != len(nodes):
             raise ValueError(f"{compose_file} has {len(nodes)} SuperNodes, node_data has {len(node_data)}")
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self._write_connection()
+        self._prepare()
         ports = {name: self.port if name == "superlink" else free_port()
                  for name, command in commands.items() if "--port" in command}
         addresses = {f"{name}:{_flag_value(commands[name], '--port')}": f"127.0.0.1:{port}"
@@ -292,8 +288,11 @@ class LoopbackDeployment:
         self._started.append(process)
         return process
 
-    def _write_connection(self) -> None:
-        """The CLI's connection to this SuperLink, as the default of a private FLWR_HOME."""
+    def _prepare(self) -> None:
+        """The logs folder, the SuperLink's port, and the CLI's connection to it as the default of
+        a private FLWR_HOME."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         lines = ["[superlink]", f'default = "{self.connection}"', "",
                  f"[superlink.{self.connection}]", f'address = "{self.address}"']

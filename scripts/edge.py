@@ -412,32 +412,35 @@ def explained_up(node: dict) -> int:
 
 
 def markdown(summaries: list[dict]) -> str:
-    """One table per run (nodes: wire vs app bytes) and one across runs (time and loss)."""
-    mb = 1e6
-    lines = ["| run | status | wall s | sum of rounds s | training s | moving bytes s | wire MB (down/up) "
-             "| app MB (down/up) | final held-out loss |", "|---|---|---|---|---|---|---|---|---|"]
-    for s in summaries:
-        wire_down = sum(n["wire_bytes_down"] for n in s["nodes"].values())
-        wire_up = sum(n["wire_bytes_up"] for n in s["nodes"].values())
-        app_down = sum(n["app_bytes_down"] for n in s["nodes"].values())
-        app_up = sum(n["app_bytes_up"] for n in s["nodes"].values())
-        loss = "-" if s["final_eval_loss"] is None else f"{s['final_eval_loss']:.4f}"
-        lines.append(f"| {s['label']} | {s['status']} | {s['wall_seconds']:.0f} | {s['sum_round_seconds']:.0f} "
-                     f"| {s['sum_client_seconds']:.0f} | {s['sum_transfer_seconds']:.0f} "
-                     f"| {wire_down / mb:.2f} / {wire_up / mb:.2f} | {app_down / mb:.2f} / {app_up / mb:.2f} | {loss} |")
+    """One table across runs (time and loss) and one per run (nodes: wire vs app bytes), in MB."""
+    def mb(value: float, form: str = ".3f") -> str:
+        return format(value / 1e6, form)
+
+    def total_mb(s: dict, key: str) -> str:
+        return mb(sum(n[key] for n in s["nodes"].values()), ".2f")
+
+    lines = [sweep.table(summaries, {
+        "run": lambda s: s["label"], "status": lambda s: s["status"], "wall s": lambda s: f"{s['wall_seconds']:.0f}",
+        "sum of rounds s": lambda s: f"{s['sum_round_seconds']:.0f}",
+        "training s": lambda s: f"{s['sum_client_seconds']:.0f}",
+        "moving bytes s": lambda s: f"{s['sum_transfer_seconds']:.0f}",
+        "wire MB (down/up)": lambda s: f"{total_mb(s, 'wire_bytes_down')} / {total_mb(s, 'wire_bytes_up')}",
+        "app MB (down/up)": lambda s: f"{total_mb(s, 'app_bytes_down')} / {total_mb(s, 'app_bytes_up')}",
+        "final held-out loss": lambda s: "-" if s["final_eval_loss"] is None else f"{s['final_eval_loss']:.4f}",
+    })]
     for s in summaries:
         lines += ["", f"{s['label']} (run {s['run_id']}), per node (MB; idle: Flower's polling and "
                   f"heartbeats at the rate measured over {s['idle_seconds']:g} s with no run):", "",
-                  "| node | Mbit/s | visits | wire down | app down | + FAB + idle down | wire up | app up "
-                  "| + idle up | download s | upload s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for name, n in s["nodes"].items():
-            lines.append(
-                f"| {name} | {n['rate_mbit'] or 'no limit'} | {n['visits']} | {n['wire_bytes_down'] / mb:.3f} "
-                f"| {n['app_bytes_down'] / mb:.3f} | {explained_down(n) / mb:.3f} | {n['wire_bytes_up'] / mb:.3f} "
-                f"| {n['app_bytes_up'] / mb:.3f} | {explained_up(n) / mb:.3f} | {n['download_seconds']:.1f} "
-                f"| {n['upload_seconds']:.1f} |")
-        for e in s["events"]:
-            lines.append(f"- at {e['start']:.1f} s: {e['event']}")
+                  sweep.table([{"node": name, **n} for name, n in s["nodes"].items()], {
+                      "node": lambda n: n["node"], "Mbit/s": lambda n: f"{n['rate_mbit'] or 'no limit'}",
+                      "visits": lambda n: str(n["visits"]), "wire down": lambda n: mb(n["wire_bytes_down"]),
+                      "app down": lambda n: mb(n["app_bytes_down"]),
+                      "+ FAB + idle down": lambda n: mb(explained_down(n)),
+                      "wire up": lambda n: mb(n["wire_bytes_up"]), "app up": lambda n: mb(n["app_bytes_up"]),
+                      "+ idle up": lambda n: mb(explained_up(n)),
+                      "download s": lambda n: f"{n['download_seconds']:.1f}",
+                      "upload s": lambda n: f"{n['upload_seconds']:.1f}"})]
+        lines += [f"- at {e['start']:.1f} s: {e['event']}" for e in s["events"]]
     return "\n".join(lines) + "\n"
 
 
