@@ -54,8 +54,7 @@ class Plan:
 def run_faults(workdir: Path, out: Path, plan: Plan, timeout: float = 3600.0) -> dict:
     """One deployment run with `plan`'s faults; returns the run status, the rows and the node IDs."""
     workdir.mkdir(parents=True, exist_ok=True)
-    overrides = (f"{TINY} rounds={plan.rounds} algorithm.min_nodes=3 algorithm.round_timeout={plan.round_timeout:g} "
-                 f"output_dir={out}")
+    overrides = _overrides(plan, out)
     with LoopbackDeployment(workdir / "deploy") as dep:
         dep.env[faults.ENV] = "1"
         configs = [{"partition-id": i, "num-partitions": 3, "cache-dir": str(workdir / f"node-{i + 1}-cache"),
@@ -147,8 +146,7 @@ def run_server_faults(workdir: Path, out: Path, plan: ServerPlan) -> list[dict]:
     if (out / state.CHECKPOINT_FILE).exists() or (out / "metrics.jsonl").exists():
         raise FileExistsError(f"{out} already holds a run: give the server faults a fresh output_dir")
     workdir.mkdir(parents=True, exist_ok=True)
-    base = (f"{TINY} rounds={plan.rounds} algorithm.min_nodes=3 algorithm.round_timeout={plan.round_timeout:g} "
-            f"output_dir={out}")
+    base = _overrides(plan, out)
     rows: list[dict] = []
     # A SuperLink keeps its nodes in memory unless given a database: restarted without one, it
     # answers the SuperNodes' heartbeats with 401 and they exit. With it they carry on.
@@ -176,6 +174,11 @@ def run_server_faults(workdir: Path, out: Path, plan: ServerPlan) -> list[dict]:
     return rows
 
 
+def _overrides(plan: Plan | ServerPlan, out: Path) -> str:
+    return (f"{TINY} rounds={plan.rounds} algorithm.min_nodes=3 algorithm.round_timeout={plan.round_timeout:g} "
+            f"output_dir={out}")
+
+
 def _serverapp_signal(dep: LoopbackDeployment, out: Path, overrides: str, sig: signal.Signals,
                       plan: ServerPlan) -> dict:
     """Submit, wait for one more completed round, send `sig` to the run's ServerApp process."""
@@ -187,7 +190,8 @@ def _serverapp_signal(dep: LoopbackDeployment, out: Path, overrides: str, sig: s
     time.sleep(2)  # past the round's bookkeeping: metrics row and snapshot are written together
     done = _last_logged_round(out)
     os.kill(serverapp, sig)
-    exit_seconds = _wait_exit(serverapp, 60)
+    signalled = time.monotonic()
+    exit_seconds = None if flower.wait_gone([serverapp], 60) else time.monotonic() - signalled
     saved = _completed_round(out)
     kind = "serverapp-sigterm" if sig == signal.SIGTERM else "serverapp-sigkill"
     row = {"fault": kind, "injected": 1, "run_id": run_id, "resumed_from": start,
@@ -284,12 +288,6 @@ def _is_serverapp(pid: int) -> bool:
         return "flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:  # already gone
         return False
-
-
-def _wait_exit(pid: int, timeout: float) -> float | None:
-    """Seconds until `pid` has exited (None: still alive after `timeout`)."""
-    start = time.monotonic()
-    return None if flower.wait_gone([pid], timeout) else time.monotonic() - start
 
 
 def main() -> int:

@@ -52,39 +52,19 @@ def generate_server_credentials(out_dir: Path, hosts: tuple[str, ...] = DEFAULT_
     out_dir.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedcybgd deployment CA")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=_VALID_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False,
-            encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA384())
-    )
-
+    ca_cert = _signed(ca_name, ca_key.public_key(), ca_name, ca_key, [
+        (x509.BasicConstraints(ca=True, path_length=0), True),
+        (x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                       key_encipherment=False, data_encipherment=False, key_agreement=False,
+                       encipher_only=False, decipher_only=False), True),
+        (x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)])
     server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=_VALID_DAYS))
-        .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA384())
-    )
+    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+    server_cert = _signed(server_name, server_key.public_key(), ca_name, ca_key, [
+        (x509.SubjectAlternativeName([_san(h) for h in hosts]), False),
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False)])
 
     creds = ServerCredentials(out_dir / "ca.crt", out_dir / "server.pem", out_dir / "server.key")
     _write_private(out_dir / "ca.key", _pem_private(ca_key))
@@ -115,6 +95,21 @@ def missing_files(out_dir: Path, supernodes: int) -> list[Path]:
     """
     names = ["ca.crt", "server.pem", "server.key"] + [f"supernode-{i}.key" for i in range(1, supernodes + 1)]
     return [out_dir / name for name in names if not (out_dir / name).is_file()]
+
+
+def _signed(subject: x509.Name, public_key: ec.EllipticCurvePublicKey, issuer: x509.Name,
+            issuer_key: ec.EllipticCurvePrivateKey,
+            extensions: list[tuple[x509.ExtensionType, bool]]) -> x509.Certificate:
+    """A certificate for `subject`, valid from 5 minutes ago (clock skew) for _VALID_DAYS, with
+    `extensions` as (extension, critical), signed by `issuer_key`."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=_VALID_DAYS)))
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(issuer_key, hashes.SHA384())
 
 
 def _san(host: str) -> x509.GeneralName:

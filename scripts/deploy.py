@@ -20,11 +20,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
-from flwr.common.config import parse_config_args
 
 from fedcybgd import data
 from fedcybgd.config import compose
@@ -42,7 +41,8 @@ def superlink_flags(*, host: str, port: int, isolation: str, tls: ServerCredenti
     """`flower-superlink` flags: one HTTP(S) port carries the Fleet, Control and Runtime APIs."""
     if node_auth and tls is None:
         raise ValueError("SuperNode authentication needs TLS (flower-superlink refuses it without)")
-    flags = _tls_server_flags(tls)
+    flags = ["--insecure"] if tls is None else ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile",
+                                                str(tls.server_cert), "--ssl-keyfile", str(tls.server_key)]
     flags += ["--isolation", isolation, "--host", host, "--port", str(port),
               # uv sync per run would install a second (CUDA) torch: the deps are already here
               "--disable-runtime-dependency-installation"]
@@ -59,7 +59,7 @@ def supernode_flags(*, superlink: str, host: str, port: int, isolation: str,
     """`flower-supernode` flags; `port` is this node's own Runtime API (its ClientApps')."""
     flags = ["--root-certificates", str(root_cert)] if root_cert else ["--insecure"]
     flags += ["--superlink", superlink, "--isolation", isolation, "--host", host, "--port", str(port),
-              "--node-config", node_config_arg(node_config)]
+              "--node-config", NodeConfig.from_mapping(node_config).to_flower_arg()]
     if auth_key:
         flags += ["--auth-supernode-private-key", str(auth_key)]
     if max_retries is not None:
@@ -77,23 +77,6 @@ def compose_commands(compose_file: Path) -> dict[str, list[str]]:
     """Each service's command in a compose file, in the file's order."""
     services = yaml.safe_load(compose_file.read_text())["services"]
     return {name: [str(arg) for arg in spec["command"]] for name, spec in services.items()}
-
-
-def parse_node_config(text: str) -> dict[str, object]:
-    """`--node-config` text back to a dict (the inverse of `node_config_arg`)."""
-    return NodeConfig.from_flower_arg(text).to_mapping()
-
-
-def node_config_arg(node_config: Mapping[str, object]) -> str:
-    """`--node-config` text; every key must be one of NodeConfig's (fedcybgd/node_config.py)."""
-    return NodeConfig.from_mapping(node_config).to_flower_arg()
-
-
-def _tls_server_flags(tls: ServerCredentials | None) -> list[str]:
-    if tls is None:
-        return ["--insecure"]
-    return ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
-            "--ssl-keyfile", str(tls.server_key)]
 
 
 # -- the loopback deployment ------------------------------------------------------------------
@@ -163,11 +146,9 @@ class LoopbackDeployment:
 
     def start(self) -> None:
         """Start the SuperLink, wait until it answers, and point the `flwr` CLI at it."""
-        self.logs.mkdir(parents=True, exist_ok=True)
         if self.tls:
             self.credentials = generate_server_credentials(self.certs, tuple(dict.fromkeys((*DEFAULT_HOSTS, self.host))))
-        self.port = free_port()
-        self._write_connection()
+        self._prepare()
         self.start_superlink()
 
     def start_superlink(self) -> None:
@@ -207,9 +188,7 @@ class LoopbackDeployment:
         nodes = [name for name in commands if name.startswith("supernode-")]
         if len(node_data) != len(nodes):
             raise ValueError(f"{compose_file} has {len(nodes)} SuperNodes, node_data has {len(node_data)}")
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self._write_connection()
+        self._prepare()
         ports = {name: self.port if name == "superlink" else free_port()
                  for name, command in commands.items() if "--port" in command}
         addresses = {f"{name}:{_flag_value(commands[name], '--port')}": f"127.0.0.1:{port}"
@@ -219,11 +198,10 @@ class LoopbackDeployment:
             if name in ports:
                 args = _set_flag(_set_flag(args, "--host", "127.0.0.1"), "--port", str(ports[name]))
             if name in nodes:
-                node_config = parse_node_config(_flag_value(args, "--node-config"))
-                node_config["data-path"] = str(node_data[nodes.index(name)]
-                                               / Path(str(node_config["data-path"])).relative_to("/data"))
-                node_config["cache-dir"] = str(self.workdir / f"{name}-cache")
-                args = _set_flag(args, "--node-config", node_config_arg(node_config))
+                node = NodeConfig.from_flower_arg(_flag_value(args, "--node-config"))
+                data_path = node_data[nodes.index(name)] / Path(str(node.data_path)).relative_to("/data")
+                node = replace(node, data_path=str(data_path), cache_dir=str(self.workdir / f"{name}-cache"))
+                args = _set_flag(args, "--node-config", node.to_flower_arg())
             program = "flower-" + name.split("-")[0]  # the images' entrypoints
             env = {**self.env, "FLWR_HOME": str(self.workdir / f"{name}-home")}
             process = self._spawn([program, *args], self.logs / f"{name}.log", env if name != "superlink" else None)
@@ -310,8 +288,11 @@ class LoopbackDeployment:
         self._started.append(process)
         return process
 
-    def _write_connection(self) -> None:
-        """The CLI's connection to this SuperLink, as the default of a private FLWR_HOME."""
+    def _prepare(self) -> None:
+        """The logs folder, the SuperLink's port, and the CLI's connection to it as the default of
+        a private FLWR_HOME."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         lines = ["[superlink]", f'default = "{self.connection}"', "",
                  f"[superlink.{self.connection}]", f'address = "{self.address}"']

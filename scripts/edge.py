@@ -236,7 +236,6 @@ class EdgeDeployment:
             for thread in threads:
                 thread.join(timeout=30)
             self._restore_links()
-        _read_new_rows(out_dir, submitted, round_times)
         after = {h: self.net.counters(h) for h in hosts}
         result = RunResult(
             label=label, run_id=run_id, status=status, out_dir=out_dir, wall_seconds=wall,
@@ -297,22 +296,19 @@ def train_downloads(log: str) -> int:
 
 def _watch_metrics(out_dir: Path, submitted: float, round_times: dict[int, float],
                    stop: threading.Event) -> None:
-    while not stop.wait(0.25):
-        _read_new_rows(out_dir, submitted, round_times)
-
-
-def _read_new_rows(out_dir: Path, submitted: float, round_times: dict[int, float]) -> None:
-    """Stamp each metrics line with the time it was first seen (a round's end, within 0.25 s)."""
-    try:
-        lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return
-    now = time.monotonic() - submitted
-    for line in lines:
-        try:
-            round_times.setdefault(json.loads(line)["round"], now)
-        except (ValueError, KeyError):
-            pass  # a line being written
+    """Stamp each metrics line with the time it was first seen (a round's end, within 0.25 s),
+    until `stop` is set, and once more then."""
+    while True:
+        stopped = stop.wait(0.25)
+        path = out_dir / "metrics.jsonl"
+        now = time.monotonic() - submitted
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                round_times.setdefault(json.loads(line)["round"], now)
+            except (ValueError, KeyError):
+                pass  # a line being written
+        if stopped:
+            return
 
 
 _LOG_LINE = re.compile(r"^(\d\d):(\d\d):(\d\d)\.(\d{3}) .*?(\[RUN (\d+)[],]|Receiving: (\w+) message|"
@@ -355,7 +351,9 @@ def summarize(result: RunResult, config: EdgeConfig) -> dict:
     rows = [r.stats for r in records]
     summary = read_summary(result.out_dir) if result.completed else None
     rates = dict(config.supernodes)
-    fab = fab_bytes()
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = len(build_fab_from_disk(APP_DIR))  # the FAB `flwr run` builds: every SuperNode pulls it once per run
     app: dict[str, dict[str, int]] = {name: {"down": 0, "up": 0, "visits": 0} for name in rates}
     transfer_by_round: dict[int, float] = {}
     for row in rows:
@@ -413,40 +411,36 @@ def explained_up(node: dict) -> int:
     return node["app_bytes_up"] + node["idle_bytes_up"]
 
 
-def fab_bytes() -> int:
-    """Size of the FAB `flwr run` builds from this app: every SuperNode pulls it once per run."""
-    from flwr.cli.build import build_fab_from_disk
-
-    return len(build_fab_from_disk(APP_DIR))
-
-
 def markdown(summaries: list[dict]) -> str:
-    """One table per run (nodes: wire vs app bytes) and one across runs (time and loss)."""
-    mb = 1e6
-    lines = ["| run | status | wall s | sum of rounds s | training s | moving bytes s | wire MB (down/up) "
-             "| app MB (down/up) | final held-out loss |", "|---|---|---|---|---|---|---|---|---|"]
-    for s in summaries:
-        wire_down = sum(n["wire_bytes_down"] for n in s["nodes"].values())
-        wire_up = sum(n["wire_bytes_up"] for n in s["nodes"].values())
-        app_down = sum(n["app_bytes_down"] for n in s["nodes"].values())
-        app_up = sum(n["app_bytes_up"] for n in s["nodes"].values())
-        loss = "-" if s["final_eval_loss"] is None else f"{s['final_eval_loss']:.4f}"
-        lines.append(f"| {s['label']} | {s['status']} | {s['wall_seconds']:.0f} | {s['sum_round_seconds']:.0f} "
-                     f"| {s['sum_client_seconds']:.0f} | {s['sum_transfer_seconds']:.0f} "
-                     f"| {wire_down / mb:.2f} / {wire_up / mb:.2f} | {app_down / mb:.2f} / {app_up / mb:.2f} | {loss} |")
+    """One table across runs (time and loss) and one per run (nodes: wire vs app bytes), in MB."""
+    def mb(value: float, form: str = ".3f") -> str:
+        return format(value / 1e6, form)
+
+    def total_mb(s: dict, key: str) -> str:
+        return mb(sum(n[key] for n in s["nodes"].values()), ".2f")
+
+    lines = [sweep.table(summaries, {
+        "run": lambda s: s["label"], "status": lambda s: s["status"], "wall s": lambda s: f"{s['wall_seconds']:.0f}",
+        "sum of rounds s": lambda s: f"{s['sum_round_seconds']:.0f}",
+        "training s": lambda s: f"{s['sum_client_seconds']:.0f}",
+        "moving bytes s": lambda s: f"{s['sum_transfer_seconds']:.0f}",
+        "wire MB (down/up)": lambda s: f"{total_mb(s, 'wire_bytes_down')} / {total_mb(s, 'wire_bytes_up')}",
+        "app MB (down/up)": lambda s: f"{total_mb(s, 'app_bytes_down')} / {total_mb(s, 'app_bytes_up')}",
+        "final held-out loss": lambda s: "-" if s["final_eval_loss"] is None else f"{s['final_eval_loss']:.4f}",
+    })]
     for s in summaries:
         lines += ["", f"{s['label']} (run {s['run_id']}), per node (MB; idle: Flower's polling and "
                   f"heartbeats at the rate measured over {s['idle_seconds']:g} s with no run):", "",
-                  "| node | Mbit/s | visits | wire down | app down | + FAB + idle down | wire up | app up "
-                  "| + idle up | download s | upload s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for name, n in s["nodes"].items():
-            lines.append(
-                f"| {name} | {n['rate_mbit'] or 'no limit'} | {n['visits']} | {n['wire_bytes_down'] / mb:.3f} "
-                f"| {n['app_bytes_down'] / mb:.3f} | {explained_down(n) / mb:.3f} | {n['wire_bytes_up'] / mb:.3f} "
-                f"| {n['app_bytes_up'] / mb:.3f} | {explained_up(n) / mb:.3f} | {n['download_seconds']:.1f} "
-                f"| {n['upload_seconds']:.1f} |")
-        for e in s["events"]:
-            lines.append(f"- at {e['start']:.1f} s: {e['event']}")
+                  sweep.table([{"node": name, **n} for name, n in s["nodes"].items()], {
+                      "node": lambda n: n["node"], "Mbit/s": lambda n: f"{n['rate_mbit'] or 'no limit'}",
+                      "visits": lambda n: str(n["visits"]), "wire down": lambda n: mb(n["wire_bytes_down"]),
+                      "app down": lambda n: mb(n["app_bytes_down"]),
+                      "+ FAB + idle down": lambda n: mb(explained_down(n)),
+                      "wire up": lambda n: mb(n["wire_bytes_up"]), "app up": lambda n: mb(n["app_bytes_up"]),
+                      "+ idle up": lambda n: mb(explained_up(n)),
+                      "download s": lambda n: f"{n['download_seconds']:.1f}",
+                      "upload s": lambda n: f"{n['upload_seconds']:.1f}"})]
+        lines += [f"- at {e['start']:.1f} s: {e['event']}" for e in s["events"]]
     return "\n".join(lines) + "\n"
 
 
@@ -514,15 +508,11 @@ def main() -> int:
             overrides = run_overrides(label, args.preset, shlex.join(args.overrides), len(config.supernodes))
             result = edge.run(label, overrides, out / label, args.timeout)
             summaries.append(summarize(result, config))
-            _write_report(out, summaries)
+            sweep.write_json(out / "edge.json", summaries)  # after each run: an interruption keeps the rest
+            write_atomic(out / "edge.md", markdown(summaries))
+            plot_loss_vs_wall(summaries, out / "loss_vs_wall.png")
     print(markdown(summaries), flush=True)
     return 0 if all(s["status"] == "finished:completed" for s in summaries) else 1
-
-
-def _write_report(out: Path, summaries: list[dict]) -> None:
-    sweep.write_json(out / "edge.json", summaries)
-    write_atomic(out / "edge.md", markdown(summaries))
-    plot_loss_vs_wall(summaries, out / "loss_vs_wall.png")
 
 
 if __name__ == "__main__":

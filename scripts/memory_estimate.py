@@ -129,7 +129,11 @@ def measure(mode: str, batch_size: int, seq_len: int, layers_per_block: int, dev
 
 
 def check(est: MemoryEstimate, args: argparse.Namespace) -> tuple[dict, list[str]]:
-    device = resolve_device(args.device)
+    from fedcybgd.train import pick_device
+
+    device = pick_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
     print(f"\nmeasuring SmolLM2-135M on {device.type}: 3 steps each, batches padded to {args.seq_len} "
           "tokens, each in a fresh process ...", flush=True)
     results, failures = {}, []
@@ -152,15 +156,6 @@ def check(est: MemoryEstimate, args: argparse.Namespace) -> tuple[dict, list[str
                      f"{r['relative_error']:>+9.1%}{r['mean_real_tokens_per_sequence']:>17.1f}")
     print("\n".join(lines))
     return {"device": device.type, "measured_as": how, "tolerance": TOLERANCE, **results}, failures
-
-
-def resolve_device(name: str) -> torch.device:
-    from fedcybgd.train import pick_device
-
-    device = pick_device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    return device
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import TracebackType
 
 _CLONE_NEWNET = 0x40000000
 SUBNET = "10.77.0"  # a /24 inside our own namespaces only: it cannot clash with the machine's
@@ -94,8 +93,7 @@ class Network:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.delete()
 
     # -- names -------------------------------------------------------------------------------
@@ -119,19 +117,19 @@ class Network:
     def create(self) -> None:
         bridge = f"{self.prefix}br"
         self._add_namespace(self.switch)
-        _ip("-n", self.switch, "link", "add", bridge, "type", "bridge")
-        _ip("-n", self.switch, "link", "set", bridge, "up")
+        _run("ip", "-n", self.switch, "link", "add", bridge, "type", "bridge")
+        _run("ip", "-n", self.switch, "link", "set", bridge, "up")
         for host in self.hosts:
             ns, dev, peer = self.namespace(host.name), self.host_dev(host.name), self.switch_dev(host.name)
             self._add_namespace(ns)
             # Created inside the host's namespace and the peer moved out: nothing ever sits in
             # the machine's own namespace, even for a moment.
-            _ip("-n", ns, "link", "add", dev, "type", "veth", "peer", "name", peer, "netns", self.switch)
-            _ip("-n", self.switch, "link", "set", peer, "master", bridge)
-            _ip("-n", self.switch, "link", "set", peer, "up")
-            _ip("-n", ns, "addr", "add", f"{self.ip(host.name)}/24", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
+            _run("ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", peer, "netns", self.switch)
+            _run("ip", "-n", self.switch, "link", "set", peer, "master", bridge)
+            _run("ip", "-n", self.switch, "link", "set", peer, "up")
+            _run("ip", "-n", ns, "addr", "add", f"{self.ip(host.name)}/24", "dev", dev)
+            _run("ip", "-n", ns, "link", "set", dev, "up")
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
             if host.rate_mbit is not None:
                 self.set_rate(host.name, host.rate_mbit)
 
@@ -143,7 +141,7 @@ class Network:
             self._made_namespaces.clear()
 
     def _add_namespace(self, ns: str) -> None:
-        _ip("netns", "add", ns)
+        _run("ip", "netns", "add", ns)
         with self._lock:
             self._made_namespaces.append(ns)
 
@@ -154,24 +152,38 @@ class Network:
         # tbf's bucket must hold at least one timer tick of traffic and one GSO super-packet.
         burst = max(int(rate_bytes / 100), 64 * 1024)
         spec = ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "400ms"]
-        _tc("-n", self.namespace(host), "qdisc", "replace", "dev", self.host_dev(host), "root", *spec)
-        _tc("-n", self.switch, "qdisc", "replace", "dev", self.switch_dev(host), "root", *spec)
+        _run("tc", "-n", self.namespace(host), "qdisc", "replace", "dev", self.host_dev(host), "root", *spec)
+        _run("tc", "-n", self.switch, "qdisc", "replace", "dev", self.switch_dev(host), "root", *spec)
 
     def set_link(self, host: str, up: bool) -> None:
         """Plug the host's cable into the switch, or pull it out."""
-        _ip("-n", self.switch, "link", "set", self.switch_dev(host), "up" if up else "down")
+        _run("ip", "-n", self.switch, "link", "set", self.switch_dev(host), "up" if up else "down")
 
     def counters(self, host: str) -> Counters:
         """Bytes the kernel counted through the host's end of its cable so far."""
-        out = _ip("-n", self.namespace(host), "-j", "-s", "link", "show", "dev", self.host_dev(host))
+        out = _run("ip", "-n", self.namespace(host), "-j", "-s", "link", "show", "dev", self.host_dev(host))
         stats = json.loads(out)[0]["stats64"]
         return Counters(int(stats["rx"]["bytes"]), int(stats["tx"]["bytes"]))
 
     @contextmanager
     def inside(self, host: str) -> Iterator[None]:
-        """Run the calling thread in the host's namespace (its sockets, the processes it starts)."""
-        with enter_namespace(self.namespace(host)):
-            yield
+        """Run the calling thread in the host's namespace (its sockets, the processes it starts):
+        setns(2) into it, and back afterwards."""
+        ns = self.namespace(host)
+        libc = ctypes.CDLL(None, use_errno=True)
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        try:
+            if libc.setns(target, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {ns} failed")
+            try:
+                yield
+            finally:
+                if libc.setns(own, _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns back to this thread's namespace failed")
+        finally:
+            os.close(target)
+            os.close(own)
 
     def _host(self, name: str) -> Host:
         for host in self.hosts:
@@ -183,34 +195,8 @@ class Network:
         return self.hosts.index(self._host(name))
 
 
-@contextmanager
-def enter_namespace(ns: str) -> Iterator[None]:
-    """setns(2) the calling thread into network namespace `ns`, and back afterwards."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        if libc.setns(target, _CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {ns} failed")
-        try:
-            yield
-        finally:
-            if libc.setns(own, _CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back to this thread's namespace failed")
-    finally:
-        os.close(target)
-        os.close(own)
-
-
-def _ip(*args: str) -> str:
-    return _run(["ip", *args])
-
-
-def _tc(*args: str) -> str:
-    return _run(["tc", *args])
-
-
-def _run(command: list[str]) -> str:
+def _run(*command: str) -> str:
+    """`ip ...` or `tc ...`; its output, or a RuntimeError with its error."""
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"`{' '.join(command)}` failed: {out.stderr.strip()}")

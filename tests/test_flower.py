@@ -4,8 +4,7 @@ import shlex
 
 from flwr.common.config import parse_config_args
 
-from fedcybgd.node_config import config_text
-from scripts.deploy import node_config_arg, parse_node_config
+from fedcybgd.node_config import NodeConfig, config_text
 
 AWKWARD = "/data/o'brien \"clinic\" a\\b=c.jsonl"  # a quote of each kind, spaces, a backslash, a `=`
 
@@ -20,6 +19,6 @@ def test_overrides_with_quotes_spaces_and_backslashes_reach_the_server_app():
 
 def test_node_config_values_of_every_type_reach_the_client_app():
     node_config = {"data-path": AWKWARD, "partition-id": 2, "fault-hang-s": 1.5}
-    text = node_config_arg(node_config)
+    text = NodeConfig.from_mapping(node_config).to_flower_arg()  # what the launchers pass
     assert parse_config_args([text]) == node_config  # as flower-supernode parses it
-    assert parse_node_config(text) == node_config
+    assert NodeConfig.from_flower_arg(text).to_mapping() == node_config

@@ -7,7 +7,6 @@ import yaml
 from flwr.common.config import parse_config_args
 
 from fedcybgd.node_config import KEYS, NodeConfig, NodeConfigError
-from scripts.deploy import node_config_arg, parse_node_config
 
 APP_DIR = Path(__file__).resolve().parent.parent
 EVERY_KEY = {"data-path": "/srv/a b.jsonl", "cache-dir": "~/cache", "partition-id": 1, "num-partitions": 3,
@@ -21,7 +20,6 @@ def test_every_key_round_trips_through_the_flower_argument():
     arg = node.to_flower_arg()
     assert parse_config_args([arg]) == EVERY_KEY  # what a SuperNode hands its ClientApp
     assert NodeConfig.from_flower_arg(arg) == node and node.to_mapping() == EVERY_KEY
-    assert parse_node_config(node_config_arg(EVERY_KEY)) == EVERY_KEY
 
 
 def test_defaults_are_left_out_of_the_argument():
