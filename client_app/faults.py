@@ -28,6 +28,7 @@ from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedcybgd.client_cache import run_dir_name
+from fedcybgd.files import write_atomic
 from fedcybgd.node_config import NodeConfig, NodeConfigError
 from fedcybgd.protocol import CONFIG, TrainInstruction
 
@@ -78,7 +79,7 @@ def _count_train_message(root: Path) -> int:
     root.mkdir(parents=True, exist_ok=True)
     counter = root / "fault-train-count"
     count = int(counter.read_text()) + 1 if counter.exists() else 1
-    counter.write_text(str(count))
+    write_atomic(counter, str(count))
     return count
 
 

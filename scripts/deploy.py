@@ -27,6 +27,7 @@ import yaml
 
 from fedcybgd import data
 from fedcybgd.config import compose
+from fedcybgd.files import write_atomic
 from fedcybgd.node_config import NodeConfig
 from scripts import flower
 from scripts.certs import DEFAULT_HOSTS, NodeKeys, ServerCredentials, generate_node_keys, generate_server_credentials
@@ -300,7 +301,7 @@ class LoopbackDeployment:
             lines.append(f'root-certificates = "{self.credentials.ca_cert}"')
         else:
             lines.append("insecure = true")
-        (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+        write_atomic(self.flwr_home / "config.toml", "\n".join(lines) + "\n")
 
 
 def _flag_value(args: list[str], flag: str) -> str:
