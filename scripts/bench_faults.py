@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client_app import faults
-from fedcybgd.records import SUMMARY_FILE, read_summary
+from fedcybgd.records import METRICS_FILE, SUMMARY_FILE, read_summary
 from scripts import flower, sweep
 from scripts.deploy import LoopbackDeployment, SuperNodeProcess
 from strategy import state
@@ -143,7 +143,7 @@ class ServerPlan:
 def run_server_faults(workdir: Path, out: Path, plan: ServerPlan) -> list[dict]:
     """One run in a deployment of 3 SuperNodes, stopped and resumed four times; a row per fault.
     `out` must not hold a run yet: each phase counts rounds from its checkpoint."""
-    if (out / state.CHECKPOINT_FILE).exists() or (out / "metrics.jsonl").exists():
+    if (out / state.CHECKPOINT_FILE).exists() or (out / METRICS_FILE).exists():
         raise FileExistsError(f"{out} already holds a run: give the server faults a fresh output_dir")
     workdir.mkdir(parents=True, exist_ok=True)
     base = _overrides(plan, out)

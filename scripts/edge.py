@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from fedcybgd.files import write_atomic
-from fedcybgd.records import read_summary
+from fedcybgd.records import METRICS_FILE, read_summary
 from scripts import netns, sweep
 from scripts.deploy import LoopbackDeployment, SuperNodeProcess
 from scripts.netns import Counters, Host, Network
@@ -300,7 +300,7 @@ def _watch_metrics(out_dir: Path, submitted: float, round_times: dict[int, float
     until `stop` is set, and once more then."""
     while True:
         stopped = stop.wait(0.25)
-        path = out_dir / "metrics.jsonl"
+        path = out_dir / METRICS_FILE
         now = time.monotonic() - submitted
         for line in path.read_text().splitlines() if path.exists() else []:
             try:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from fedcybgd.config import CENTRALIZED_ALGORITHMS, compose
 from fedcybgd.files import write_atomic
-from fedcybgd.records import METRICS_FILE, RoundRecord, RunSummary, read_metrics, read_summary
+from fedcybgd.records import METRICS_FILE, SUMMARY_FILE, RoundRecord, RunSummary, read_metrics, read_summary
 
 T = TypeVar("T")
 STAMP = "sweep-run.json"  # in a run's directory once it has finished: the overrides it ran with
@@ -63,12 +63,12 @@ def measure(run: Run, out_root: Path, row: Callable[[Path], dict], tag: str) -> 
     out_dir = out_root / run.name
     overrides = f"{run.overrides} {shlex.quote(f'output_dir={out_dir}')}"
     stamp = out_dir / STAMP
-    if (out_dir / "summary.json").exists() and stamp.exists() and \
+    if (out_dir / SUMMARY_FILE).exists() and stamp.exists() and \
             json.loads(stamp.read_text()) == {"overrides": overrides}:
         print(f"[{tag}] {run.name}: finished earlier, read back from {out_dir}", flush=True)
     else:
         print(f"[{tag}] {run.name}: {overrides}", flush=True)
-        (out_dir / "summary.json").unlink(missing_ok=True)
+        (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
         try:
             in_fresh_process(execute, run, overrides)
         except Exception as err:  # the run's own error, or BrokenProcessPool when the process died
