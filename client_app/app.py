@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from torch import nn
 
-from fedcybgd import codec, data, lora, memory, models, protocol, scoring
+from fedcybgd import codec, data, frozen, lora, memory, models, protocol, scoring
 from fedcybgd.blocks import LayerMap
 from client_app import faults
 from fedcybgd.client_cache import CacheWriteError, ClientCache, Holding, digest, prune_runs, run_dir_name
@@ -55,13 +55,14 @@ def train(msg: Message, context: Context) -> Message:
     # stale weights), CacheCorruptError (a file unreadable: its entries are dropped). The server
     # then asks this node what it holds before its next visit and resends what it lacks.
     cache.store(_received(msg.content, instruction))
-    tensors = cache.load(list(instruction.manifest))
-    adapters = {n: tensors.pop(n) for n in list(tensors) if lora.is_adapter(n)}
+    encoded = cache.load_encoded(list(instruction.manifest))
+    adapters = {n: encoded.pop(n).decode() for n in list(encoded) if lora.is_adapter(n)}
 
     model, layer_map = models.build_skeleton(instruction.model_spec, instruction.dropped_layers)
-    models.load_tensors(model, {layer_map.to_local(n): t for n, t in tensors.items()})
-    del tensors
     trained = _trainable(model, layer_map, instruction, adapters)
+    frozen.load(model, {layer_map.to_local(n): e for n, e in encoded.items()}, set(trained.values()),
+                instruction.train.frozen_weights)
+    del encoded
 
     model_dir = str(models.resolve_model_dir(instruction.model_name))
     tokenizer = models.load_tokenizer(model_dir)

@@ -113,6 +113,10 @@ class ClientCache:
 
     def load(self, needed: list[Holding]) -> dict[str, torch.Tensor]:
         """Decoded fp32 tensors for exactly `needed`; raises CacheMissError for anything else."""
+        return {name: encoded.decode() for name, encoded in self.load_encoded(needed).items()}
+
+    def load_encoded(self, needed: list[Holding]) -> dict[str, compression.Encoded]:
+        """Exactly `needed`, as they travelled (not decoded); raises CacheMissError for anything else."""
         problems = []
         for h in needed:
             entry = self._entries.get(h.name)
@@ -131,8 +135,10 @@ class ClientCache:
             try:
                 parts = _read_parts(self.dir / file, set(wanted))
                 for name, h in wanted.items():
-                    out[name] = compression.decode(parts[name], compression.TensorForm.parse(h.form))
-            except Exception as err:  # safetensors and the decoders raise many types on bad bytes
+                    form = compression.TensorForm.parse(h.form)
+                    compression.check_parts(parts[name], form)
+                    out[name] = compression.Encoded(form, parts[name])
+            except Exception as err:  # safetensors and the form parser raise many types on bad bytes
                 self._drop_file(file)
                 raise CacheCorruptError(f"cache file {self.dir / file} is unreadable ({type(err).__name__}: "
                                         f"{err}); its tensors are dropped and will be sent again") from err

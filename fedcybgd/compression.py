@@ -9,6 +9,7 @@ Only matrices are transformed: 1-D tensors (norms, biases) always travel dense.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,17 @@ class TensorForm:
 DENSE = TensorForm()
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """One tensor as it travelled: its form and the parts that `decode` turns back into it."""
+
+    form: TensorForm
+    parts: dict[str, torch.Tensor]
+
+    def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return decode(self.parts, self.form, dtype)
+
+
 def applies_to(tensor: torch.Tensor) -> bool:
     """Whether a form other than dense is used for this tensor (matrices only)."""
     return tensor.dim() >= 2
@@ -103,30 +115,74 @@ def encode(tensor: torch.Tensor, form: TensorForm) -> dict[str, torch.Tensor]:
 
 
 def decode(parts: dict[str, torch.Tensor], form: TensorForm, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The tensor `parts` encode, in `dtype`, on the parts' device. Values are computed in fp32
+    and cast once, so every dtype sees the same numbers."""
     if "shape" not in parts:
-        return parts["v"]
+        return parts["v"].to(dtype)
     shape = tuple(int(d) for d in parts["shape"])
     rows_n = shape[0]
     cols = 1
     for d in shape[1:]:
         cols *= d
-    if form.prunes:
-        mask = _unpack_bits(parts["mask"], rows_n * cols).reshape(rows_n, cols)
-        rows = mask.nonzero()[:, 0]
-    else:
-        mask = None
-        rows = torch.arange(rows_n).repeat_interleave(cols)
+    if not form.prunes:  # every entry travelled: no index per value needed
+        if form.quant == "int8":
+            values = parts["q"].reshape(rows_n, cols).float() * parts["scale"][:, None]
+        elif form.quant == "nf4":
+            values = _nf4_decode(parts["q"], parts["absmax"], rows_n * cols)
+        else:
+            values = parts["v"]
+        return values.reshape(shape).to(dtype)
+    mask = _unpack_bits(parts["mask"], rows_n * cols).reshape(rows_n, cols)
     if form.quant == "int8":
-        values = parts["q"].float() * parts["scale"][rows]
+        values = parts["q"].float() * parts["scale"][mask.nonzero()[:, 0]]
     elif form.quant == "nf4":
-        values = _nf4_decode(parts["q"], parts["absmax"], rows.numel())
+        values = _nf4_decode(parts["q"], parts["absmax"], int(mask.sum()))
     else:
         values = parts["v"].float()
-    if mask is None:
-        return values.reshape(shape).to(dtype)
-    out = torch.zeros(rows_n, cols)
+    out = torch.zeros(rows_n, cols, device=mask.device)
     out[mask] = values
     return out.reshape(shape).to(dtype)
+
+
+def check_parts(parts: dict[str, torch.Tensor], form: TensorForm) -> None:
+    """Raise ValueError unless `parts` are what `encode` makes for `form` (keys and sizes), so
+    that bad stored bytes fail when read, not later in a forward pass that decodes them."""
+    if "shape" not in parts:
+        if set(parts) != {"v"}:
+            raise ValueError(f"dense parts must be just 'v', got {sorted(parts)}")
+        return
+    shape = tuple(int(d) for d in parts["shape"])
+    count = math.prod(shape)
+    rows = shape[0] if shape else 0
+    if form.prunes:
+        mask = parts.get("mask")
+        if mask is None or mask.numel() != (count + 7) // 8:
+            raise ValueError(f"a pruned {shape} tensor needs a {(count + 7) // 8}-byte mask")
+        count = int(_unpack_bits(mask, count).sum())
+    expected = {"int8": {"q": count, "scale": rows},
+                "nf4": {"q": -(-count // NF4_BLOCK) * NF4_BLOCK // 2, "absmax": -(-count // NF4_BLOCK)},
+                "none": {"v": count}}[form.quant]
+    for key, numel in expected.items():
+        if key not in parts or parts[key].numel() != numel:
+            raise ValueError(f"form {form.key} of a {shape} tensor needs part {key!r} of {numel} values")
+
+
+def decode_rows(parts: dict[str, torch.Tensor], form: TensorForm, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (any shape of indices) of the matrix `parts` encode, in fp32: an embedding
+    lookup that expands only the rows it reads, where the form allows (dense, int8, and NF4
+    with whole 64-value blocks per row); otherwise it expands the matrix once."""
+    if "shape" not in parts:
+        return parts["v"][rows].float()
+    shape = tuple(int(d) for d in parts["shape"])
+    if len(shape) == 2 and not form.prunes:
+        cols = shape[1]
+        if form.quant == "int8":
+            return parts["q"].reshape(shape)[rows].float() * parts["scale"][rows].unsqueeze(-1)
+        if form.quant == "nf4" and cols % NF4_BLOCK == 0:
+            packed = parts["q"].reshape(shape[0], cols // 2)[rows]
+            absmax = parts["absmax"].reshape(shape[0], cols // NF4_BLOCK)[rows]
+            return _nf4_decode(packed.reshape(-1), absmax.reshape(-1), packed.numel() * 2).reshape(*rows.shape, cols)
+    return decode(parts, form)[rows]
 
 
 def _prune_mask(matrix: torch.Tensor, form: TensorForm) -> torch.Tensor:
@@ -173,5 +229,5 @@ def _nf4_encode(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _nf4_decode(packed: torch.Tensor, absmax: torch.Tensor, count: int) -> torch.Tensor:
     codes = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1).long()
-    values = NF4_LEVELS[codes].reshape(-1, NF4_BLOCK) * absmax[:, None]
+    values = NF4_LEVELS.to(packed.device)[codes].reshape(-1, NF4_BLOCK) * absmax[:, None]
     return values.reshape(-1)[:count]

@@ -26,6 +26,8 @@ PRUNE_PATTERNS = ("unstructured", "2:4")
 QUANTIZATIONS = ("none", "int8", "nf4")
 PARTITIONERS = ("iid", "dirichlet")
 LR_SCHEDULES = ("constant", "cosine")
+FROZEN_FORMS = ("compact", "bf16", "fp32")
+PRECISIONS = ("auto", "fp32", "bf16")
 EVAL_SPLITS = ("heldout", "validation")
 EVAL_WHERE = ("auto", "server", "nodes", "both")
 NODE_EVAL_MODELS = ("exact", "compressed")
@@ -103,6 +105,15 @@ class TrainConfig:
     # Longer examples are truncated (their response tokens past this are not trained on).
     max_seq_len: int = 128
     gradient_checkpointing: bool = False
+    # How a client holds the frozen rest of the model while its block trains (fedcybgd/frozen.py):
+    # `compact` as it travelled (int8, NF4, pruned, dense), expanded one module at a time when
+    # it runs; `bf16`; or `fp32`, all expanded up front. The same numbers reach the forward
+    # pass in `compact` and `fp32`; `bf16` rounds them.
+    frozen_weights: str = "compact"
+    # What the forward and backward passes compute in. `bf16`: autocast to bfloat16, while the
+    # trained parameters and their AdamW state stay fp32 (the BAdam recipe). `auto`: bf16 on a
+    # CUDA device that supports it, fp32 elsewhere (bf16 matmuls are slow on most CPUs).
+    precision: str = "auto"
 
 
 @dataclass
@@ -300,6 +311,8 @@ def check(cfg: RunConfig) -> None:
         (cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
         (cfg.train.max_seq_len >= 8, "train.max_seq_len", "must be >= 8"),
+        (cfg.train.frozen_weights in FROZEN_FORMS, "train.frozen_weights", f"must be one of {FROZEN_FORMS}"),
+        (cfg.train.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}"),
         (0 <= cfg.compression.drop_fraction < 1, "compression.drop_fraction", "must be in [0, 1)"),
         (cfg.compression.drop_mode in DROP_MODES, "compression.drop_mode", f"must be one of {DROP_MODES}"),
         (0 <= cfg.compression.prune_sparsity < 1, "compression.prune_sparsity", "must be in [0, 1)"),

@@ -41,6 +41,11 @@ def module_of(adapter: str) -> str:
     return adapter.rsplit(".", 1)[0]
 
 
+def unwrapped(param: str) -> str:
+    """A parameter's name before peft wrapped its module (`m.base_layer.weight` -> `m.weight`)."""
+    return param.replace(".base_layer.", ".")
+
+
 def scale(cfg: LoraConfig) -> float:
     return cfg.alpha / cfg.r
 

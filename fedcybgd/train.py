@@ -43,6 +43,13 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """What forward and backward compute in for `train.precision` on `device`."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def visit_steps(cfg: TrainConfig, num_examples: int | None) -> int:
     """Optimizer steps of one visit: `local_steps`, or `local_epochs` passes over the
     `num_examples` of the node's shard, rounded up to whole steps."""
@@ -99,6 +106,7 @@ def train_params(
         model.activation_checkpointing_disable()
     if optimizer is None:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    dtype = compute_dtype(cfg.precision, device)
 
     losses: list[float] = []
     samples = 0
@@ -109,7 +117,8 @@ def train_params(
                 group["lr"] = lr_at(step, steps, cfg)
             for _ in range(cfg.grad_accum):
                 batch = {k: v.to(device) for k, v in next(batches).items()}
-                loss = model(**batch).loss
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    loss = model(**batch).loss
                 if not torch.isfinite(loss):
                     raise TrainingError(f"non-finite training loss {loss.item()}")
                 (loss / cfg.grad_accum).backward()
