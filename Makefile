@@ -105,6 +105,19 @@ bench-faults: setup
 bench-fidelity: setup
 	$(PY) -m scripts.bench_fidelity
 
+.PHONY: bench-client gpu-check
+# One client visit of SmolLM2: full fine-tuning vs the bottom, middle and top block, frozen rest
+# in fp32 or compact (int8 as travelled); step time and peak memory, each row in a fresh process.
+# Table with ratios, outputs/bench/client.json. About 5 minutes on 2 cores.
+bench-client: setup
+	$(PY) -m scripts.bench_client
+
+# On a CUDA machine with torch and transformers only (no setup, no network): bf16 training, full vs
+# one block with bf16, int8 and NF4 frozen weights; CUDA peak memory and step time in
+# outputs/bench/gpu.json. PYTHON= the interpreter that has them.
+gpu-check:
+	$(or $(PYTHON),python3) -m scripts.gpu_check
+
 .PHONY: memory-estimate memory-check
 # Per-client memory: full fine-tuning vs one block (paper Fig. 1), from a HF config; CONFIG=llama-2-7b.
 memory-estimate: setup

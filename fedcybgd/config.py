@@ -13,10 +13,6 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ALLOCATIONS = ("ascending", "descending", "random")
@@ -252,15 +248,18 @@ class RunConfig:
     resume: bool = False
 
 
-def _register_schema() -> None:
-    ConfigStore.instance().store(name="fedcybgd_schema", node=RunConfig)
-
-
 def compose(config_name: str = "config", overrides: str | list[str] = "") -> RunConfig:
     """Compose `conf/<config_name>.yaml` with Hydra overrides and return the checked config."""
+    # Hydra is imported here, not at the top: a client's training path (and `make gpu-check`,
+    # on machines without Hydra) uses the dataclasses alone.
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
     if isinstance(overrides, str):
         overrides = shlex.split(overrides)
-    _register_schema()
+    ConfigStore.instance().store(name="fedcybgd_schema", node=RunConfig)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=overrides)
@@ -347,4 +346,6 @@ def _value(cfg: RunConfig, dotted: str) -> object:
 
 
 def to_yaml(cfg: RunConfig) -> str:
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

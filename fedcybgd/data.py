@@ -27,8 +27,8 @@ from transformers import PreTrainedTokenizerBase
 from fedcybgd import tasks
 from fedcybgd.config import DataConfig
 from fedcybgd.files import write_atomic
+from fedcybgd.train import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 BUILTIN_PREFIX = "builtin:"
 _FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from fedcybgd.blocks import partition_blocks
+from fedcybgd.compression import NF4_BLOCK
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
@@ -32,6 +34,9 @@ ACTIVATION_MODEL_TYPES = ("llama",)
 # Log-probabilities kept by log_softmax for backward, plus, at the start of backward, the gradient
 # flowing into them and the gradient they produce: three fp32 (tokens x vocab) tensors at once.
 LOGITS_BUFFERS = 3
+# How a client may hold the frozen rest of the model (train.frozen_weights: `fp32`, `bf16`, or
+# `compact` as it travelled, here `int8` or `nf4`).
+FROZEN_FORMS = ("fp32", "bf16", "int8", "nf4")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -58,6 +63,7 @@ class TrainingMemory:
     activations: int  # tensors autograd keeps from the forward pass for backward
     logits_buffers: int  # LOGITS_BUFFERS x fp32 (tokens x vocab)
     optimizer_scratch: int  # transient fp32 buffer of the AdamW update (see _training_memory)
+    expansion: int  # one frozen matrix expanded for its module's forward or backward (compact forms)
     total: int  # every component above as if all held at once (how Fig. 1 stacks them)
     peak: int  # the larger of the two moments that really hold the most: see _training_memory
 
@@ -66,6 +72,7 @@ class TrainingMemory:
 class MemoryEstimate:
     model_type: str
     weight_dtype: str
+    frozen_form: str | None  # how block training holds the frozen rest; None: at weight_dtype
     batch_size: int
     seq_len: int
     layers_per_block: int
@@ -139,12 +146,20 @@ def estimate(
     batch_size: int = 4,
     seq_len: int = 128,
     layers_per_block: int = 1,
+    frozen_form: str | None = None,
 ) -> MemoryEstimate:
-    """Memory of full fine-tuning and of training the first (worst-case) block, in bytes."""
+    """Memory of full fine-tuning and of training the first (worst-case) block, in bytes.
+
+    `frozen_form` (one of FROZEN_FORMS): how block training holds everything outside the block,
+    as `fedcybgd.frozen` does (vectors fp32; compact matrices expanded one at a time in the
+    compute dtype, `weight_dtype`); None: the whole model at `weight_dtype`, as ordinary weights.
+    """
     config = load_config(config)
     weight_dtype = weight_dtype or default_weight_dtype(config)
     if weight_dtype not in DTYPE_BYTES:
         raise ValueError(f"weight_dtype {weight_dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+    if frozen_form is not None and frozen_form not in FROZEN_FORMS:
+        raise ValueError(f"frozen_form {frozen_form!r} is not one of {list(FROZEN_FORMS)}")
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
     _require_activation_formula(config)
@@ -164,9 +179,16 @@ def estimate(
         + tail_activation_bytes(config, width, head_trains=False)
     )
     weights = params.total * width
+    block_weights, expansion = weights, 0
+    if frozen_form is not None:
+        shapes = frozen_shapes(config, layers_per_block)
+        block_weights = params.block * width + sum(held_bytes(shape, frozen_form) for shape in shapes)
+        if frozen_form != "fp32":
+            expansion = width * max(math.prod(shape) for shape in shapes if len(shape) >= 2)
     return MemoryEstimate(
         model_type=config.model_type,
         weight_dtype=weight_dtype,
+        frozen_form=frozen_form,
         batch_size=batch_size,
         seq_len=seq_len,
         layers_per_block=layers_per_block,
@@ -176,8 +198,30 @@ def estimate(
         head_bytes=params.head * width,
         block_fraction=params.block / params.total,
         full=_training_memory(weights, params.total, width, full_acts, logits),
-        block=_training_memory(weights, params.block, width, block_acts, logits),
+        block=_training_memory(block_weights, params.block, width, block_acts, logits, expansion),
     )
+
+
+def frozen_shapes(config: PretrainedConfig, layers_per_block: int = 1) -> list[tuple[int, ...]]:
+    """Shapes of the parameters outside the first block (tied ones once), from the meta model."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    block = set(partition_blocks(model, layers_per_block)[0].names)
+    return [tuple(p.shape) for name, p in model.named_parameters() if name not in block]
+
+
+def held_bytes(shape: tuple[int, ...], form: str) -> int:
+    """Bytes a client holds one frozen parameter in, in `form` (vectors always fp32): int8 keeps
+    a byte per value and an fp32 scale per row, NF4 half a byte per value and an fp32 absmax per
+    NF4_BLOCK values (fedcybgd/compression.py)."""
+    n = math.prod(shape)
+    if len(shape) < 2 or form == "fp32":
+        return FP32 * n
+    if form == "bf16":
+        return 2 * n
+    if form == "int8":
+        return n + FP32 * shape[0]
+    return -(-n // NF4_BLOCK) * (NF4_BLOCK // 2 + FP32)
 
 
 def _require_activation_formula(config: PretrainedConfig) -> None:
@@ -223,14 +267,16 @@ def tail_activation_bytes(config: PretrainedConfig, width: int, head_trains: boo
     return kept
 
 
-def _training_memory(weights: int, trainable: int, width: int, activations: int, logits: int) -> TrainingMemory:
+def _training_memory(weights: int, trainable: int, width: int, activations: int, logits: int,
+                     expansion: int = 0) -> TrainingMemory:
     """Components and the peak.
 
     The trainer sets gradients to None after each step, and backward frees each layer's
     activations as it creates that layer's gradients (which are smaller), so the peak is the
     larger of
       - the start of backward (from the second step, when AdamW's state exists): weights, master
-        copy, optimizer state, all kept activations and the logits buffers;
+        copy, optimizer state, all kept activations, the logits buffers and, for compact frozen
+        weights, the head's matrix expanded for lm_head's backward;
       - the optimizer step: weights, master copy, optimizer state, gradients, and the scratch of
         the update: the foreach AdamW (PyTorch's default on CUDA) computes sqrt(v) for all
         trainable parameters at once, one fp32 copy of them (the per-tensor CPU loop needs less).
@@ -249,6 +295,7 @@ def _training_memory(weights: int, trainable: int, width: int, activations: int,
         activations=activations,
         logits_buffers=logits,
         optimizer_scratch=scratch,
-        total=resident + gradients + activations + logits + scratch,
-        peak=max(resident + activations + logits, resident + gradients + scratch),
+        expansion=expansion,
+        total=resident + gradients + activations + logits + scratch + expansion,
+        peak=max(resident + activations + logits + expansion, resident + gradients + scratch),
     )

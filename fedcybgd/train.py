@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from fedcybgd.config import TrainConfig
-from fedcybgd.data import IGNORE_INDEX
 from fedcybgd.memory import PeakMemory
+
+# The label of a token the loss skips (prompt and padding tokens): cross_entropy's default.
+IGNORE_INDEX = -100
 
 
 class TrainingError(RuntimeError):
@@ -35,6 +37,7 @@ class VisitResult:
     steps: int
     seconds: float
     peak_mem_bytes: int
+    step_seconds: tuple[float, ...] = ()  # each optimizer step's wall time
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -109,10 +112,12 @@ def train_params(
     dtype = compute_dtype(cfg.precision, device)
 
     losses: list[float] = []
+    step_seconds: list[float] = []
     samples = 0
     start = time.perf_counter()
     with PeakMemory(device) as peak:
         for step in range(steps):
+            step_start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, steps, cfg)
             for _ in range(cfg.grad_accum):
@@ -128,6 +133,9 @@ def train_params(
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_seconds.append(time.perf_counter() - step_start)
     seconds = time.perf_counter() - start
     model.eval()
     for param in params:
@@ -138,6 +146,7 @@ def train_params(
         steps=steps,
         seconds=seconds,
         peak_mem_bytes=peak.bytes,
+        step_seconds=tuple(step_seconds),
     )
 
 

@@ -1,12 +1,13 @@
 """Per-client memory, full fine-tuning vs one block: `make memory-estimate` / `make memory-check`.
 
-    python -m scripts.memory_estimate --config llama-2-7b [--weight-dtype bfloat16]
+    python -m scripts.memory_estimate --config llama-2-7b [--weight-dtype bfloat16] [--frozen nf4]
     python -m scripts.memory_estimate --config smollm2-135m-instruct --check
 
 Estimates from a Hugging Face config alone (fedcybgd.memory_estimate), prints a table (GB = 1e9
 bytes) and writes outputs/memory/estimate-<name>.json. `--check` also measures the peak memory of
-3 real training steps of SmolLM2-135M (full fine-tuning, then block 0) with the project's trainer,
-each in a fresh process, and fails if an estimated peak is off by more than 25 %.
+3 training steps of SmolLM2-135M (full fine-tuning, then block 0 with the frozen rest held as
+`--frozen` says) with the project's trainer, each in a fresh process (scripts/bench_client.py
+measures them), and fails if an estimated peak is off by more than 25 %.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from fedcybgd.memory_estimate import DTYPE_BYTES, MemoryEstimate, estimate, load_config
+from fedcybgd.memory_estimate import DTYPE_BYTES, FROZEN_FORMS, MemoryEstimate, estimate, load_config
 from fedcybgd.models import SMOLLM2, resolve_model_dir
+from scripts.bench_client import Visit, measure_visit
 from scripts.sweep import in_fresh_process, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +34,7 @@ ROWS = [  # (label, TrainingMemory field)
     ("activations", "activations"),
     ("logits/loss buffers", "logits_buffers"),
     ("AdamW update scratch", "optimizer_scratch"),
+    ("frozen matrix expanded", "expansion"),
     ("total (all at once)", "total"),
     ("estimated peak", "peak"),
 ]
@@ -67,7 +70,8 @@ def table(name: str, est: MemoryEstimate) -> str:
     p = est.params
     lines = [
         f"{name} ({est.model_type}): {p.total / 1e9:.2f} B parameters, {p.num_layers} layers, "
-        f"weights in {est.weight_dtype}; batch {est.batch_size} x {est.seq_len} tokens; "
+        f"weights in {est.weight_dtype}, block training holds the frozen rest in {est.frozen_form}; "
+        f"batch {est.batch_size} x {est.seq_len} tokens; "
         f"block = {est.layers_per_block} layer(s)",
         f"model {gb(est.model_bytes)} GB, one block {gb(est.block_bytes)} GB "
         f"({est.block_fraction:.2%} of the model), head {gb(est.head_bytes)} GB",
@@ -85,47 +89,11 @@ def table(name: str, est: MemoryEstimate) -> str:
 # --- --check: measured peaks ------------------------------------------------------------------
 
 
-def padded_to(batch: dict[str, torch.Tensor], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to exactly `seq_len`: padded positions cost the same memory as real
-    ones, so the measurement is for the sequence length the estimate assumes."""
-    from fedcybgd.data import IGNORE_INDEX
-
-    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-    extra = seq_len - batch["input_ids"].shape[1]
-    return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) for k, v in batch.items()}
-
-
-def measure(mode: str, batch_size: int, seq_len: int, layers_per_block: int, device: torch.device) -> dict:
-    """Peak memory of 3 training steps of SmolLM2 (this process must be fresh), minus a baseline
-    taken after the data is ready and before the model is loaded."""
-    # Imported here: only --check needs the data pipeline (and, through it, Flower's datasets).
-    from fedcybgd.blocks import partition_blocks
-    from fedcybgd.config import DataConfig, TrainConfig
-    from fedcybgd.data import load_examples, tokenize, train_batches
-    from fedcybgd.memory import baseline_bytes
-    from fedcybgd.models import load_pretrained, load_tokenizer
-    from fedcybgd.train import train_params
-
-    cfg = TrainConfig(local_steps=3, batch_size=batch_size, max_seq_len=seq_len)
-    model_dir = resolve_model_dir(SMOLLM2)
-    tokenizer = load_tokenizer(str(model_dir))
-    examples = tokenize(load_examples(DataConfig()), tokenizer, seq_len)
-    stream = train_batches(examples, batch_size, tokenizer.pad_token_id, seed=0)
-    batches = [padded_to(next(stream), seq_len, tokenizer.pad_token_id) for _ in range(cfg.local_steps)]
-    baseline = baseline_bytes(device)  # after the data is ready, before the model is loaded
-    model = load_pretrained(model_dir)
-    names = [n for n, _ in model.named_parameters()] if mode == "full" else list(
-        partition_blocks(model, layers_per_block)[0].names)
-    result = train_params(model, names, iter(batches), cfg, device)
-    return {
-        "mode": mode,
-        "peak_bytes": result.peak_mem_bytes,
-        "baseline_bytes": baseline,
-        "measured_bytes": result.peak_mem_bytes - baseline,
-        "mean_real_tokens_per_sequence": float(sum(b["attention_mask"].sum() for b in batches))
-        / (len(batches) * batch_size),
-        "seconds": result.seconds,
-    }
+def measured_visits(frozen_form: str) -> dict[str, Visit]:
+    """The two visits --check measures: full fine-tuning, and block 0 held as the estimate says."""
+    compact = frozen_form in ("int8", "nf4")
+    return {"full": Visit("full"),
+            "block": Visit("block-bottom", "compact" if compact else frozen_form, frozen_form if compact else "none")}
 
 
 def check(est: MemoryEstimate, args: argparse.Namespace) -> tuple[dict, list[str]]:
@@ -137,23 +105,24 @@ def check(est: MemoryEstimate, args: argparse.Namespace) -> tuple[dict, list[str
     print(f"\nmeasuring SmolLM2-135M on {device.type}: 3 steps each, batches padded to {args.seq_len} "
           "tokens, each in a fresh process ...", flush=True)
     results, failures = {}, []
+    visits = measured_visits(args.frozen)
     for mode, memory in (("full", est.full), ("block", est.block)):
-        got = in_fresh_process(measure, mode, args.batch_size, args.seq_len, args.layers_per_block, device)
+        got = in_fresh_process(measure_visit, SMOLLM2, visits[mode], args.batch_size, args.seq_len, 3, args.device)
         got["estimated_peak_bytes"] = memory.peak
-        got["relative_error"] = (memory.peak - got["measured_bytes"]) / got["measured_bytes"]
+        got["relative_error"] = (memory.peak - got["peak_mem_bytes"]) / got["peak_mem_bytes"]
         results[mode] = got
         if abs(got["relative_error"]) > TOLERANCE:
-            failures.append(f"{mode}: estimated {gb(memory.peak)} GB vs measured {gb(got['measured_bytes'])} GB "
+            failures.append(f"{mode}: estimated {gb(memory.peak)} GB vs measured {gb(got['peak_mem_bytes'])} GB "
                             f"({got['relative_error']:+.1%}, limit {TOLERANCE:.0%})")
     how = ("CUDA allocator peak (max_memory_allocated); nothing allocated before the model"
            if device.type == "cuda" else
            "peak process RSS sampled during training minus the RSS just before the model was loaded")
     lines = [f"measured: {how}",
-             f"{'':<12}{'estimated peak GB':>18}{'measured GB':>13}{'error':>9}{'real tokens/seq':>17}"]
+             f"{'':<12}{'estimated peak GB':>18}{'measured GB':>13}{'error':>9}"]
     for mode, label in (("full", "full FT"), ("block", "block 0")):
         r = results[mode]
-        lines.append(f"{label:<12}{gb(r['estimated_peak_bytes']):>18}{gb(r['measured_bytes']):>13}"
-                     f"{r['relative_error']:>+9.1%}{r['mean_real_tokens_per_sequence']:>17.1f}")
+        lines.append(f"{label:<12}{gb(r['estimated_peak_bytes']):>18}{gb(r['peak_mem_bytes']):>13}"
+                     f"{r['relative_error']:>+9.1%}")
     print("\n".join(lines))
     return {"device": device.type, "measured_as": how, "tolerance": TOLERANCE, **results}, failures
 
@@ -162,6 +131,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True,
                         help=f"a config.json, a model directory, or one of: {', '.join(KNOWN)}")
+    parser.add_argument("--frozen", choices=FROZEN_FORMS, default="int8",
+                        help="how block training holds the frozen rest (default int8: the client's "
+                             "default, compact as the default compression sends it)")
     parser.add_argument("--weight-dtype", choices=sorted(DTYPE_BYTES),
                         help="dtype of the weights (default: the config's own, else float32)")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -174,6 +146,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.check and args.config != SMOLLM2:
         parser.error(f"--check measures SmolLM2-135M: use --config {SMOLLM2}")
+    if args.check and args.layers_per_block != 1:
+        parser.error("--check measures one-layer blocks: leave --layers-per-block out")
     if args.check and args.weight_dtype not in (None, "float32"):
         parser.error("--check measures the trainer's fp32 model: leave --weight-dtype out or use float32")
 
@@ -181,7 +155,7 @@ def main() -> None:
     try:
         dtype = "float32" if args.check else args.weight_dtype
         est = estimate(load_config(config_path(args.config)), dtype, args.batch_size, args.seq_len,
-                       args.layers_per_block)
+                       args.layers_per_block, args.frozen)
     except ValueError as err:
         raise SystemExit(f"--config {args.config}: {err}") from err
     print(table(name, est), flush=True)

@@ -139,3 +139,31 @@ def test_bad_inputs_are_named(tmp_path):
         load_config(tmp_path / "nowhere.json")
     with pytest.raises(ValueError, match="'float8'"):
         estimate(LLAMA_2_7B, weight_dtype="float8")
+
+
+@pytest.mark.parametrize("form", ["int8", "nf4", "bf16", "fp32"])
+def test_frozen_bytes_are_what_the_client_holds(form):
+    from fedcybgd import compression, frozen, models
+    from fedcybgd.compression import Encoded, TensorForm
+
+    config = tiny_llama(tied=True)
+    est = estimate(config, "float32", frozen_form=form)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    block = set(partition_blocks(model, 1)[0].names)
+    travel = TensorForm(quant=form) if form in ("int8", "nf4") else compression.DENSE
+    tensors = {n: Encoded(travel if compression.applies_to(t) and n not in block else compression.DENSE,
+                          compression.encode(t, travel if compression.applies_to(t) and n not in block else compression.DENSE))
+               for n, t in models.named_tensors(model).items()}
+    skeleton, _ = models.build_skeleton(models.model_spec(model))
+    frozen.load(skeleton, tensors, block, "compact" if form in ("int8", "nf4") else form)
+    held = frozen.frozen_bytes(skeleton) + sum(4 * p.numel() for p in skeleton.parameters())
+    shape_parts = sum(16 for m in skeleton.modules() if isinstance(m, frozen.FrozenWeight) and "shape" in m.part_names)
+    assert est.block.weights == held - shape_parts  # each compact matrix also keeps its shape (2 int64)
+
+
+def test_llama_2_7b_trains_all_parameters_in_12_gb_with_nf4_frozen_weights():
+    est = estimate(LLAMA_2_7B, batch_size=2, seq_len=512, frozen_form="nf4")
+    # Flower's own 7B 4-bit LoRA example reports about 16.5 GB per client.
+    assert est.block.peak < 12e9 < estimate(LLAMA_2_7B, batch_size=2, seq_len=512).block.peak
+    assert est.block.expansion == 2 * 32000 * 4096  # the fp16 lm_head, expanded for its backward

@@ -1,0 +1,46 @@
+"""The client benchmark's measurement (bench-client, memory-check and gpu-check use it) on tiny
+models: what a row holds, and the GPU check's rows dry-run on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedcybgd import models
+from scripts.bench_client import MODES, Visit, measure_visit, ratio_table, rows_for, targets
+from scripts.gpu_check import FROZEN
+
+
+def test_a_row_measures_one_visit_as_the_client_holds_it() -> None:
+    compact = measure_visit("tiny-llama", Visit("block-top", "compact", "int8"), 2, 32, 2, "cpu")
+    expanded = measure_visit("tiny-llama", Visit("block-top", "fp32", "int8"), 2, 32, 2, "cpu")
+    full = measure_visit("tiny-llama", Visit("full"), 2, 32, 2, "cpu")
+    assert set(compact) >= {"mode", "frozen", "step_seconds", "peak_mem_bytes", "process_peak_bytes"}
+    assert compact["trainable_params"] == expanded["trainable_params"] < full["trainable_params"] / 4
+    assert compact["frozen_bytes"] > 0 == expanded["frozen_bytes"] == full["frozen_bytes"]
+    assert len(compact["steps"]) == 2 and compact["step_seconds"] == compact["steps"][1]
+    rows = [full, compact, expanded]
+    assert "block-top" in ratio_table(rows) and targets(rows, "compact")[0].startswith("block-top compact: memory")
+
+
+def test_rows_cover_every_mode_and_form() -> None:
+    rows = rows_for(("fp32", "compact"), "int8")
+    assert [r.mode for r in rows] == ["full"] + [m for m in MODES[1:] for _ in range(2)]
+
+
+@pytest.mark.parametrize("frozen_form,travel", FROZEN)
+def test_the_gpu_checks_rows_run_on_a_cpu(tmp_path, frozen_form: str, travel: str) -> None:
+    """gpu-check's rows (random init from a config.json, bf16 autocast), dry-run on the CPU."""
+    config = models.load_pretrained(models.resolve_model_dir("tiny-llama")).config
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    row = measure_visit(str(tmp_path / "config.json"), Visit("block-middle", frozen_form, travel, "bf16"),
+                        2, 32, 2, "cpu")
+    assert row["precision"] == "bf16" and row["frozen_bytes"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_row_reports_the_allocators_peak() -> None:
+    row = measure_visit("tiny-llama", Visit("block-bottom", "compact", "nf4", "bf16"), 2, 32, 2, "cuda")
+    assert row["device"] == "cuda" and row["peak_mem_bytes"] > 0
