@@ -87,6 +87,7 @@ def train(msg: Message, context: Context) -> Message:
         train_loss=result.train_loss, num_examples=len(examples), samples_seen=result.samples_seen,
         steps=result.steps, seconds=result.seconds,
         peak_mem_bytes=max(result.peak_mem_bytes - memory_before, 0),
+        process_peak_bytes=memory.process_peak_bytes(),
     )
     return Message(RecordDict({
         BLOCK: ArrayRecord({name: codec.encode_tensor(t) for name, t in uploaded.items()}),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import resource
 import threading
 from types import TracebackType
 
@@ -20,6 +21,11 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 def current_rss_bytes() -> int:
     with open("/proc/self/statm", encoding="ascii") as f:
         return int(f.read().split()[1]) * _PAGE
+
+
+def process_peak_bytes() -> int:
+    """The largest resident set this process has had in its life (host memory, any device)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def baseline_bytes(device: torch.device) -> int:

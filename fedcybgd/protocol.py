@@ -121,7 +121,8 @@ class VisitMetrics:
     samples_seen: int
     steps: int
     seconds: float
-    peak_mem_bytes: int
+    peak_mem_bytes: int  # the visit's peak above what its process held before it (memory.py)
+    process_peak_bytes: int  # the client process's peak in its life so far: what the device pays
 
     def to_record(self) -> MetricRecord:
         return _to_metrics(self)

@@ -132,6 +132,7 @@ class VisitRecord(Record):
     bytes_up: int | None = optional()
     upload_keys: list[str] | None = optional()
     peak_mem_bytes: int | None = optional()
+    process_peak_bytes: int | None = optional()  # the client process's peak RSS so far
     cache_confirmed: bool | None = optional()  # the node's cache digest was the expected one
 
 
@@ -275,6 +276,8 @@ class RunSummary(Record):
     # Peak memory of a client visit above what its process held before it (memory.py).
     client_peak_mem_bytes: float | None  # mean over visits
     max_client_peak_mem_bytes: int | None
+    # The largest peak resident set of a client process (all it holds, not one visit's part).
+    max_client_process_peak_bytes: int | None
     rejected_replies: int
     rejected_by_reason: dict[str, int]
     num_blocks: int

@@ -116,6 +116,8 @@ def summary_table(summary: RunSummary) -> str:
         ("bytes down / up", f"{s.total_bytes_down / mb:,.1f} MB / {s.total_bytes_up / mb:,.1f} MB"),
         ("download vs Fed-full", "-" if ratio is None else f"{ratio:.1%}"),
         ("client peak memory (mean)", "-" if peak is None else f"{peak / mb:,.0f} MB"),
+        ("client process peak (max)", "-" if s.max_client_process_peak_bytes is None
+         else f"{s.max_client_process_peak_bytes / mb:,.0f} MB"),
         ("rejected replies", s.rejected_replies),
         ("wall time", f"{s.wall_seconds:.1f} s"),
     ]

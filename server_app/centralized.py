@@ -58,7 +58,8 @@ def run_centralized(cfg: RunConfig) -> Path:
         peak = max(result.peak_mem_bytes - memory_before, 0)
         stats = RoundStats(
             round=server_round,
-            assignments=[VisitRecord(block=block, peak_mem_bytes=peak)],
+            assignments=[VisitRecord(block=block, peak_mem_bytes=peak,
+                                     process_peak_bytes=memory.process_peak_bytes())],
             train_loss=result.train_loss, samples_seen=result.samples_seen,
             client_seconds=result.seconds,
             client_peak_mem_bytes=peak,

@@ -156,6 +156,8 @@ class Experiment:
         _save_final(self.setup, self.out_dir / "final")
         rounds = [r.stats for r in self.report.rows]
         peaks = [a.peak_mem_bytes for r in rounds for a in r.assignments if a.peak_mem_bytes is not None]
+        process_peaks = [a.process_peak_bytes for r in rounds for a in r.assignments
+                         if a.process_peak_bytes is not None]
         last = self.cfg.rounds
         summary = RunSummary(
             algorithm=self.cfg.algorithm.name,
@@ -182,6 +184,7 @@ class Experiment:
             samples_seen=sum(r.samples_seen for r in rounds),
             client_peak_mem_bytes=sum(peaks) / len(peaks) if peaks else None,
             max_client_peak_mem_bytes=max(peaks) if peaks else None,
+            max_client_process_peak_bytes=max(process_peaks) if process_peaks else None,
             rejected_replies=sum(len(r.rejected) for r in rounds),
             rejected_by_reason=dict(Counter(x.kind for r in rounds for x in r.rejected)),
             num_blocks=num_blocks,

@@ -329,6 +329,7 @@ class CyclicBlockStrategy(Strategy):
             metrics = VisitMetrics.from_record(reply.content.metric_records[METRICS])
             visit.record.upload_keys = sorted(reply.content.array_records[BLOCK].keys())
             visit.record.peak_mem_bytes = metrics.peak_mem_bytes
+            visit.record.process_peak_bytes = metrics.process_peak_bytes
             accepted.setdefault(block.index, []).append(_Upload(
                 visit, reply.content.array_records[BLOCK], metrics, str(reply.content[CONFIG]["cache-digest"])))
         for visit in waiting.values():

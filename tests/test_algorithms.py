@@ -62,6 +62,8 @@ def test_every_algorithm_runs_end_to_end_and_reports_the_same_fields(out_dir, al
     assert s["samples_seen"] == 4 * 3 * 8  # rounds x local steps x batch
     assert s["final_eval_loss"] < s["initial_eval_loss"]
     assert s["client_peak_mem_bytes"] > 0
+    # The process holds at least what its largest visit added (FakeGrid: the test's own process).
+    assert s["max_client_process_peak_bytes"] > s["max_client_peak_mem_bytes"]
     assert [r["round"] for r in rows(out_dir)] == [1, 2, 3, 4]
     assert all(r["eval_loss"] is not None for r in rows(out_dir))
     # The server's idea of each client's cache matched the client's own after every visit.

@@ -33,7 +33,7 @@ ROUND = ["algorithm", "round", "assignments", "rejected", "train_loss", "bytes_d
          "eval_loss", "task_score", "task_metric", "node_eval"]
 SENT = ["node_id", "node_key", "block", "visit", "bytes_down", "bytes_down_block", "bytes_down_frozen",
         "dropped_layers", "bytes_up"]  # a visit whose upload was rejected
-ACCEPTED = SENT + ["upload_keys", "peak_mem_bytes", "cache_confirmed"]
+ACCEPTED = SENT + ["upload_keys", "peak_mem_bytes", "process_peak_bytes", "cache_confirmed"]
 NODE_EVAL = ["round", "model", "nodes", "failed", "eval_loss", "task_score", "task_metric", "bytes_down", "bytes_up"]
 NODE = ["node_id", "node_key", "bytes_down", "eval_loss", "num_examples", "task_score", "task_examples", "bytes_up",
         "seconds"]
@@ -46,7 +46,7 @@ NODES_SUMMARY = ["node_eval_model", "initial_nodes_eval_loss", "final_nodes_eval
                  "initial_node_evals", "final_node_evals", "node_eval_failures", "total_eval_bytes_down",
                  "total_eval_bytes_up"]
 TOTALS = ["total_bytes_down", "total_bytes_down_block", "total_bytes_down_frozen", "total_bytes_up", "samples_seen",
-          "client_peak_mem_bytes", "max_client_peak_mem_bytes", "rejected_replies", "rejected_by_reason",
+          "client_peak_mem_bytes", "max_client_peak_mem_bytes", "max_client_process_peak_bytes", "rejected_replies", "rejected_by_reason",
           "num_blocks"]
 FEDERATED = ["full_model_bytes", "download_ratio_vs_fedfull", "block_bytes", "compressed_tensors_computed"]
 END = ["wall_seconds", "config"]
@@ -105,7 +105,7 @@ def test_a_federated_run_reads_back_into_its_types(federated_run):
 def test_a_centralized_run_reads_back_into_its_types(out_dir):
     run_centralized(compose(overrides=f"{TINY} algorithm=centralized-cy output_dir={out_dir}"))
     lines, raw_summary = raw_files(out_dir)
-    assert list(lines[0]["assignments"][0]) == ["block", "peak_mem_bytes"] and list(raw_summary) == SUMMARY + TOTALS + END
+    assert list(lines[0]["assignments"][0]) == ["block", "peak_mem_bytes", "process_peak_bytes"] and list(raw_summary) == SUMMARY + TOTALS + END
     rows, summary = assert_reads_back_exactly(out_dir)
     (visit,) = rows[0].stats.assignments
     assert visit.node_id is None and visit.peak_mem_bytes is not None
