@@ -126,7 +126,9 @@ def decode(parts: dict[str, torch.Tensor], form: TensorForm, dtype: torch.dtype 
         cols *= d
     if not form.prunes:  # every entry travelled: no index per value needed
         if form.quant == "int8":
-            values = parts["q"].reshape(rows_n, cols).float() * parts["scale"][:, None]
+            # In place: a frozen matrix is expanded at every use, and one fp32 copy at a time is
+            # its whole transient cost (the head's is 113 MB for SmolLM2).
+            values = parts["q"].reshape(rows_n, cols).float().mul_(parts["scale"][:, None])
         elif form.quant == "nf4":
             values = _nf4_decode(parts["q"], parts["absmax"], rows_n * cols)
         else:
@@ -228,6 +230,6 @@ def _nf4_encode(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _nf4_decode(packed: torch.Tensor, absmax: torch.Tensor, count: int) -> torch.Tensor:
-    codes = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1).long()
-    values = NF4_LEVELS.to(packed.device)[codes].reshape(-1, NF4_BLOCK) * absmax[:, None]
-    return values.reshape(-1)[:count]
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)
+    levels = NF4_LEVELS.to(packed.device).index_select(0, codes.int())  # int32 indices: half of int64's bytes
+    return levels.reshape(-1, NF4_BLOCK).mul_(absmax[:, None]).reshape(-1)[:count]
