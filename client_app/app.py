@@ -163,7 +163,8 @@ def holdings(msg: Message, context: Context) -> Message:
         _seed_from_base(cache, node.base_model, base_hashes)
     has_data = node.data_path is not None and _holds_data(Path(node.data_path))
     key = protocol.node_key(node, context.node_id)
-    return Message(HoldingsReply(cache.holdings(), key, has_data).to_content(), reply_to=msg)
+    budget = None if node.memory_budget_mb is None else int(node.memory_budget_mb * 1e6)
+    return Message(HoldingsReply(cache.holdings(), key, has_data, budget).to_content(), reply_to=msg)
 
 
 def _received(content: RecordDict, instruction: TrainInstruction) -> dict[Holding, dict]:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from fedcybgd.blocks import partition_blocks
+from fedcybgd.blocks import find_layer_path, partition_blocks
 from fedcybgd.compression import NF4_BLOCK
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -200,6 +200,53 @@ def estimate(
         full=_training_memory(weights, params.total, width, full_acts, logits),
         block=_training_memory(block_weights, params.block, width, block_acts, logits, expansion),
     )
+
+
+def visit_peaks(
+    config: PretrainedConfig | dict[str, Any] | str | Path,
+    blocks: list[tuple[tuple[str, ...], tuple[int, ...]]],
+    weight_dtype: str = "float32",
+    batch_size: int = 4,
+    seq_len: int = 128,
+    frozen_form: str = "int8",
+) -> list[int]:
+    """The estimated peak of a visit training each of `blocks` ((parameter names, decoder layer
+    indices) each), as `estimate` counts block 0: the block trains, the rest is held in
+    `frozen_form`; layers below the block keep no activations, those above keep what the
+    gradient needs on its way down. Names that are not model parameters (LoRA adapters) add no
+    trained weights; their layers are counted as training, an upper bound for LoRA."""
+    config = load_config(config)
+    _require_activation_formula(config)
+    width = DTYPE_BYTES[weight_dtype]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    head_names = {n for n in shapes if not n.startswith(find_layer_path(model) + ".")}
+    tokens = batch_size * seq_len
+    logits = LOGITS_BUFFERS * FP32 * tokens * config.vocab_size
+    peaks = []
+    for names, layers in blocks:
+        trained = set(names) & set(shapes)
+        frozen = [shape for name, shape in shapes.items() if name not in trained]
+        trainable = sum(math.prod(shapes[n]) for n in trained)
+        weights = trainable * width + sum(held_bytes(shape, frozen_form) for shape in frozen)
+        lowest = min(layers, default=config.num_hidden_layers)
+        activations = tokens * (
+            sum(layer_activation_bytes(config, width, seq_len, trains=i in layers)
+                for i in range(lowest, config.num_hidden_layers))
+            + tail_activation_bytes(config, width, head_trains=bool(trained & head_names)))
+        matrices = [math.prod(shape) for shape in frozen if len(shape) >= 2]
+        expansion = width * max(matrices) if matrices and frozen_form != "fp32" else 0
+        peaks.append(_training_memory(weights, trainable, width, activations, logits, expansion).peak)
+    return peaks
+
+
+def held_form(frozen_weights: str, quantize: str) -> str:
+    """The FROZEN_FORMS entry for a client's `train.frozen_weights` when the frozen decoder
+    layers travel as `compression.quantize` (`none`: dense, held in fp32 by `compact`)."""
+    if frozen_weights == "compact":
+        return quantize if quantize in ("int8", "nf4") else "fp32"
+    return frozen_weights
 
 
 def frozen_shapes(config: PretrainedConfig, layers_per_block: int = 1) -> list[tuple[int, ...]]:

@@ -49,6 +49,10 @@ class NodeConfig:
     # The node's stable name: the server orders nodes, and so pairs them with blocks, by it across
     # restarts and resumes (unset: the partition, else Flower's node id, which may change).
     node_name: str | None = None
+    # The memory, in MB (1e6 bytes), this node can give one training visit. The server then gives
+    # it only blocks whose visit it estimates to fit (fedcybgd/memory_estimate.py, Llama-family
+    # models) and hands the others to nodes that can hold them. Unset: no limit.
+    memory_budget_mb: float | None = None
     # Fault injection for tests and `make bench-faults`, read only where the node's environment
     # has FEDCYBGD_FAULT_INJECTION=1 (client_app/faults.py): `<kind>@<n>[,...]`, and how long a
     # `hang` sleeps.
@@ -62,6 +66,8 @@ class NodeConfig:
                 _check_type(_key(f.name), value, _TYPES[f.name])
         if self.cache_keep_runs < 0:
             raise NodeConfigError(f"node_config cache-keep-runs={self.cache_keep_runs} must be >= 0")
+        if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
+            raise NodeConfigError(f"node_config memory-budget-mb={self.memory_budget_mb} must be > 0")
 
     @property
     def partition(self) -> tuple[int, int] | None:

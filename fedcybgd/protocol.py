@@ -253,16 +253,18 @@ class HoldingsReply:
     holdings: list[Holding]  # what the node's cache holds
     node_key: str  # its stable key (`node_key`)
     has_data: bool  # it has a data file of its own (node config `data-path`)
+    memory_budget: int | None = None  # bytes a visit may use (node config `memory-budget-mb`)
 
     def to_content(self) -> RecordDict:
         return RecordDict({CONFIG: ConfigRecord({"holdings": encode_holdings(self.holdings),
-                                                 "node-key": self.node_key, "has-data": self.has_data})})
+                                                 "node-key": self.node_key, "has-data": self.has_data,
+                                                 "memory-budget": self.memory_budget or 0})})
 
     @classmethod
     def from_content(cls, content: RecordDict) -> HoldingsReply:
         record = content.config_records[CONFIG]
         return cls(decode_holdings(str(record["holdings"])), str(record["node-key"]),
-                   bool(record.get("has-data", False)))
+                   bool(record.get("has-data", False)), int(record.get("memory-budget", 0)) or None)
 
 
 FALLBACK_KEY_PREFIX = "node-id-"

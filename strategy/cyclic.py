@@ -10,6 +10,7 @@ what every node holds (in its `Packager`), and the statistics of each round.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -21,7 +22,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedcybgd import protocol
+from fedcybgd import memory_estimate, protocol
 from fedcybgd.blocks import Block
 from fedcybgd.client_cache import Holding
 from fedcybgd.config import CompressionConfig, DataConfig, EvalConfig, TrainConfig
@@ -113,6 +114,8 @@ class CyclicBlockStrategy(Strategy):
         self.node_order: list[str] = []
         self.node_keys: dict[int, str] = {}  # Flower node id -> stable key, this session
         self.has_data: dict[str, bool] = {}  # by node key: whether it has a data-path of its own
+        self.memory_budgets: dict[str, int | None] = {}  # by node key: bytes a visit may use
+        self._visit_needs: list[int] | None = None  # estimated peak of a visit, by block (on demand)
         self.visits: dict[str, int] = {}  # by node key
         self.cache_id = secrets.token_hex(8)  # names the nodes' caches; kept across a resume
         self.completed_round = 0
@@ -222,7 +225,40 @@ class CyclicBlockStrategy(Strategy):
         chosen = schedule.nodes_for_round(server_round, nodes, k, pairing=self.pairing, num_blocks=len(self.blocks),
                                           blocks_per_round=per_round)
         blocks = self._next_blocks(per_round)
-        return [schedule.Assignment(n, blocks[i * per_round // k]) for i, n in enumerate(chosen)]
+        return self._fit_memory([schedule.Assignment(n, blocks[i * per_round // k]) for i, n in enumerate(chosen)],
+                                nodes)
+
+    def _fit_memory(self, assignments: list[schedule.Assignment], nodes: list[int]) -> list[schedule.Assignment]:
+        """`assignments` moved off nodes whose declared memory budget cannot hold their block."""
+        budgets = {n: self.memory_budgets.get(self.node_keys.get(n, "")) for n in nodes}
+        if all(b is None for b in budgets.values()) or not (needs := self.visit_needs()):
+            return assignments
+        fit = schedule.fit_memory(assignments, nodes, budgets, needs)
+        for scheduled, node in fit.moved:
+            log(INFO, "Node %s (memory budget %.2f GB) cannot hold block %d (about %.2f GB): node %s trains it",
+                self.node_keys[scheduled.node_id], budgets[scheduled.node_id] / 1e9, scheduled.block,
+                needs[scheduled.block] / 1e9, self.node_keys[node])
+        for skipped in fit.skipped:
+            log(WARNING, "Block %d needs about %.2f GB and no connected node declares that much memory "
+                "(node config memory-budget-mb): skipped this round", skipped.block, needs[skipped.block] / 1e9)
+        return fit.assignments
+
+    def visit_needs(self) -> list[int]:
+        """Each block's estimated visit peak in bytes (fedcybgd/memory_estimate.py), for the
+        clients' batch, sequence length and frozen form; empty where the model has no estimate."""
+        if self._visit_needs is None:
+            try:
+                self._visit_needs = memory_estimate.visit_peaks(
+                    json.loads(self.model_spec), [(b.names, b.layers) for b in self.blocks],
+                    "bfloat16" if self.train.precision == "bf16" else "float32", self.train.batch_size,
+                    self.train.max_seq_len, memory_estimate.held_form(self.train.frozen_weights,
+                                                                      self.compression.quantize))
+                log(INFO, "Estimated visit memory: %.2f to %.2f GB by block",
+                    min(self._visit_needs) / 1e9, max(self._visit_needs) / 1e9)
+            except memory_estimate.UnsupportedArchitectureError as err:
+                log(WARNING, "Node memory budgets are ignored: %s", err)
+                self._visit_needs = []
+        return self._visit_needs
 
     def _next_blocks(self, count: int) -> list[int]:
         """The next `count` distinct blocks: failed ones first, then the allocation order.
@@ -274,6 +310,7 @@ class CyclicBlockStrategy(Strategy):
                     "so a restart or resume may pair it with other blocks", node_id)
             self.node_keys[node_id] = key
             self.has_data[key] = answer.has_data
+            self.memory_budgets[key] = answer.memory_budget
             self.packager.set_holdings(node_id, [h for h in answer.holdings if h.version <= self.completed_round])
             answered.add(node_id)
         for node_id in set(node_ids) - answered:

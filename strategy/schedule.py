@@ -72,3 +72,43 @@ def nodes_for_round(server_round: int, nodes: list[int], count: int = 1, *, pair
     period = pairing_period(len(nodes), count, num_blocks, blocks_per_round)
     visits = range((server_round - 1) * count, server_round * count)
     return [nodes[(v + (v // period if pairing == "rotate" else 0)) % len(nodes)] for v in visits]
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """A round's assignments after memory budgets: moved ones, and blocks no node can hold."""
+
+    assignments: list[Assignment]
+    moved: list[tuple[Assignment, int]]  # (the scheduled assignment, the node that got its block)
+    skipped: list[Assignment]  # no connected node's budget holds the block
+
+
+def fit_memory(assignments: list[Assignment], nodes: list[int], budgets: dict[int, int | None],
+               needs: list[int]) -> MemoryFit:
+    """Give each scheduled block to a node whose memory budget holds it.
+
+    `budgets[node]`: the bytes a node declared (None: no limit); `needs[block]`: the estimated
+    peak of a visit training that block. A scheduled node that cannot hold its block hands it
+    to the next node after it in `nodes` (the run's stable order, wrapping) that can and is not
+    already in this round; when no node can, the block is skipped this round.
+    """
+    def fits(node: int, block: int) -> bool:
+        budget = budgets.get(node)
+        return budget is None or needs[block] <= budget
+
+    taken = {a.node_id for a in assignments if fits(a.node_id, a.block)}
+    fitted, moved, skipped = [], [], []
+    for a in assignments:
+        if fits(a.node_id, a.block):
+            fitted.append(a)
+            continue
+        start = nodes.index(a.node_id) if a.node_id in nodes else 0
+        order = nodes[start + 1:] + nodes[:start + 1]
+        substitute = next((n for n in order if n not in taken and fits(n, a.block)), None)
+        if substitute is None:
+            skipped.append(a)
+            continue
+        taken.add(substitute)
+        fitted.append(Assignment(substitute, a.block))
+        moved.append((a, substitute))
+    return MemoryFit(fitted, moved, skipped)
