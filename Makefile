@@ -119,9 +119,10 @@ gpu-check:
 	$(or $(PYTHON),python3) -m scripts.gpu_check
 
 .PHONY: memory-estimate memory-check
-# Per-client memory: full fine-tuning vs one block (paper Fig. 1), from a HF config; CONFIG=llama-2-7b.
+# Per-client memory: full fine-tuning vs one block (paper Fig. 1), from a HF config; CONFIG=llama-2-7b,
+# MEMORY_ARGS="--frozen nf4 --batch-size 2 --seq-len 512" (python -m scripts.memory_estimate --help).
 memory-estimate: setup
-	$(PY) -m scripts.memory_estimate --config $(or $(CONFIG),llama-2-7b)
+	$(PY) -m scripts.memory_estimate --config $(or $(CONFIG),llama-2-7b) $(MEMORY_ARGS)
 # The estimate checked against SmolLM2-135M measured on this machine (within 25 %).
 memory-check: setup
 	$(PY) -m scripts.memory_estimate --config smollm2-135m-instruct --check

@@ -10,6 +10,7 @@ into a `NodeConfig` (fedcybgd/node_config.py: every key declared there, with its
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import re
 import time
@@ -17,6 +18,7 @@ from dataclasses import asdict
 from functools import lru_cache
 from logging import WARNING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
@@ -24,7 +26,8 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from torch import nn
 
-from fedcybgd import codec, data, frozen, lora, memory, models, protocol, scoring
+from fedcybgd import codec, frozen, lora, memory, models, protocol
+from fedcybgd.batches import Tokenized, read_tokenized, train_batches, write_tokenized
 from fedcybgd.blocks import LayerMap
 from client_app import faults
 from fedcybgd.client_cache import CacheWriteError, ClientCache, Holding, digest, prune_runs, run_dir_name
@@ -34,6 +37,11 @@ from fedcybgd.node_config import NodeConfig, NodeConfigError
 from fedcybgd.protocol import (BLOCK, CONFIG, FROZEN, METRICS, EvalInstruction, HoldingsReply, NodeEvalMetrics,
                                TrainInstruction, VisitMetrics)
 from fedcybgd.train import pick_device, train_params
+
+if TYPE_CHECKING:  # imported where used: a training visit whose data is tokenized in its cache needs neither
+    from datasets import Dataset
+
+    from fedcybgd import data
 
 # Fault injection for tests exists only when the node's environment asks for it (client_app/faults.py).
 app = ClientApp(mods=faults.mods())
@@ -65,13 +73,11 @@ def train(msg: Message, context: Context) -> Message:
     del encoded
 
     model_dir = str(models.resolve_model_dir(instruction.model_name))
-    tokenizer = models.load_tokenizer(model_dir)
-    examples = _local_examples(node, json.dumps(asdict(instruction.data)), model_dir,
-                               instruction.train.max_seq_len)
-    batches = data.train_batches(examples, instruction.train.batch_size, tokenizer.pad_token_id,
-                                 seed=instruction.seed)
+    tokenized = _local_examples(node, json.dumps(asdict(instruction.data)), model_dir, instruction.train.max_seq_len)
+    examples = tokenized.examples
+    stream = train_batches(examples, instruction.train.batch_size, tokenized.pad_id, seed=instruction.seed)
     torch.manual_seed(instruction.seed)  # dropout, if any, draws the same on a rerun of the round
-    result = train_params(model, list(trained.values()), batches, instruction.train, device,
+    result = train_params(model, list(trained.values()), stream, instruction.train, device,
                           num_examples=len(examples))
 
     params = dict(model.named_parameters())
@@ -128,6 +134,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         tensors = lora.merge_into(tensors, instruction.lora, lora.transposed_modules(model))
     models.load_tensors(model, tensors)
     del tensors
+
+    from fedcybgd import scoring  # evaluation only: its imports (rouge-score) cost a training visit time
 
     model_dir = str(models.resolve_model_dir(instruction.model_name))
     tokenizer = models.load_tokenizer(model_dir)
@@ -191,15 +199,19 @@ def _cache_dir(node: NodeConfig, node_id: int, cache_id: str) -> Path:
     """This node's cache for the server's run (`cache_id`, the same after a resume, unlike
     Flower's run id). When a node first meets a run, all but its newest past runs' caches go."""
     run = run_dir_name(cache_id)
+    root = _cache_root(node)
     if node.cache_dir is not None:
-        root = Path(node.cache_dir).expanduser()
         directory = root / run
     else:
-        root = models.default_cache_dir() / "client-cache"
         directory = root / run / re.sub(r"[^A-Za-z0-9._-]", "_", protocol.node_key(node, node_id))
     if not directory.exists():
         prune_runs(root, run, node.cache_keep_runs)
     return directory
+
+
+def _cache_root(node: NodeConfig) -> Path:
+    """The node's cache folder (`cache-dir`), else the machine's default one."""
+    return Path(node.cache_dir).expanduser() if node.cache_dir is not None else models.default_cache_dir() / "client-cache"
 
 
 # Simulation reuses one process for many visits: keep the split and the tokenized data between them.
@@ -207,6 +219,8 @@ def _cache_dir(node: NodeConfig, node_id: int, cache_id: str) -> Path:
 def _split(data_json: str, data_path: str | None, partition: tuple[int, int] | None) -> data.HeldoutSplit:
     """This node's data, split by prompt as the server splits its own: from its own file, or its
     partition of each side of the shared source's split."""
+    from fedcybgd import data
+
     cfg = DataConfig(**json.loads(data_json))
     if data_path is not None:
         return data.split_heldout(data.load_examples(cfg, path=data_path), cfg)
@@ -221,9 +235,43 @@ def _split(data_json: str, data_path: str | None, partition: tuple[int, int] | N
 
 
 @lru_cache(maxsize=2)
-def _tokenized_train(data_json: str, data_path: str | None, partition: tuple[int, int] | None,
-                     model_dir: str, max_seq_len: int) -> list[data.Example]:
-    return data.tokenize(_split(data_json, data_path, partition).train, models.load_tokenizer(model_dir), max_seq_len)
+def _tokenized_train(stored: Path, data_json: str, data_path: str | None, partition: tuple[int, int] | None,
+                     model_dir: str, max_seq_len: int) -> Tokenized:
+    """The node's tokenized training data: read from `stored`, else made and written there."""
+    tokenized = read_tokenized(stored)
+    if tokenized is None:
+        from fedcybgd import data
+
+        tokenizer = models.load_tokenizer(model_dir)
+        tokenized = Tokenized(data.tokenize(_split(data_json, data_path, partition).train, tokenizer, max_seq_len),
+                              tokenizer.pad_token_id)
+        try:
+            write_tokenized(stored, tokenized)
+        except OSError as err:
+            log(WARNING, "Keeping the tokenized data in %s failed (%s): the next visit tokenizes again", stored, err)
+    return tokenized
+
+
+def _tokenized_file(node: NodeConfig, data_json: str, data_path: str | None, partition: tuple[int, int] | None,
+                    model_dir: str, max_seq_len: int) -> Path:
+    """Where this node keeps its tokenized data: named by everything the tokens depend on (the
+    data settings, the node's data file as it is now, its partition, the tokenizer's files and
+    the length), so a change to any of them makes a new file."""
+    source = None if data_path is None else _file_identity(Path(data_path))
+    tokenizer = [_file_identity(f) for f in sorted(Path(model_dir).iterdir())
+                 if f.is_file() and f.suffix not in (".safetensors", ".bin", ".gguf", ".pt")]
+    key = json.dumps([TOKENIZED_FORMAT, data_json, data_path, source, partition, tokenizer, max_seq_len])
+    return _cache_root(node) / "tokenized" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+# Part of every tokenized file's name: raise it when tokenization changes, so old files go unused.
+TOKENIZED_FORMAT = 1
+
+
+def _file_identity(path: Path) -> list[object]:
+    """A file's (or a folder's files') name, size and modification time."""
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
 
 
 def _data_source(node: NodeConfig) -> tuple[str | None, tuple[int, int] | None]:
@@ -237,18 +285,24 @@ def _data_source(node: NodeConfig) -> tuple[str | None, tuple[int, int] | None]:
     if path is not None and (partition is None or _holds_data(Path(path))):
         return path, None
     if partition is None:
-        raise data.DataError("node_config needs data-path, or partition-id and num-partitions")
+        from fedcybgd.data import DataError
+
+        raise DataError("node_config needs data-path, or partition-id and num-partitions")
     if path is not None:
         log(WARNING, "data-path %s holds no data: using partition %d of %d of the packaged data", path, *partition)
     return None, partition
 
 
-def _local_examples(node: NodeConfig, data_json: str, model_dir: str, max_seq_len: int) -> list[data.Example]:
-    """This node's tokenized training examples."""
-    return _tokenized_train(data_json, *_data_source(node), model_dir, max_seq_len)
+def _local_examples(node: NodeConfig, data_json: str, model_dir: str, max_seq_len: int) -> Tokenized:
+    """This node's tokenized training examples. Kept in its cache folder: in deployment every
+    visit is a fresh process, and loading, splitting and tokenizing the data again (with
+    `datasets` imported for it) was most of what a visit added to its training time."""
+    source = _data_source(node)
+    return _tokenized_train(_tokenized_file(node, data_json, *source, model_dir, max_seq_len), data_json, *source,
+                            model_dir, max_seq_len)
 
 
-def _local_split(node: NodeConfig, data_json: str, side: str) -> data.Dataset:
+def _local_split(node: NodeConfig, data_json: str, side: str) -> Dataset:
     """This node's held-out (`heldout`) or validation (`validation`) examples: never trained on."""
     split = _split(data_json, *_data_source(node))
     if side == "heldout":

@@ -14,11 +14,9 @@ import importlib.util
 import json
 import math
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 from datasets import Dataset, load_dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
@@ -27,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from fedcybgd import tasks
 from fedcybgd.config import DataConfig
 from fedcybgd.files import write_atomic
+from fedcybgd.batches import Example
 from fedcybgd.train import IGNORE_INDEX
 
 BUILTIN_PREFIX = "builtin:"
@@ -35,14 +34,6 @@ _FILE_LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "
 
 class DataError(ValueError):
     """The data cannot be loaded or is unusable (empty, wrong columns, ...)."""
-
-
-@dataclass(frozen=True)
-class Example:
-    """One tokenized training example: the ids and the labels (prompt positions ignored)."""
-
-    input_ids: list[int]
-    labels: list[int]
 
 
 def load_examples(cfg: DataConfig, path: str | None = None) -> Dataset:
@@ -204,34 +195,6 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) 
             f"no example keeps a response token within train.max_seq_len={max_seq_len}"
         )
     return examples
-
-
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels (IGNORE_INDEX on padding)."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def train_batches(examples: list[Example], batch_size: int, pad_id: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled batches: a new permutation each pass over the examples."""
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for start in range(0, len(order), batch_size):
-            yield collate([examples[i] for i in order[start:start + batch_size]], pad_id)
-
-
-def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    return [collate(examples[i:i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
 
 
 def _template_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> list[int]:

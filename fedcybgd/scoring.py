@@ -15,7 +15,7 @@ from datasets import Dataset
 from rouge_score import rouge_scorer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fedcybgd import data
+from fedcybgd import batches, data
 from fedcybgd.config import EvalConfig
 from fedcybgd.train import evaluate_loss
 
@@ -106,7 +106,7 @@ class EvalSet:
 def eval_set(ds: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig, max_seq_len: int) -> EvalSet:
     capped = ds if cfg.max_examples is None else ds.select(range(min(cfg.max_examples, len(ds))))
     examples = data.tokenize(capped, tokenizer, max_seq_len)
-    return EvalSet(data.eval_batches(examples, cfg.batch_size, tokenizer.pad_token_id), len(examples),
+    return EvalSet(batches.eval_batches(examples, cfg.batch_size, tokenizer.pad_token_id), len(examples),
                    task_examples(ds, cfg.task_examples))
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from fedcybgd import compression, data, models
+from fedcybgd.batches import eval_batches
 from fedcybgd.blocks import describe, layer_index
 from fedcybgd.compression import TensorForm
 from fedcybgd.config import DataConfig
@@ -118,7 +119,7 @@ def main() -> None:
     cfg = DataConfig()
     heldout = data.split_heldout(data.load_examples(cfg), cfg).heldout
     examples = data.tokenize(heldout.select(range(min(args.examples, len(heldout)))), tokenizer, 128)
-    batches = data.eval_batches(examples, 8, tokenizer.pad_token_id)
+    batches = eval_batches(examples, 8, tokenizer.pad_token_id)
     frozen = [i for i in range(layout.num_layers) if i != block]
 
     rows: list[dict] = []

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from fedcybgd import data, memory, models
+from fedcybgd.batches import train_batches
 from fedcybgd.config import CENTRALIZED_ALGORITHMS, RunConfig
 from fedcybgd.records import RoundStats, VisitRecord
 from fedcybgd.train import pick_device, train_params
@@ -38,7 +39,7 @@ def run_centralized(cfg: RunConfig) -> Path:
     experiment = Experiment.start(cfg, setup, output_dir(cfg))
     model = setup.model
     examples = data.tokenize(setup.data.train, setup.tokenizer, cfg.train.max_seq_len)
-    batches = data.train_batches(examples, cfg.train.batch_size, setup.tokenizer.pad_token_id, seed=cfg.seed)
+    batches = train_batches(examples, cfg.train.batch_size, setup.tokenizer.pad_token_id, seed=cfg.seed)
     every_param = [name for name, _ in model.named_parameters()]
     full = cfg.algorithm.name == "centralized-full"
     optimizer = (torch.optim.AdamW([p for _, p in model.named_parameters()], lr=cfg.train.lr,

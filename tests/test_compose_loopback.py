@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from client_app.app import _local_examples
-from fedcybgd import data, models
+from fedcybgd import batches, data, models
 from fedcybgd.config import DataConfig
 from fedcybgd.node_config import NodeConfig
 from scripts.certs import generate_node_keys, generate_server_credentials, missing_files
@@ -34,8 +34,8 @@ def tiny_dir() -> str:
     return str(models.resolve_model_dir("tiny-llama"))
 
 
-def examples(node_config: dict, tiny_dir: str) -> list[data.Example]:
-    return _local_examples(NodeConfig.from_mapping(node_config), DATA_JSON, tiny_dir, 64)
+def examples(node_config: dict, tiny_dir: str) -> list[batches.Example]:
+    return _local_examples(NodeConfig.from_mapping(node_config), DATA_JSON, tiny_dir, 64).examples
 
 
 # -- a node with no data trains on its packaged partition -------------------------------------

@@ -3,11 +3,10 @@ import json
 import pytest
 
 from fedcybgd import models
+from fedcybgd.batches import collate
 from fedcybgd.config import DataConfig
-from fedcybgd.data import (
-    IGNORE_INDEX, DataError, collate, load_examples, load_partition, prompt_key, split_heldout, tokenize,
-    write_node_files,
-)
+from fedcybgd.data import DataError, load_examples, load_partition, prompt_key, split_heldout, tokenize, write_node_files
+from fedcybgd.train import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")

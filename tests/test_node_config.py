@@ -11,7 +11,7 @@ from fedcybgd.node_config import KEYS, NodeConfig, NodeConfigError
 APP_DIR = Path(__file__).resolve().parent.parent
 EVERY_KEY = {"data-path": "/srv/a b.jsonl", "cache-dir": "~/cache", "partition-id": 1, "num-partitions": 3,
              "device": "cuda:1", "cache-keep-runs": 0, "base-model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-             "node-name": "clinic-a", "fault": "hang@2,disk-full@3", "fault-hang-s": 2.5}
+             "node-name": "clinic-a", "memory-budget-mb": 1500.5, "fault": "hang@2,disk-full@3", "fault-hang-s": 2.5}
 
 
 def test_every_key_round_trips_through_the_flower_argument():
@@ -38,6 +38,7 @@ def test_an_unknown_key_is_named_with_the_known_ones():
     ({"cache-keep-runs": "two"}, r"cache-keep-runs='two' must be an integer"),
     ({"cache-keep-runs": -1}, r"cache-keep-runs=-1 must be >= 0"),
     ({"fault-hang-s": "long"}, r"fault-hang-s='long' must be a number"),
+    ({"memory-budget-mb": -5}, r"memory-budget-mb=-5 must be > 0"),
 ])
 def test_a_wrong_type_or_range_is_named(mapping, message):
     with pytest.raises(NodeConfigError, match=message):

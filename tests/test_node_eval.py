@@ -6,7 +6,7 @@ import pytest
 import torch
 from flwr.app import Error, Message
 
-from fedcybgd import data, models
+from fedcybgd import batches, data, models
 from fedcybgd.config import ConfigError, compose
 from fedcybgd.protocol import CONFIG, EvalInstruction, record_bytes
 from fedcybgd.train import evaluate_loss
@@ -51,8 +51,8 @@ def heldout_loss(model, cfg, path):
     split = data.split_heldout(data.load_examples(cfg.data, path=path), cfg.data)
     tokenizer = models.load_tokenizer(str(models.resolve_model_dir(cfg.model.name)))
     examples = data.tokenize(split.heldout, tokenizer, cfg.train.max_seq_len)
-    batches = data.eval_batches(examples, cfg.eval.batch_size, tokenizer.pad_token_id)
-    return evaluate_loss(model, batches, torch.device("cpu")), len(examples)
+    eval_batches = batches.eval_batches(examples, cfg.eval.batch_size, tokenizer.pad_token_id)
+    return evaluate_loss(model, eval_batches, torch.device("cpu")), len(examples)
 
 
 def test_nodes_evaluate_on_their_own_data_and_the_server_loads_none(out_dir, tmp_path, no_packaged_data):

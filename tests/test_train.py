@@ -6,7 +6,8 @@ import torch
 from fedcybgd import models
 from fedcybgd.blocks import partition_blocks
 from fedcybgd.config import ConfigError, DataConfig, TrainConfig, compose
-from fedcybgd.data import eval_batches, load_examples, tokenize, train_batches
+from fedcybgd.batches import eval_batches, train_batches
+from fedcybgd.data import load_examples, tokenize
 from fedcybgd.train import evaluate_loss, lr_at, train_params, visit_steps
 
 

@@ -1,0 +1,66 @@
+"""A node keeps its tokenized data in its cache folder: a fresh visit process reads it back
+instead of loading and tokenizing the data again, and any change to what the tokens depend on
+makes a new file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from client_app import app as client
+from fedcybgd import data, models
+from fedcybgd.config import DataConfig
+from fedcybgd.node_config import NodeConfig
+
+DATA_JSON = json.dumps(asdict(DataConfig(max_examples=100)))
+
+
+def fresh_visit(node: dict, tiny_dir: str, max_seq_len: int = 64):
+    """What a visit in a new process gets: nothing cached in memory."""
+    client._tokenized_train.cache_clear()
+    client._split.cache_clear()
+    return client._local_examples(NodeConfig.from_mapping(node), DATA_JSON, tiny_dir, max_seq_len)
+
+
+def test_a_fresh_visit_reads_the_tokenized_data_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_dir = str(models.resolve_model_dir("tiny-llama"))
+    node = {"partition-id": 0, "num-partitions": 2, "cache-dir": str(tmp_path)}
+    first = fresh_visit(node, tiny_dir)
+    assert len(list((tmp_path / "tokenized").glob("*.json"))) == 1
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(data, "tokenize", no_tokenizing)
+    again = fresh_visit(node, tiny_dir)
+    assert again == first and again.pad_id == models.load_tokenizer(tiny_dir).pad_token_id
+    with pytest.raises(AssertionError, match="tokenized again"):  # another length: another file
+        fresh_visit(node, tiny_dir, max_seq_len=48)
+    with pytest.raises(AssertionError, match="tokenized again"):  # another partition
+        fresh_visit({**node, "partition-id": 1}, tiny_dir)
+
+
+def test_a_changed_data_file_is_tokenized_again(tmp_path: Path) -> None:
+    tiny_dir = str(models.resolve_model_dir("tiny-llama"))
+    path = tmp_path / "node.jsonl"
+    rows = [{"instruction": f"say {i}", "output": f"{i} " * (i % 7 + 1)} for i in range(40)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    node = {"data-path": str(path), "cache-dir": str(tmp_path / "cache")}
+    before = fresh_visit(node, tiny_dir)
+    path.write_text("\n".join(json.dumps(r) for r in rows[:30]) + "\n")
+    after = fresh_visit(node, tiny_dir)
+    assert len(after.examples) < len(before.examples)
+    assert len(list((tmp_path / "cache" / "tokenized").glob("*.json"))) == 2
+
+
+def test_an_unreadable_file_is_tokenized_again(tmp_path: Path) -> None:
+    tiny_dir = str(models.resolve_model_dir("tiny-llama"))
+    node = {"partition-id": 0, "num-partitions": 2, "cache-dir": str(tmp_path)}
+    first = fresh_visit(node, tiny_dir)
+    (stored,) = (tmp_path / "tokenized").glob("*.json")
+    stored.write_text("{not json")
+    assert fresh_visit(node, tiny_dir) == first
+    assert json.loads(stored.read_text())["pad_id"] == first.pad_id
