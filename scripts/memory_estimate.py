@@ -128,8 +128,8 @@ def check(est: MemoryEstimate, args: argparse.Namespace) -> tuple[dict, list[str
     device = pick_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    print(f"\nmeasuring SmolLM2-135M on {device.type}: 3 steps each, batches padded to {args.seq_len} "
-          "tokens, each in a fresh process ...", flush=True)
+    print(f"\nmeasuring SmolLM2-135M on {device.type}: 3 steps each of random-token batches of {args.seq_len} "
+          "tokens (scripts/bench_client.py), each in a fresh process ...", flush=True)
     results, failures = {}, []
     visits = measured_visits(args.frozen)
     for mode, memory in (("full", est.full), ("block", est.block)):
