@@ -8,7 +8,7 @@ N in-process nodes (scripts/inprocess.py) that do not train: a node replies with
 sent, slightly perturbed, valid metrics and the cache digest the server expects (it keeps its
 holdings as a client's cache would, names only), so what is measured is the server's own work.
 The models are random initialisations of conf/hf/<name>.json with the byte-level tokenizer, saved
-once under the fedcybgd cache. No evaluation and no checkpoints: the rounds alone.
+once under the fedcybgd cache. No evaluation; one checkpoint of the state after the rounds, measured apart.
 
 Per round: seconds in `configure_train` (plan each visit, compress what changed, build the
 downloads), in the round trip (the grid's send_and_receive: the nodes), and in `aggregate_train`
@@ -48,7 +48,7 @@ from scripts import sweep
 from scripts.inprocess import InProcessGrid
 from server_app.app import build_strategy
 from server_app.experiment import prepare
-from strategy import CyclicBlockStrategy
+from strategy import CyclicBlockStrategy, state
 
 HF_CONFIGS = Path(__file__).resolve().parent.parent / "conf" / "hf"
 MODELS = {"smollm2-135m": HF_CONFIGS / "smollm2-135m-instruct.json",
@@ -188,6 +188,7 @@ def measure(model_name: str, label: str, nodes: int, cycles: int, clients_per_ro
     rounds = math.ceil(cycles * len(strategy.blocks) / strategy.algorithm.blocks_per_round)
     strategy.start(grid, arrays, num_rounds=rounds, timeout=strategy.round_timeout)
     costs = strategy.costs
+    checkpoint_s, checkpoint_peak = measure_checkpoint(strategy)
     by_cycle = [[c for c in costs if c.cycle == k] for k in range(1, cycles + 1)]
     return {
         "model": label, "nodes": nodes, "clients_per_round": clients_per_round, "cycles": cycles, "blocks": len(strategy.blocks), "rounds": rounds,
@@ -203,8 +204,20 @@ def measure(model_name: str, label: str, nodes: int, cycles: int, clients_per_ro
         # Rounds with no first visit: what a round costs once every node holds the model.
         "later_visit_round_s": [spread([c.round_s for c in cycle if not c.first_visits]) for cycle in by_cycle],
         "first_visit_round_s": spread([c.round_s for c in costs if c.first_visits]),
+        "checkpoint_s": checkpoint_s, "checkpoint_peak_rss_bytes": checkpoint_peak,
         "rounds_detail": [asdict(c) for c in costs],
     }
+
+
+def measure_checkpoint(strategy: CyclicBlockStrategy) -> tuple[float, int]:
+    """(seconds, peak RSS) of one checkpoint of the run's state, which the ServerApp writes every
+    `checkpoint.every` rounds (5) and at the end: the global model, written to a temp dir."""
+    snapshot = strategy.state(identity={}, rows=[], evals={}, task_scores={}, rng=state.capture_rng())
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory(CPU, SAMPLE_S) as peak:
+        start = time.perf_counter()
+        state.save(snapshot, Path(tmp) / state.CHECKPOINT_FILE)
+        seconds = time.perf_counter() - start
+    return seconds, peak.bytes
 
 
 def spread(values: list[float]) -> dict[str, float | None]:
@@ -256,6 +269,7 @@ COLUMNS = {
         _gb(b) for b in [r["rss_start_bytes"], *r["rss_after_cycle_bytes"]]),
     "peak RSS GB": lambda r: _gb(r["peak_rss_bytes"]),
     "compressed cache MB": lambda r: f"{r['max_compressed_cache_bytes'] / MB:.0f}",
+    "checkpoint s / peak RSS GB": lambda r: f"{r['checkpoint_s']:.1f} / {_gb(r['checkpoint_peak_rss_bytes'])}",
 }
 
 

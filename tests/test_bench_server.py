@@ -32,6 +32,7 @@ def test_each_round_has_its_phases_and_memory(row: dict) -> None:
         assert 0 < r["compressed_cache_bytes"] < row["fp32_bytes"] / 2  # int8: about a quarter
     assert set(row["phases"]) == set(bench_server.PHASES)
     assert len(row["rss_after_cycle_bytes"]) == len(row["later_visit_round_s"]) == 2
+    assert row["checkpoint_s"] > 0 and row["checkpoint_peak_rss_bytes"] > 0
 
 
 def test_the_report_is_json_with_a_table_and_the_claims(row: dict) -> None:
