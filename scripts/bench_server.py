@@ -1,14 +1,15 @@
 """The server's cost per round as the model grows: `make bench-server`.
 
-    python -m scripts.bench_server [--runs smollm2-135m:8 tinyllama-1.1b:8 smollm2-135m:2] [--cycles 2]
+    python -m scripts.bench_server [--runs MODEL:NODES[:CLIENTS_PER_ROUND] ...] [--cycles 2]
 
 Each run is the real strategy (strategy/cyclic.py, built as the ServerApp builds it) over `--cycles`
-passes of one block per round (the default FedCyBGD: one client per round, int8 compression) with
+passes of the blocks (the default FedCyBGD: one client and block per round, int8 compression) with
 N in-process nodes (scripts/inprocess.py) that do not train: a node replies with the block it was
 sent, slightly perturbed, valid metrics and the cache digest the server expects (it keeps its
 holdings as a client's cache would, names only), so what is measured is the server's own work.
 The models are random initialisations of conf/hf/<name>.json with the byte-level tokenizer, saved
-once under the fedcybgd cache. No evaluation; one checkpoint of the state after the rounds, measured apart.
+once under the fedcybgd cache. No evaluation; one checkpoint of the state after the rounds,
+measured apart. Results and what they show: docs/server.md.
 
 Per round: seconds in `configure_train` (plan each visit, compress what changed, build the
 downloads), in the round trip (the grid's send_and_receive: the nodes), and in `aggregate_train`
@@ -191,7 +192,8 @@ def measure(model_name: str, label: str, nodes: int, cycles: int, clients_per_ro
     checkpoint_s, checkpoint_peak = measure_checkpoint(strategy)
     by_cycle = [[c for c in costs if c.cycle == k] for k in range(1, cycles + 1)]
     return {
-        "model": label, "nodes": nodes, "clients_per_round": clients_per_round, "cycles": cycles, "blocks": len(strategy.blocks), "rounds": rounds,
+        "model": label, "nodes": nodes, "clients_per_round": clients_per_round, "cycles": cycles,
+        "blocks": len(strategy.blocks), "rounds": rounds,
         "params": params, "fp32_bytes": sum(len(a.data) for a in arrays.values()),
         "rss_start_bytes": rss_start,
         "rss_after_cycle_bytes": [cycle[-1].rss_after_bytes for cycle in by_cycle],
@@ -298,10 +300,11 @@ def _memory_against(rows: dict[str, dict], varied: str, fixed: str) -> list[str]
     for (model, _), runs in groups.items():
         low, high = min(runs, key=lambda r: r[varied]), max(runs, key=lambda r: r[varied])
         if low is not high:
-            lines.append(f"{model}, {varied} {high[varied]} vs {low[varied]} ({fixed} {high[fixed]}): "
-                         f"peak RSS {(high['peak_rss_bytes'] - low['peak_rss_bytes']) / MB:+.0f} MB, RSS after the "
-                         f"last cycle {(high['rss_after_cycle_bytes'][-1] - low['rss_after_cycle_bytes'][-1]) / MB:+.0f}"
-                         f" MB (the fp32 model: {high['fp32_bytes'] / MB:.0f} MB)")
+            peak = high["peak_rss_bytes"] - low["peak_rss_bytes"]
+            after = high["rss_after_cycle_bytes"][-1] - low["rss_after_cycle_bytes"][-1]
+            lines.append(f"{model}, {varied} {high[varied]} vs {low[varied]} ({fixed} {high[fixed]}): peak RSS "
+                         f"{peak / MB:+.0f} MB, RSS after the last cycle {after / MB:+.0f} MB (the fp32 model: "
+                         f"{high['fp32_bytes'] / MB:.0f} MB)")
     return lines
 
 

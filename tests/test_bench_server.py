@@ -40,3 +40,10 @@ def test_the_report_is_json_with_a_table_and_the_claims(row: dict) -> None:
     assert "| tiny x2 | 0.00 |" in sweep.table(list(rows.values()), bench_server.COLUMNS)
     lines = bench_server.claims(rows)
     assert lines[0].startswith("tiny x2: later-visit rounds") and "0 rejected" in lines[1]
+
+
+def test_parallel_clients_each_get_a_block_and_are_accepted() -> None:
+    row = bench_server.measure("tiny-llama", "tiny", nodes=2, cycles=2, clients_per_round=2)
+    assert (row["clients_per_round"], row["rounds"]) == (2, 4)
+    assert row["rejected"] == 0 and row["unconfirmed_caches"] == 0
+    assert [r["first_visits"] for r in row["rounds_detail"]] == [2, 0, 0, 0]
