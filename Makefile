@@ -105,6 +105,13 @@ bench-faults: setup
 bench-fidelity: setup
 	$(PY) -m scripts.bench_fidelity
 
+# The server's cost per round (packaging, round trip, validation + merge; RSS) for random SmolLM2-135M
+# and TinyLlama-1.1B shapes, 8 nodes that do not train, two cycles; SmolLM2 again with 2 nodes.
+# Table + outputs/bench/server.json (finished runs are read back). About 15 minutes on 2 cores.
+.PHONY: bench-server
+bench-server: setup
+	$(PY) -m scripts.bench_server
+
 .PHONY: bench-client gpu-check
 # One client visit of SmolLM2: full fine-tuning vs the bottom, middle and top block, frozen rest
 # in fp32 or compact (int8 as travelled); step time and peak memory, each row in a fresh process.

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from logging import INFO
 from pathlib import Path
+from typing import TypeVar
+
+import torch
 
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
@@ -26,6 +29,7 @@ from server_app.experiment import Experiment, ServerSetup, load_data, output_dir
 from strategy import CyclicBlockStrategy, algorithms, state
 
 app = ServerApp()
+S = TypeVar("S", bound=CyclicBlockStrategy)
 
 
 @app.main()
@@ -38,10 +42,8 @@ def main(grid: Grid, context: Context) -> None:
 def run(grid: Grid, cfg: RunConfig) -> Path:
     """Run the configured federated algorithm on `grid`; returns the output directory."""
     setup = prepare(cfg, with_data=False)  # the data once we know whether the server needs it
-    algorithm = algorithms.build(cfg, setup.model, setup.layout)
-    layout = algorithm.layout
-    initial_tensors = {**models.named_tensors(setup.model), **algorithm.initial}
-    base_hashes = {name: tensor_sha256(t) for name, t in initial_tensors.items()}
+    strategy, initial_tensors = build_strategy(cfg, setup)
+    algorithm, layout, base_hashes = strategy.algorithm, strategy.algorithm.layout, strategy.base_hashes
     out_dir = output_dir(cfg)
     checkpoint = out_dir / state.CHECKPOINT_FILE
     saved = state.load(out_dir) if cfg.resume else None
@@ -49,13 +51,6 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
         state.check_resumable(saved, state.run_identity(cfg, base_hashes, None), cfg.rounds, checkpoint,
                               not_yet_known=("data.train_examples",))
 
-    strategy = CyclicBlockStrategy(
-        algorithm, model_name=cfg.model.name, model_spec=models.model_spec(setup.model),
-        train=cfg.train, data=cfg.data, compression=cfg.compression, base_hashes=base_hashes,
-        allocation=cfg.algorithm.allocation, pairing=cfg.algorithm.pairing, min_nodes=cfg.algorithm.nodes_needed,
-        round_timeout=cfg.algorithm.round_timeout, max_upload_ratio=cfg.algorithm.max_upload_ratio,
-        max_norm_ratio=cfg.algorithm.max_norm_ratio, evaluation=cfg.eval, seed=cfg.seed,
-    )
     # The global model: the strategy updates this record in place, block by block.
     if saved is not None:
         global_arrays = strategy.restore(saved)  # its cache id first: nodes report that cache
@@ -113,6 +108,24 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
         compressed_tensors_computed=strategy.packager.encode_count,
     ), strategy.node_evals)
     return experiment.out_dir
+
+
+def build_strategy(cfg: RunConfig, setup: ServerSetup, strategy_class: type[S] = CyclicBlockStrategy,
+                   ) -> tuple[S, dict[str, torch.Tensor]]:
+    """The strategy of the configured algorithm, and the initial tensors of its global model (the
+    model's weights and the algorithm's own, e.g. fedlora's adapters). `strategy_class`: a
+    subclass, for a benchmark that measures it (scripts/bench_server.py)."""
+    algorithm = algorithms.build(cfg, setup.model, setup.layout)
+    initial_tensors = {**models.named_tensors(setup.model), **algorithm.initial}
+    strategy = strategy_class(
+        algorithm, model_name=cfg.model.name, model_spec=models.model_spec(setup.model),
+        train=cfg.train, data=cfg.data, compression=cfg.compression,
+        base_hashes={name: tensor_sha256(t) for name, t in initial_tensors.items()},
+        allocation=cfg.algorithm.allocation, pairing=cfg.algorithm.pairing, min_nodes=cfg.algorithm.nodes_needed,
+        round_timeout=cfg.algorithm.round_timeout, max_upload_ratio=cfg.algorithm.max_upload_ratio,
+        max_norm_ratio=cfg.algorithm.max_norm_ratio, evaluation=cfg.eval, seed=cfg.seed,
+    )
+    return strategy, initial_tensors
 
 
 class EvaluationError(RuntimeError):

@@ -68,6 +68,11 @@ class Packager:
         self.encode_count = 0
         self._encoded: dict[tuple[str, str], tuple[int, dict[str, Array]]] = {}
 
+    def cached_bytes(self) -> int:
+        """Bytes of the compressed forms kept for reuse: at most one per (tensor, form), so never
+        more than the model in each form the run sends."""
+        return sum(len(a.data) for _, parts in self._encoded.values() for a in parts.values())
+
     # -- what a node holds ----------------------------------------------------------------
     def knows(self, node_id: int) -> bool:
         return self.holdings.get(node_id) is not None

@@ -7,6 +7,7 @@ must end bitwise where an uninterrupted run ends.
 import json
 import random
 import signal
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -98,6 +99,23 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     expected = (random.random(), np.random.random(), torch.rand(1))
     state.restore_rng(loaded.rng)
     assert (random.random(), np.random.random(), torch.rand(1)) == expected
+
+
+def test_a_checkpoint_is_written_without_copies_of_the_model(tmp_path):
+    """The arrays go from their bytes to the file: no copy of each, no buffer of the whole file
+    (at 1B parameters, three more models in the server's memory at every checkpoint)."""
+    arrays = {f"w{i}": Array(np.full(2**20, i, np.float32)) for i in range(8)}
+    model_bytes = sum(len(a.data) for a in arrays.values())  # 32 MiB
+    saved = RunState(identity={}, cache_id="c", completed_round=1, arrays=arrays, block_versions=[1], position=1,
+                     retry=[], node_order=[], visits={}, rows=[], evals={}, rng=state.capture_rng())
+    tracemalloc.start()
+    try:
+        state.save(saved, tmp_path / CHECKPOINT_FILE)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < model_bytes / 8
+    assert state.load(tmp_path).arrays["w7"].data == arrays["w7"].data
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path):
