@@ -82,6 +82,13 @@ class Encoded:
     def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return decode(self.parts, self.form, dtype)
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The tensor's shape, without decoding it."""
+        if "shape" in self.parts:
+            return tuple(int(d) for d in self.parts["shape"])
+        return tuple(self.parts["v"].shape)
+
 
 def applies_to(tensor: torch.Tensor) -> bool:
     """Whether a form other than dense is used for this tensor (matrices only)."""

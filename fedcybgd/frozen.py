@@ -122,6 +122,7 @@ def load(model: nn.Module, tensors: dict[str, Encoded], trainable: set[str], fro
             continue
         if id(weight) not in compact:
             encoded = tensors[travelled[name_of[id(weight)]]]
+            _check_shape(travelled[name_of[id(weight)]], encoded.shape, weight.shape)
             if frozen_form == "bf16":
                 encoded = Encoded(DENSE, {"v": encoded.decode(torch.bfloat16)})
             compact[id(weight)] = FrozenWeight(encoded)
@@ -131,9 +132,13 @@ def load(model: nn.Module, tensors: dict[str, Encoded], trainable: set[str], fro
         for name, param in model.named_parameters():
             if name in travelled:
                 tensor = tensors[travelled[name]].decode()
-                if tensor.shape != param.shape:
-                    raise ValueError(f"{travelled[name]}: shape {tuple(tensor.shape)} != model's {tuple(param.shape)}")
+                _check_shape(travelled[name], tensor.shape, param.shape)
                 param.data = tensor  # replaces the skeleton's storage, never touched, instead of copying into it
+
+
+def _check_shape(name: str, got: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if tuple(got) != tuple(expected):
+        raise ValueError(f"{name}: shape {tuple(got)} != model's {tuple(expected)}")
 
 
 def _frozen_module(module: nn.Module, weight: FrozenWeight) -> nn.Module:

@@ -144,6 +144,12 @@ def test_load_names_what_does_not_fit() -> None:
         frozen.load(model, {n: t for n, t in tensors.items() if n != name}, set(), "compact")
     with pytest.raises(ValueError, match="frozen_form"):
         frozen.load(model, tensors, set(), "fp16")
+    # A compact matrix of the wrong shape fails here, naming it, not later in a forward pass.
+    wrong = next(n for n, t in tensors.items() if "shape" in t.parts)
+    bad = dict(tensors)
+    bad[wrong] = Encoded(tensors[wrong].form, {**tensors[wrong].parts, "shape": torch.tensor([3, 5])})
+    with pytest.raises(ValueError, match=f"{wrong}: shape \\(3, 5\\)"):
+        frozen.load(models.build_skeleton(spec)[0], bad, set(), "compact")
 
 
 def test_parts_that_do_not_fit_their_form_fail_when_read(tmp_path) -> None:
