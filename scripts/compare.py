@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcybgd.config import ALGORITHMS, ALLOCATIONS, compose
+from fedcybgd.config import ALGORITHMS, ALLOCATIONS, PAIRINGS, compose
 from scripts import sweep
 
 REFERENCE = "centralized-full"
@@ -48,6 +48,9 @@ class Preset:
         return self.lora_lr_grid if algorithm in LORA_ALGORITHMS else self.lr_grid
 
 
+TASKS = ("data=tasks data.max_examples=440 data.validation_fraction=0.1 train.local_steps=3 "
+         "eval.task_examples=44 eval.max_new_tokens=24")
+
 PRESETS = {
     # The tiny random Llama (4 blocks): two cycles, a few minutes on 2 CPU cores.
     "tiny": Preset("model=tiny-llama train=tiny train.local_steps=5 data.max_examples=600",
@@ -67,23 +70,40 @@ PRESETS = {
     "smollm2-long": Preset("data.max_examples=900 data.validation_fraction=0.1 train.local_steps=3",
                            nodes=3, rounds=90, eval_points=6, lr_grid=(1e-4, 3e-4, 1e-3),
                            lora_lr_grid=(3e-4, 1e-3, 3e-3), tune_rounds=15),
+    # The generated task (fedcybgd/tasks.py, exact-match score; pretrained SmolLM2 scores 0):
+    # 440 examples, 44 held out (all answered for the task score), 44 for validation, 352
+    # training; three cycles of 3 steps of 4 = 1,080 examples, three epochs; rates tuned on
+    # half a cycle as in smollm2-long. `tasks-noniid`: Dirichlet (alpha 0.1) over the four
+    # task families, so each node holds mostly one or two families.
+    "tasks": Preset(TASKS, nodes=3, rounds=90, eval_points=6, lr_grid=(1e-4, 3e-4, 1e-3),
+                    lora_lr_grid=(3e-4, 1e-3, 3e-3), tune_rounds=15),
+    "tasks-noniid": Preset(f"{TASKS} data.partitioner=dirichlet data.dirichlet_alpha=0.1",
+                           nodes=3, rounds=90, eval_points=6, lr_grid=(1e-4, 3e-4, 1e-3),
+                           lora_lr_grid=(3e-4, 1e-3, 3e-3), tune_rounds=15),
 }
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    label: str  # row name: the algorithm, or algorithm/allocation
+    label: str  # row name: the algorithm, or algorithm/allocation[/pairing]
     algorithm: str
     allocation: str
+    pairing: str | None = None  # None: the config's (rotate)
 
     @classmethod
     def parse(cls, text: str) -> RunSpec:
-        algorithm, _, allocation = text.partition(":")
+        """`algorithm[:allocation[:pairing]]`."""
+        algorithm, allocation, pairing, *extra = text.split(":") + ["", ""]
         if algorithm not in ALGORITHMS:
             raise SystemExit(f"unknown algorithm {algorithm!r}: choose from {', '.join(ALGORITHMS)}")
         if allocation and allocation not in ALLOCATIONS:
             raise SystemExit(f"unknown allocation {allocation!r}: choose from {', '.join(ALLOCATIONS)}")
-        return cls(f"{algorithm}/{allocation}" if allocation else algorithm, algorithm, allocation or "ascending")
+        if pairing and pairing not in PAIRINGS:
+            raise SystemExit(f"unknown pairing {pairing!r}: choose from {', '.join(PAIRINGS)}")
+        if any(extra):
+            raise SystemExit(f"run {text!r}: expected algorithm[:allocation[:pairing]]")
+        label = "/".join(part for part in (algorithm, allocation, pairing) if part)
+        return cls(label, algorithm, allocation or "ascending", pairing or None)
 
 
 @dataclass(frozen=True)
@@ -98,8 +118,9 @@ class Trial:
 
     @property
     def name(self) -> str:
-        label = self.spec.label.replace("/", "-")
-        return f"tune/{label}-lr{self.lr:g}" if self.tuning else label
+        if self.tuning:
+            return f"tune/{self.spec.algorithm}-{self.spec.allocation}-lr{self.lr:g}"
+        return self.spec.label.replace("/", "-")
 
 
 def overrides_for(trial: Trial, preset: Preset) -> str:
@@ -114,6 +135,8 @@ def overrides_for(trial: Trial, preset: Preset) -> str:
     extra = "" if trial.lr is None else f" train.lr={trial.lr:g}"
     if trial.tuning:
         extra += " eval.split=validation eval.task_examples=0"
+    elif spec.pairing:  # tuning runs (at most a cycle) keep the default: within a cycle both pair alike
+        extra += f" algorithm.pairing={spec.pairing}"
     return (f"{preset.overrides} algorithm={spec.algorithm} "
             f"algorithm.allocation={spec.allocation} rounds={rounds} eval.every={every}{extra}")
 
@@ -136,6 +159,7 @@ def result_row(spec: RunSpec, out_dir: Path) -> dict:
     return {
         "algorithm": spec.label,
         "allocation": spec.allocation,
+        "pairing": summary.config["algorithm"]["pairing"],
         "lr": summary.config["train"]["lr"],
         "evaluated_split": summary.config["eval"]["split"],
         "final_eval_loss": summary.final_eval_loss,
@@ -215,8 +239,9 @@ def plot(rows: list[dict], out_root: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--runs", nargs="+", default=ALGORITHMS, metavar="ALGORITHM[:ALLOCATION]",
-                        help=f"runs to compare (default: all); allocation one of {ALLOCATIONS}")
+    parser.add_argument("--runs", nargs="+", default=ALGORITHMS, metavar="ALGORITHM[:ALLOCATION[:PAIRING]]",
+                        help=f"runs to compare (default: all); allocation one of {ALLOCATIONS}, "
+                             f"pairing one of {PAIRINGS}")
     parser.add_argument("--out", type=Path, help="output directory (default outputs/compare/<preset>)")
     args = parser.parse_args()
     specs = [RunSpec.parse(text) for text in args.runs]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from scripts.compare import RunSpec
 
 
 def compare(out, *runs):
@@ -14,6 +14,7 @@ def compare(out, *runs):
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_tuned_comparison_picks_the_best_validation_rate_and_a_rerun_redoes_nothing(tmp_path):
     first = compare(tmp_path, "fedcybgd")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -31,7 +32,22 @@ def test_tuned_comparison_picks_the_best_validation_rate_and_a_rerun_redoes_noth
     summary = json.loads((tmp_path / "fedcybgd" / "summary.json").read_text())
     assert summary["data_validation_examples"] > 0
 
-    again = compare(tmp_path, "fedcybgd")
+    # The rerun redoes nothing; a pairing variant reuses the algorithm's tuning runs.
+    again = compare(tmp_path, "fedcybgd", "fedcybgd:ascending:fixed")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("finished earlier") == 3, again.stdout[-3000:]
-    assert json.loads((tmp_path / "compare.json").read_text()) == [row]
+    assert again.stdout.count("finished earlier") == 5, again.stdout[-3000:]
+    first_row, fixed = json.loads((tmp_path / "compare.json").read_text())
+    assert first_row == row and row["pairing"] == "rotate"
+    assert (fixed["algorithm"], fixed["pairing"], fixed["lr"]) == ("fedcybgd/ascending/fixed", "fixed", row["lr"])
+
+
+@pytest.mark.parametrize("text", ["fedavg", "fedcybgd:upward", "fedcybgd:ascending:shuffled",
+                                  "fedcybgd:ascending:fixed:extra"])
+def test_a_bad_run_is_refused_by_name(text):
+    with pytest.raises(SystemExit, match=text.split(":")[-1]):
+        RunSpec.parse(text)
+
+
+def test_a_run_names_its_allocation_and_pairing():
+    assert RunSpec.parse("fedcybgd") == RunSpec("fedcybgd", "fedcybgd", "ascending")
+    assert RunSpec.parse("fedcybgd:random:fixed") == RunSpec("fedcybgd/random/fixed", "fedcybgd", "random", "fixed")
