@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,20 +172,12 @@ def estimate(
         params.num_layers * layer_activation_bytes(config, width, seq_len, trains=True)
         + tail_activation_bytes(config, width, head_trains=True)
     )
-    # Block 0 is the worst case: autograd keeps what every layer after it needs to pass the
-    # gradient back down to it. Layers before the block keep nothing.
-    block_acts = tokens * (
-        layers_per_block * layer_activation_bytes(config, width, seq_len, trains=True)
-        + (params.num_layers - layers_per_block) * layer_activation_bytes(config, width, seq_len, trains=False)
-        + tail_activation_bytes(config, width, head_trains=False)
-    )
     weights = params.total * width
-    block_weights, expansion = weights, 0
-    if frozen_form is not None:
-        shapes = frozen_shapes(config, layers_per_block)
-        block_weights = params.block * width + sum(held_bytes(shape, frozen_form) for shape in shapes)
-        if frozen_form != "fp32":
-            expansion = width * max(math.prod(shape) for shape in shapes if len(shape) >= 2)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    # Block 0 is the worst case: autograd keeps what every layer after it needs to pass the
+    # gradient back down to it.
+    first = partition_blocks(model, layers_per_block)[0]
     return MemoryEstimate(
         model_type=config.model_type,
         weight_dtype=weight_dtype,
@@ -198,7 +191,8 @@ def estimate(
         head_bytes=params.head * width,
         block_fraction=params.block / params.total,
         full=_training_memory(weights, params.total, width, full_acts, logits),
-        block=_training_memory(block_weights, params.block, width, block_acts, logits, expansion),
+        block=_block_training_memory(config, model, first.names, first.layers, width, batch_size, seq_len,
+                                     frozen_form),
     )
 
 
@@ -211,34 +205,44 @@ def visit_peaks(
     frozen_form: str = "int8",
 ) -> list[int]:
     """The estimated peak of a visit training each of `blocks` ((parameter names, decoder layer
-    indices) each), as `estimate` counts block 0: the block trains, the rest is held in
-    `frozen_form`; layers below the block keep no activations, those above keep what the
-    gradient needs on its way down. Names that are not model parameters (LoRA adapters) add no
-    trained weights; their layers are counted as training, an upper bound for LoRA."""
+    indices) each), counted as `estimate` counts block 0, with the rest held in `frozen_form`.
+    Names that are not model parameters (LoRA adapters) add no trained weights; their layers are
+    counted as training, an upper bound for LoRA."""
     config = load_config(config)
     _require_activation_formula(config)
     width = DTYPE_BYTES[weight_dtype]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    return [_block_training_memory(config, model, names, layers, width, batch_size, seq_len, frozen_form).peak
+            for names, layers in blocks]
+
+
+def _block_training_memory(config: PretrainedConfig, model: torch.nn.Module, names: Iterable[str],
+                           layers: Iterable[int], width: int, batch_size: int, seq_len: int,
+                           frozen_form: str | None) -> TrainingMemory:
+    """One visit training the parameters `names` (decoder layers `layers`) of the meta `model`:
+    the rest is held in `frozen_form` (None: as ordinary weights at `width`). Layers below the
+    block keep no activations; those above keep what the gradient needs on its way down."""
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     head_names = {n for n in shapes if not n.startswith(find_layer_path(model) + ".")}
-    tokens = batch_size * seq_len
-    logits = LOGITS_BUFFERS * FP32 * tokens * config.vocab_size
-    peaks = []
-    for names, layers in blocks:
-        trained = set(names) & set(shapes)
-        frozen = [shape for name, shape in shapes.items() if name not in trained]
-        trainable = sum(math.prod(shapes[n]) for n in trained)
-        weights = trainable * width + sum(held_bytes(shape, frozen_form) for shape in frozen)
-        lowest = min(layers, default=config.num_hidden_layers)
-        activations = tokens * (
-            sum(layer_activation_bytes(config, width, seq_len, trains=i in layers)
-                for i in range(lowest, config.num_hidden_layers))
-            + tail_activation_bytes(config, width, head_trains=bool(trained & head_names)))
+    trained = set(names) & set(shapes)
+    layers = set(layers)
+    frozen = [shape for name, shape in shapes.items() if name not in trained]
+    trainable = sum(math.prod(shapes[n]) for n in trained)
+    if frozen_form is None:
+        held, expansion = width * sum(math.prod(shape) for shape in frozen), 0
+    else:
+        held = sum(held_bytes(shape, frozen_form) for shape in frozen)
         matrices = [math.prod(shape) for shape in frozen if len(shape) >= 2]
         expansion = width * max(matrices) if matrices and frozen_form != "fp32" else 0
-        peaks.append(_training_memory(weights, trainable, width, activations, logits, expansion).peak)
-    return peaks
+    tokens = batch_size * seq_len
+    lowest = min(layers, default=config.num_hidden_layers)
+    activations = tokens * (
+        sum(layer_activation_bytes(config, width, seq_len, trains=i in layers)
+            for i in range(lowest, config.num_hidden_layers))
+        + tail_activation_bytes(config, width, head_trains=bool(trained & head_names)))
+    logits = LOGITS_BUFFERS * FP32 * tokens * config.vocab_size
+    return _training_memory(trainable * width + held, trainable, width, activations, logits, expansion)
 
 
 def held_form(frozen_weights: str, quantize: str) -> str:
@@ -247,14 +251,6 @@ def held_form(frozen_weights: str, quantize: str) -> str:
     if frozen_weights == "compact":
         return quantize if quantize in ("int8", "nf4") else "fp32"
     return frozen_weights
-
-
-def frozen_shapes(config: PretrainedConfig, layers_per_block: int = 1) -> list[tuple[int, ...]]:
-    """Shapes of the parameters outside the first block (tied ones once), from the meta model."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    block = set(partition_blocks(model, layers_per_block)[0].names)
-    return [tuple(p.shape) for name, p in model.named_parameters() if name not in block]
 
 
 def held_bytes(shape: tuple[int, ...], form: str) -> int:
