@@ -200,6 +200,9 @@ def measure(model_name: str, label: str, nodes: int, cycles: int, clients_per_ro
         "peak_rss_bytes": max(c.peak_rss_bytes for c in costs),
         "process_peak_bytes": process_peak_bytes(),
         "max_compressed_cache_bytes": max(c.compressed_cache_bytes for c in costs),
+        # Once every node has visited, the cache holds only what some node still lacks.
+        "settled_compressed_cache_bytes": max(
+            (c.compressed_cache_bytes for c in costs[_last_first_visit(costs) + 1:]), default=None),
         "rejected": sum(len(s.rejected) for s in strategy.rounds.values()),
         "unconfirmed_caches": sum(not a.cache_confirmed for s in strategy.rounds.values() for a in s.assignments),
         "phases": {phase: spread([getattr(c, phase) for c in costs]) for phase in PHASES},
@@ -254,6 +257,11 @@ def _s(phase: dict) -> str:
     return f"{phase['median_s']:.2f} / {phase['max_s']:.2f}"
 
 
+def _last_first_visit(costs: list[RoundCost]) -> int:
+    """Index of the last round in which some node visited for the first time (-1: none)."""
+    return max((i for i, c in enumerate(costs) if c.first_visits), default=-1)
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f}"
 
@@ -270,7 +278,9 @@ COLUMNS = {
     "RSS GB: start / after cycle 1 / 2": lambda r: " / ".join(
         _gb(b) for b in [r["rss_start_bytes"], *r["rss_after_cycle_bytes"]]),
     "peak RSS GB": lambda r: _gb(r["peak_rss_bytes"]),
-    "compressed cache MB": lambda r: f"{r['max_compressed_cache_bytes'] / MB:.0f}",
+    "compressed cache MB: max / after first visits": lambda r: (
+        f"{r['max_compressed_cache_bytes'] / MB:.0f} / "
+        + ("-" if r["settled_compressed_cache_bytes"] is None else f"{r['settled_compressed_cache_bytes'] / MB:.0f}")),
     "checkpoint s / peak RSS GB": lambda r: f"{r['checkpoint_s']:.1f} / {_gb(r['checkpoint_peak_rss_bytes'])}",
 }
 
@@ -284,8 +294,11 @@ def claims(rows: dict[str, dict]) -> list[str]:
         if first and last:
             lines.append(f"{name}: later-visit rounds, last cycle / first: {last / first:.2f}x; RSS after the "
                          f"last cycle - after the first: {grown / MB:+.0f} MB")
+        settled = r["settled_compressed_cache_bytes"]
         lines.append(f"{name}: compressed cache at most {r['max_compressed_cache_bytes'] / r['fp32_bytes']:.1%} "
-                     f"of the fp32 model; {r['rejected']} rejected, {r['unconfirmed_caches']} cache digests differing")
+                     "of the fp32 model" + ("" if settled is None else
+                                            f", {settled / r['fp32_bytes']:.1%} once every node had visited")
+                     + f"; {r['rejected']} rejected, {r['unconfirmed_caches']} cache digests differing")
     lines += _memory_against(rows, "nodes", "clients_per_round")
     lines += _memory_against(rows, "clients_per_round", "nodes")
     return lines

@@ -194,9 +194,11 @@ class CyclicBlockStrategy(Strategy):
         self._round_start = time.perf_counter()
         self._global = arrays
         stats = self.rounds[server_round] = RoundStats(round=server_round)
-        assignments = self._assign(server_round, self.connected_nodes(grid))
+        connected = self.connected_nodes(grid)
+        assignments = self._assign(server_round, connected)
         self._sync_holdings(grid, [a.node_id for a in assignments if not self.packager.knows(a.node_id)], stats)
         versions = self.tensor_versions()
+        self.packager.evict(versions, connected)
         self._pending = {}
         messages = []
         for a in assignments:
@@ -505,6 +507,7 @@ class CyclicBlockStrategy(Strategy):
         nodes = self._identify(grid, list(grid.get_node_ids()))
         self._sync_holdings(grid, [n for n in nodes if not self.packager.knows(n)], None)
         versions = self.tensor_versions()
+        self.packager.evict(versions, nodes)
         self._pending_eval = {}
         messages = []
         for node_id in nodes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -72,6 +73,18 @@ class Packager:
         """Bytes of the compressed forms kept for reuse: at most one per (tensor, form), so never
         more than the model in each form the run sends."""
         return sum(len(a.data) for _, parts in self._encoded.values() for a in parts.values())
+
+    def evict(self, versions: dict[str, int], nodes: Iterable[int]) -> None:
+        """Drop the compressed forms no node may still need: those of a version the model has
+        moved past, and those every one of `nodes` already holds (as that form, or dense, at
+        that version). A node not asked yet, or forgotten, may need anything. A form dropped
+        and needed after all (a node joins later) is computed again: the same bytes."""
+        everyone = [self.holdings.get(n) or {} for n in nodes]
+        for (name, form), (version, _) in list(self._encoded.items()):
+            wanted = TensorForm.parse(form)
+            if version != versions.get(name) or all(
+                    _usable(held.get(name), wanted) and held[name].version == version for held in everyone):
+                del self._encoded[(name, form)]
 
     # -- what a node holds ----------------------------------------------------------------
     def knows(self, node_id: int) -> bool:

@@ -1,8 +1,11 @@
 import json
 import random
+from types import SimpleNamespace
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord
 
+from fedcybgd import codec
 from fedcybgd.blocks import Block, ModelLayout
 from fedcybgd.client_cache import ClientCache, digest
 from fedcybgd.config import CompressionConfig
@@ -163,3 +166,42 @@ def test_a_run_with_refresh_trains_on_stale_copies_and_the_caches_agree(out_dir)
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(a["cache_confirmed"] for r in rows for a in r["assignments"])
     assert not any(r["rejected"] for r in rows) and len(grid.queries) == 3
+
+
+def test_compressed_forms_are_kept_only_while_some_node_may_still_need_them():
+    packager = Packager(layout(), CompressionConfig(quantize="int8", head_quantize="int8"), seed=0)
+    names = versions_with({}).keys()
+    arrays = ArrayRecord({n: codec.encode_tensor(torch.randn(8, 8) if n.endswith((".w", "embed")) else torch.ones(8))
+                          for n in names})
+    no_config = SimpleNamespace(to_record=ConfigRecord)
+
+    def visit(node, block, versions, server_round):
+        plan = packager.plan(node, layout().blocks[block], versions, server_round, f"node-{node}")
+        packager.content(arrays, plan, no_config)
+        packager.confirm(node, plan.manifest)
+
+    nodes = [7, 8, 9]
+    start = versions_with({})
+    visit(7, 0, start, 1)
+    whole = packager.cached_bytes()
+    assert whole > 0
+    packager.evict(start, nodes)  # nodes 8 and 9 were never asked: they may need anything
+    assert packager.cached_bytes() == whole
+    visit(8, 0, start, 2)
+    packager.set_holdings(9, [])
+    packager.evict(start, nodes)  # node 9 holds nothing yet
+    assert packager.cached_bytes() == whole
+    visit(9, 0, start, 3)
+    packager.evict(start, nodes)  # every node holds every form at its version
+    assert packager.cached_bytes() == 0
+
+    newer = versions_with({3: 4})
+    visit(7, 0, newer, 5)  # block 3's new version, compressed for node 7, still needed by 8 and 9
+    packager.evict(newer, nodes)
+    assert packager.cached_bytes() > 0
+    packager.forget(8)
+    visit(9, 0, newer, 6)
+    packager.evict(newer, nodes)  # node 8's holdings are unknown again: keep
+    assert packager.cached_bytes() > 0
+    packager.evict(versions_with({3: 7}), nodes)  # the model moved past that version: no one needs it
+    assert packager.cached_bytes() == 0
