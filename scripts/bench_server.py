@@ -329,8 +329,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/server.json"))
     args = parser.parse_args()
     rows: dict[str, dict] = json.loads(args.out.read_text()) if args.out.exists() else {}
-    for run in args.runs:
-        label, nodes, per_round = (run + ":1").split(":")[:3]
+    runs = [(run, *(run + ":1").split(":")[:3]) for run in args.runs]
+    for run, label, nodes, per_round in runs:  # all checked before hours of runs
+        if label not in MODELS or not nodes.isdigit() or not per_round.isdigit():
+            parser.error(f"run {run!r}: expected MODEL:NODES[:CLIENTS_PER_ROUND] with MODEL one of "
+                         f"{', '.join(MODELS)}")
+    for _, label, nodes, per_round in runs:
         name = f"{label} x{nodes} nodes" + ("" if per_round == "1" else f", {per_round} a round")
         if name in rows:
             print(f"[bench-server] {name}: measured earlier, read back from {args.out}", flush=True)

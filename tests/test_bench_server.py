@@ -50,3 +50,12 @@ def test_parallel_clients_each_get_a_block_and_are_accepted() -> None:
     assert (row["clients_per_round"], row["rounds"]) == (2, 4)
     assert row["rejected"] == 0 and row["unconfirmed_caches"] == 0
     assert [r["first_visits"] for r in row["rounds_detail"]] == [2, 0, 0, 0]
+
+
+def test_a_bad_run_is_refused_by_name_before_anything_runs(tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / "server.json"
+    monkeypatch.setattr("sys.argv", ["bench_server", "--runs", "smollm2-135m:2", "smollm2:8", "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        bench_server.main()
+    assert exit_info.value.code == 2 and "'smollm2:8'" in capsys.readouterr().err
+    assert not out.exists()
