@@ -12,8 +12,8 @@ on nor in the reported held-out set), and the rate with the lowest validation lo
 the algorithm's full run, evaluated on the held-out split.
 
 Prints one table and writes outputs/compare/<preset>/compare.json (one row per run, rewritten
-as each run finishes), tuning.json (one row per tuning run), and the plots loss_vs_samples.png
-and bytes.png. Each run's own outputs are in its subdirectory (tuning runs under tune/). Run the
+as each run finishes), tuning.json (one row per tuning run), and the plots loss_vs_samples.png,
+task_vs_samples.png, loss_vs_bytes.png and bytes.png. Each run's own outputs are in its subdirectory (tuning runs under tune/). Run the
 same command again after an interruption: finished runs (their summary.json, for the same
 config) are read back, not redone.
 """
@@ -151,11 +151,17 @@ def measure(trial: Trial, preset: Preset, out_root: Path) -> dict:
 
 def result_row(spec: RunSpec, out_dir: Path) -> dict:
     summary, rows = sweep.outputs(out_dir)
-    samples, curve = 0, [(0, summary.initial_eval_loss)]
+    samples, wire = 0, 0  # so far: training examples, bytes down and up
+    curve, bytes_curve = [(0, summary.initial_eval_loss)], [(0, summary.initial_eval_loss)]
+    task_curve = [] if summary.initial_task_score is None else [(0, summary.initial_task_score)]
     for row in rows:
         samples += row.stats.samples_seen
+        wire += row.stats.bytes_down + row.stats.bytes_up
         if row.eval_loss is not None:
             curve.append((samples, row.eval_loss))
+            bytes_curve.append((wire, row.eval_loss))
+        if row.task_score is not None:
+            task_curve.append((samples, row.task_score))
     return {
         "algorithm": spec.label,
         "allocation": spec.allocation,
@@ -175,7 +181,9 @@ def result_row(spec: RunSpec, out_dir: Path) -> dict:
         "samples_seen": summary.samples_seen,
         "rounds": summary.rounds,
         "clients_per_round": summary.clients_per_round,
-        "loss_curve": curve,
+        "loss_curve": curve,  # (examples seen, held-out loss)
+        "loss_bytes_curve": bytes_curve,  # (bytes down + up so far, held-out loss)
+        "task_curve": task_curve,  # (examples seen, task score)
         "output_dir": str(out_dir),
     }
 
@@ -227,7 +235,18 @@ def plot(rows: list[dict], out_root: Path) -> None:
                       ylabel="held-out loss", title="Held-out loss") as ax:
         for r in done:
             ax.plot(*zip(*r["loss_curve"]), marker="o", label=r["algorithm"])
+    scored = [r for r in done if r.get("task_curve")]
+    if scored:
+        with sweep.figure(out_root / "task_vs_samples.png", xlabel="training examples seen (all clients)",
+                          ylabel=f"task score ({scored[0]['task_metric']})", title="Task score") as ax:
+            for r in scored:
+                ax.plot(*zip(*r["task_curve"]), marker="o", label=r["algorithm"])
     federated = [r for r in done if r["bytes_down"] + r["bytes_up"] > 0]  # centralized: no wire
+    with sweep.figure(out_root / "loss_vs_bytes.png", xlabel="MB on the wire so far, down + up (log scale)",
+                      ylabel="held-out loss", title="Held-out loss against bytes", xscale="log") as ax:
+        for r in federated:
+            ax.plot(*zip(*[(b / 1e6, loss) for b, loss in r["loss_bytes_curve"] if b > 0]), marker="o",
+                    label=r["algorithm"])
     with sweep.figure(out_root / "bytes.png", ylabel="MB (log scale)", yscale="log",
                       title="Bytes on the wire, whole run") as ax:
         x = range(len(federated))

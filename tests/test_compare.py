@@ -28,6 +28,11 @@ def test_tuned_comparison_picks_the_best_validation_rate_and_a_rerun_redoes_noth
     assert row["lr"] == best["lr"] and row["evaluated_split"] == "heldout"
     assert row["samples_seen"] == 2 * tuning[0]["samples_seen"]
     assert row["final_task_score"] is not None
+    wire = [b for b, _ in row["loss_bytes_curve"]]
+    assert wire == sorted(wire) and wire[-1] == row["bytes_down"] + row["bytes_up"]
+    assert len(row["task_curve"]) == len(row["loss_curve"]) == 3  # round 0 and two evaluations
+    for plot in ("loss_vs_samples.png", "loss_vs_bytes.png", "task_vs_samples.png", "bytes.png"):
+        assert (tmp_path / plot).stat().st_size > 0
     # The validation prompts are neither trained on nor the reported held-out ones.
     summary = json.loads((tmp_path / "fedcybgd" / "summary.json").read_text())
     assert summary["data_validation_examples"] > 0
