@@ -81,7 +81,9 @@ deploy-tools:
 	  (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker-compose)
 
 # Every algorithm on the same model, data and sample budget: one table, compare.json, plots in
-# outputs/compare/$(PRESET)/. PRESET=tiny (a few minutes) or smollm2 (about an hour on 2 cores).
+# outputs/compare/$(PRESET)/. PRESET=tiny (a few minutes), smollm2 (about an hour on 2 cores), or
+# the tuned three-cycle presets smollm2-long, tasks and tasks-noniid (scripts/compare.py; RUNS
+# picks a subset: RUNS="fedcybgd fedcybgd:ascending:fixed fedavg-full").
 PRESET ?= tiny
 .PHONY: compare compare-allocations
 RUNS ?=
