@@ -13,9 +13,9 @@ the algorithm's full run, evaluated on the held-out split.
 
 Prints one table and writes outputs/compare/<preset>/compare.json (one row per run, rewritten
 as each run finishes), tuning.json (one row per tuning run), and the plots loss_vs_samples.png,
-task_vs_samples.png, loss_vs_bytes.png and bytes.png. Each run's own outputs are in its subdirectory (tuning runs under tune/). Run the
-same command again after an interruption: finished runs (their summary.json, for the same
-config) are read back, not redone.
+task_vs_samples.png, loss_vs_bytes.png and bytes.png. Each run's own outputs are in its
+subdirectory (tuning runs under tune/). Run the same command again after an interruption:
+finished runs (their summary.json, for the same config) are read back, not redone.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ class Preset:
 
 TASKS = ("data=tasks data.max_examples=440 data.validation_fraction=0.1 train.local_steps=3 "
          "eval.task_examples=44 eval.max_new_tokens=24")
+# Three cycles of SmolLM2's 30 blocks with 3 nodes, each rate picked from a grid of three on half
+# a cycle (a sixth of the budget), so that a tuned comparison of three algorithms fits in 2 hours
+# on 2 CPU cores.
+THREE_CYCLES_TUNED = dict(nodes=3, rounds=90, eval_points=6, lr_grid=(1e-4, 3e-4, 1e-3),
+                          lora_lr_grid=(3e-4, 1e-3, 3e-3), tune_rounds=15)
 
 PRESETS = {
     # The tiny random Llama (4 blocks): two cycles, a few minutes on 2 CPU cores.
@@ -64,22 +69,15 @@ PRESETS = {
     "smollm2": Preset("train.local_steps=5", nodes=3, rounds=30, eval_points=5),
     # SmolLM2 over three cycles of its 30 blocks: 900 of the chatterbot rows (348 training
     # pairs after de-duplication and the held-out and validation splits), 90 rounds of 3 steps of
-    # 4 = 1,080 examples, three epochs. Each algorithm's rate is picked from a grid of three on
-    # half a cycle (a sixth of the budget), so that the tuned comparison fits in 2 hours on
-    # 2 CPU cores.
+    # 4 = 1,080 examples, three epochs.
     "smollm2-long": Preset("data.max_examples=900 data.validation_fraction=0.1 train.local_steps=3",
-                           nodes=3, rounds=90, eval_points=6, lr_grid=(1e-4, 3e-4, 1e-3),
-                           lora_lr_grid=(3e-4, 1e-3, 3e-3), tune_rounds=15),
+                           **THREE_CYCLES_TUNED),
     # The generated task (fedcybgd/tasks.py, exact-match score; pretrained SmolLM2 scores 0):
     # 440 examples, 44 held out (all answered for the task score), 44 for validation, 352
-    # training; three cycles of 3 steps of 4 = 1,080 examples, three epochs; rates tuned on
-    # half a cycle as in smollm2-long. `tasks-noniid`: Dirichlet (alpha 0.1) over the four
-    # task families, so each node holds mostly one or two families.
-    "tasks": Preset(TASKS, nodes=3, rounds=90, eval_points=6, lr_grid=(1e-4, 3e-4, 1e-3),
-                    lora_lr_grid=(3e-4, 1e-3, 3e-3), tune_rounds=15),
-    "tasks-noniid": Preset(f"{TASKS} data.partitioner=dirichlet data.dirichlet_alpha=0.1",
-                           nodes=3, rounds=90, eval_points=6, lr_grid=(1e-4, 3e-4, 1e-3),
-                           lora_lr_grid=(3e-4, 1e-3, 3e-3), tune_rounds=15),
+    # training; 1,080 examples, three epochs. `tasks-noniid`: Dirichlet (alpha 0.1) over the
+    # four task families, so each node holds mostly one or two families.
+    "tasks": Preset(TASKS, **THREE_CYCLES_TUNED),
+    "tasks-noniid": Preset(f"{TASKS} data.partitioner=dirichlet data.dirichlet_alpha=0.1", **THREE_CYCLES_TUNED),
 }
 
 
