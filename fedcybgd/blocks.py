@@ -31,6 +31,13 @@ class Block:
     names: tuple[str, ...]
     layers: tuple[int, ...]  # decoder layer indices; empty for the head block
 
+    def part(self, layers: tuple[int, ...], layer_prefix: str) -> Block:
+        """The block cut down to some of its decoder `layers` (a node too small for all of them
+        trains this). It keeps the block's index: its upload is a new version of the block."""
+        if not set(layers) <= set(self.layers):
+            raise ValueError(f"layers {layers} are not all in block {self.index} (layers {self.layers})")
+        return Block(self.index, tuple(n for n in self.names if layer_index(n, layer_prefix) in layers), layers)
+
 
 def find_layer_path(model: nn.Module) -> str:
     """Attribute path of the model's decoder `ModuleList`, e.g. `model.layers`."""

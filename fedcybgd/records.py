@@ -124,6 +124,7 @@ class VisitRecord(Record):
     node_id: int | None = optional()
     node_key: str | None = optional()
     block: int | None  # None: every parameter (centralized-full)
+    layers: list[int] | None = optional()  # the block's layers trained, where a memory budget split it
     visit: int | None = optional()  # the node's n-th visit
     bytes_down: int | None = optional()
     bytes_down_block: int | None = optional()

@@ -38,6 +38,9 @@ class Algorithm:
     name: ClassVar[str]
     # The upload becomes the global block as is, so the client may keep it as the next version.
     keeps_upload: ClassVar[bool] = False
+    # One client trains each block, so a block too big for a node's memory budget may be shared
+    # out by layers between nodes (strategy/schedule.py `fit_memory`); averaged blocks may not.
+    splits_blocks: ClassVar[bool] = False
     lora: LoraConfig | None = None  # the adapters' settings, for algorithms that train LoRA
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -92,6 +95,7 @@ class FedCyBGD(Algorithm):
 
     name = "fedcybgd"
     keeps_upload = True
+    splits_blocks = True
 
 
 class FedBAvg(Algorithm):
@@ -156,33 +160,33 @@ class FedCyBGDLoRA(Algorithm):
     server folds them into the block's weights (W += alpha/r * B A)."""
 
     name = "fedcybgd-lora"
+    splits_blocks = True
 
     def __init__(self, clients_per_round: int, layout: ModelLayout, cfg: LoraConfig,
                  modules: dict[int, tuple[str, ...]], shapes: dict[str, tuple[int, int]],
                  transposed: frozenset[str]) -> None:
         super().__init__(clients_per_round, layout)
         self.lora = cfg
-        self.modules = modules  # by block index
+        self.modules = modules  # by decoder layer
         self.shapes = shapes  # every adapter's shape
         self.transposed = transposed
 
     @classmethod
     def build(cls, cfg: RunConfig, model: PreTrainedModel, layout: ModelLayout) -> Algorithm:
         by_layer = lora.target_modules(model, layout.layer_prefix, cfg.lora)
-        modules = {b.index: tuple(m for i in b.layers for m in by_layer.get(i, ())) for b in layout.blocks}
-        if any(not m for m in modules.values()):
+        if any(not any(by_layer.get(i) for i in b.layers) for b in layout.blocks):
             raise ConfigError("fedcybgd-lora needs adapters in every block: with model.train_head "
                               "the head block has no decoder layer to adapt")
-        shapes = lora.adapter_shapes(model, tuple(m for names in modules.values() for m in names), cfg.lora.r)
-        return cls(cfg.algorithm.clients_per_round, layout, cfg.lora, modules, shapes,
+        shapes = lora.adapter_shapes(model, tuple(m for names in by_layer.values() for m in names), cfg.lora.r)
+        return cls(cfg.algorithm.clients_per_round, layout, cfg.lora, by_layer, shapes,
                    lora.transposed_modules(model))
 
     def adapted_modules(self, block: Block) -> tuple[str, ...]:
-        return self.modules[block.index]
+        return tuple(m for i in block.layers for m in self.modules.get(i, ()))
 
     def upload_template(self, block: Block, arrays: ArrayRecord) -> Mapping[str, Array]:
         return {name: codec.encode_tensor(torch.empty(self.shapes[name]))
-                for module in self.modules[block.index] for name in lora.adapter_names(module)}
+                for module in self.adapted_modules(block) for name in lora.adapter_names(module)}
 
     def replaced(self, block: Block, arrays: ArrayRecord) -> Mapping[str, Array] | None:
         return None

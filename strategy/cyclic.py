@@ -40,6 +40,7 @@ from strategy.validation import Rejection, UploadRules, error_rejection, reply_p
 @dataclass(frozen=True)
 class _Visit:
     assignment: schedule.Assignment
+    block: Block  # what it trains: the assigned block, or the part of it a memory budget holds
     plan: VisitPlan
     record: VisitRecord  # this visit's row in RoundStats.assignments, filled in as it goes
     # The instruction sent; the Grid gives it its message id when it pushes it, and every reply,
@@ -115,7 +116,8 @@ class CyclicBlockStrategy(Strategy):
         self.node_keys: dict[int, str] = {}  # Flower node id -> stable key, this session
         self.has_data: dict[str, bool] = {}  # by node key: whether it has a data-path of its own
         self.memory_budgets: dict[str, int | None] = {}  # by node key: bytes a visit may use
-        self._visit_needs: list[int] | None = None  # estimated peak of a visit, by block (on demand)
+        # Estimated peak of a visit by (block, its layers trained), for memory budgets (on demand).
+        self._visit_needs: dict[tuple[int, tuple[int, ...]], int] | None = None
         self.visits: dict[str, int] = {}  # by node key
         self.cache_id = secrets.token_hex(8)  # names the nodes' caches; kept across a resume
         self.completed_round = 0
@@ -125,6 +127,7 @@ class CyclicBlockStrategy(Strategy):
         self.retry: list[int] = []
         self.rounds: dict[int, RoundStats] = {}
         self._block_of = layout.block_of()
+        self._layer_prefix = layout.layer_prefix
         self._global: ArrayRecord | None = None
         self._pending: dict[int, _Visit] = {}
         self._pending_eval: dict[int, _NodeEval] = {}  # by node id
@@ -202,12 +205,13 @@ class CyclicBlockStrategy(Strategy):
         self._pending = {}
         messages = []
         for a in assignments:
-            block = self.blocks[a.block]
+            block = self._trained_block(a)
             key = self.node_keys[a.node_id]
             plan = self.packager.plan(a.node_id, block, versions, server_round, node_key=key)
             content = self.packager.content(arrays, plan, self._instruction(server_round, block, plan))
             self.visits[key] = self.visits.get(key, 0) + 1
-            record = VisitRecord(node_id=a.node_id, node_key=key, block=a.block, visit=self.visits[key],
+            record = VisitRecord(node_id=a.node_id, node_key=key, block=a.block,
+                                 layers=None if a.layers is None else list(a.layers), visit=self.visits[key],
                                  bytes_down=record_bytes(content), bytes_down_block=content[BLOCK].count_bytes(),
                                  bytes_down_frozen=content[FROZEN].count_bytes(),
                                  dropped_layers=list(plan.dropped_layers))
@@ -216,7 +220,7 @@ class CyclicBlockStrategy(Strategy):
             stats.bytes_down_block += record.bytes_down_block
             stats.bytes_down_frozen += record.bytes_down_frozen
             message = Message(content, dst_node_id=a.node_id, message_type=MessageType.TRAIN)
-            self._pending[a.node_id] = _Visit(a, plan, record, message)
+            self._pending[a.node_id] = _Visit(a, block, plan, record, message)
             messages.append(message)
         return messages
 
@@ -230,36 +234,56 @@ class CyclicBlockStrategy(Strategy):
         return self._fit_memory([schedule.Assignment(n, blocks[i * per_round // k]) for i, n in enumerate(chosen)],
                                 nodes)
 
+    def _trained_block(self, a: schedule.Assignment) -> Block:
+        block = self.blocks[a.block]
+        return block if a.layers is None else block.part(a.layers, self._layer_prefix)
+
     def _fit_memory(self, assignments: list[schedule.Assignment], nodes: list[int]) -> list[schedule.Assignment]:
-        """`assignments` moved off nodes whose declared memory budget cannot hold their block."""
+        """`assignments` after the nodes' declared memory budgets: a block moves to a node that
+        holds it, or (algorithms whose blocks split) is shared between nodes that each hold part."""
         budgets = {n: self.memory_budgets.get(self.node_keys.get(n, "")) for n in nodes}
         if all(b is None for b in budgets.values()) or not (needs := self.visit_needs()):
             return assignments
-        fit = schedule.fit_memory(assignments, nodes, budgets, needs)
+        fit = schedule.fit_memory(assignments, nodes, budgets, [b.layers for b in self.blocks],
+                                  lambda block, layers: needs[block, layers], self.algorithm.splits_blocks)
+        gb = {n: "no limit" if b is None else f"memory budget {b / 1e9:.2f} GB" for n, b in budgets.items()}
         for scheduled, node in fit.moved:
-            log(INFO, "Node %s (memory budget %.2f GB) cannot hold block %d (about %.2f GB): node %s trains it",
-                self.node_keys[scheduled.node_id], budgets[scheduled.node_id] / 1e9, scheduled.block,
-                needs[scheduled.block] / 1e9, self.node_keys[node])
+            log(INFO, "Node %s (%s) cannot hold block %d (about %.2f GB): node %s trains it",
+                self.node_keys[scheduled.node_id], gb[scheduled.node_id], scheduled.block,
+                needs[scheduled.block, self.blocks[scheduled.block].layers] / 1e9, self.node_keys[node])
+        for scheduled, parts in fit.split:
+            log(INFO, "Node %s (%s) cannot hold block %d (about %.2f GB): %s", self.node_keys[scheduled.node_id],
+                gb[scheduled.node_id], scheduled.block,
+                needs[scheduled.block, self.blocks[scheduled.block].layers] / 1e9,
+                ", ".join(f"node {self.node_keys[p.node_id]} trains layers {_span(p.layers)} "
+                          f"(about {needs[p.block, p.layers] / 1e9:.2f} GB)" for p in parts if p.layers is not None))
         for skipped in fit.skipped:
-            log(WARNING, "Block %d needs about %.2f GB and no connected node declares that much memory "
-                "(node config memory-budget-mb): skipped this round", skipped.block, needs[skipped.block] / 1e9)
+            layers = skipped.layers if skipped.layers is not None else self.blocks[skipped.block].layers
+            log(WARNING, "Block %d%s needs about %.2f GB and no connected node free this round declares that much "
+                "memory (node config memory-budget-mb): skipped this round", skipped.block,
+                "" if skipped.layers is None else f" (layers {_span(skipped.layers)})", needs[skipped.block, layers] / 1e9)
         return fit.assignments
 
-    def visit_needs(self) -> list[int]:
-        """Each block's estimated visit peak in bytes (fedcybgd/memory_estimate.py), for the
-        clients' batch, sequence length and frozen form; empty where the model has no estimate."""
+    def visit_needs(self) -> dict[tuple[int, tuple[int, ...]], int]:
+        """The estimated visit peak in bytes (fedcybgd/memory_estimate.py) by (block, the decoder
+        layers trained): every block whole and, where blocks split, every run of its layers; for
+        the clients' batch, sequence length and frozen form. Empty where the model has no estimate."""
         if self._visit_needs is None:
+            parts = list(self.blocks) + [
+                b.part(b.layers[i:j], self._layer_prefix) for b in self.blocks if self.algorithm.splits_blocks
+                for i in range(len(b.layers)) for j in range(i + 1, len(b.layers) + 1) if j - i < len(b.layers)]
             try:
-                self._visit_needs = memory_estimate.visit_peaks(
-                    json.loads(self.model_spec), [(b.names, b.layers) for b in self.blocks],
+                peaks = memory_estimate.visit_peaks(
+                    json.loads(self.model_spec), [(b.names, b.layers) for b in parts],
                     "bfloat16" if self.train.precision == "bf16" else "float32", self.train.batch_size,
                     self.train.max_seq_len, memory_estimate.held_form(self.train.frozen_weights,
                                                                       self.compression.quantize))
-                log(INFO, "Estimated visit memory: %.2f to %.2f GB by block",
-                    min(self._visit_needs) / 1e9, max(self._visit_needs) / 1e9)
+                self._visit_needs = {(b.index, b.layers): peak for b, peak in zip(parts, peaks)}
+                whole = [self._visit_needs[b.index, b.layers] for b in self.blocks]
+                log(INFO, "Estimated visit memory: %.2f to %.2f GB by block", min(whole) / 1e9, max(whole) / 1e9)
             except memory_estimate.UnsupportedArchitectureError as err:
                 log(WARNING, "Node memory budgets are ignored: %s", err)
-                self._visit_needs = []
+                self._visit_needs = {}
         return self._visit_needs
 
     def _next_blocks(self, count: int) -> list[int]:
@@ -344,7 +368,7 @@ class CyclicBlockStrategy(Strategy):
         assert self._global is not None, "configure_train must run first"
         server_round += self._round_offset
         stats = self.rounds[server_round]
-        accepted: dict[int, list[_Upload]] = {}
+        accepted: dict[Block, list[_Upload]] = {}  # by what the visit trained
         # Match each reply to the visit whose message it answers, not to its source node: Flower's
         # error for an unreachable node comes from the SuperLink (node 1), not from the node.
         waiting = {v.message.metadata.message_id: v for v in self._pending.values()}
@@ -360,7 +384,7 @@ class CyclicBlockStrategy(Strategy):
                 continue
             visit.record.bytes_up = record_bytes(reply.content)
             stats.bytes_up += visit.record.bytes_up
-            block = self.blocks[visit.assignment.block]
+            block = visit.block
             problem = reply_problem(reply, self._upload_rules(block))
             if problem:
                 self._reject(stats, node_id, problem)
@@ -369,18 +393,18 @@ class CyclicBlockStrategy(Strategy):
             visit.record.upload_keys = sorted(reply.content.array_records[BLOCK].keys())
             visit.record.peak_mem_bytes = metrics.peak_mem_bytes
             visit.record.process_peak_bytes = metrics.process_peak_bytes
-            accepted.setdefault(block.index, []).append(_Upload(
+            accepted.setdefault(block, []).append(_Upload(
                 visit, reply.content.array_records[BLOCK], metrics, str(reply.content[CONFIG]["cache-digest"])))
         for visit in waiting.values():
             self._reject(stats, visit.assignment.node_id, Rejection(
                 "timeout", f"no reply within the round timeout ({self.round_timeout:g} s)"))
         self._pending = {}
         assigned = {a.block for a in stats.assignments}
-        self.retry.extend(sorted(assigned - set(accepted)))
+        self.retry.extend(sorted(assigned - {block.index for block in accepted}))
 
         uploads = [u for group in accepted.values() for u in group]
-        for index, group in accepted.items():
-            self._merge(server_round, self.blocks[index], group)
+        for block, group in accepted.items():
+            self._merge(server_round, block, group)
         for u in uploads:
             stats.samples_seen += u.metrics.samples_seen
             stats.client_seconds = max(stats.client_seconds, u.metrics.seconds)
@@ -593,3 +617,6 @@ def _read_evaluation(reply: Message) -> tuple[NodeEvalMetrics, ConfigRecord] | R
         return Rejection("malformed", f"evaluation reply lacks {err}")
     return result, echo
 
+
+def _span(layers: tuple[int, ...]) -> str:
+    return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])

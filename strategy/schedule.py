@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fedcybgd.config import PAIRINGS
@@ -13,6 +14,9 @@ from fedcybgd.config import PAIRINGS
 class Assignment:
     node_id: int
     block: int
+    # The block's decoder layers this visit trains: None for the whole block, else the part a
+    # node's memory budget holds (`fit_memory`).
+    layers: tuple[int, ...] | None = None
 
 
 def block_order(cycle: int, num_blocks: int, allocation: str, seed: int) -> list[int]:
@@ -76,39 +80,63 @@ def nodes_for_round(server_round: int, nodes: list[int], count: int = 1, *, pair
 
 @dataclass(frozen=True)
 class MemoryFit:
-    """A round's assignments after memory budgets: moved ones, and blocks no node can hold."""
+    """A round's assignments after memory budgets: moved, split, and parts no node can hold."""
 
     assignments: list[Assignment]
-    moved: list[tuple[Assignment, int]]  # (the scheduled assignment, the node that got its block)
-    skipped: list[Assignment]  # no connected node's budget holds the block
+    moved: list[tuple[Assignment, int]]  # (the scheduled assignment, the node that got its whole block)
+    split: list[tuple[Assignment, list[Assignment]]]  # (the scheduled assignment, the parts it became)
+    skipped: list[Assignment]  # what no connected node's budget holds (`layers`: the part left)
 
 
 def fit_memory(assignments: list[Assignment], nodes: list[int], budgets: dict[int, int | None],
-               needs: list[int]) -> MemoryFit:
-    """Give each scheduled block to a node whose memory budget holds it.
+               block_layers: Sequence[tuple[int, ...]], need: Callable[[int, tuple[int, ...]], int],
+               split: bool) -> MemoryFit:
+    """Give each scheduled block to nodes whose memory budgets hold it.
 
-    `budgets[node]`: the bytes a node declared (None: no limit); `needs[block]`: the estimated
-    peak of a visit training that block. A scheduled node that cannot hold its block hands it
-    to the next node after it in `nodes` (the run's stable order, wrapping) that can and is not
-    already in this round; when no node can, the block is skipped this round.
+    `budgets[node]`: the bytes a node declared (None: no limit); `need(block, layers)`: the
+    estimated peak of a visit training those decoder layers of the block (`block_layers[block]`:
+    all of them). Candidates are the scheduled node, then the nodes after it in `nodes` (the
+    run's stable order, wrapping) that are not already in this round.
+
+    Without `split`, the first candidate that holds the whole block trains it. With `split`, each
+    candidate in turn takes the largest upper part of what is left that it holds (upper layers
+    need less: the gradient keeps activations only from the lowest trained layer up), so a small
+    node trains the top of its block and a larger one the rest, in the same round. Whatever no
+    candidate holds is skipped this round.
     """
-    def fits(node: int, block: int) -> bool:
+    def fits(node: int, block: int, layers: tuple[int, ...]) -> bool:
         budget = budgets.get(node)
-        return budget is None or needs[block] <= budget
+        return budget is None or need(block, layers) <= budget
 
-    taken = {a.node_id for a in assignments if fits(a.node_id, a.block)}
-    fitted, moved, skipped = [], [], []
+    taken = {a.node_id for a in assignments if fits(a.node_id, a.block, block_layers[a.block])}
+    fitted: list[Assignment] = []
+    moved: list[tuple[Assignment, int]] = []
+    parts_of: list[tuple[Assignment, list[Assignment]]] = []
+    skipped: list[Assignment] = []
     for a in assignments:
-        if fits(a.node_id, a.block):
+        whole = block_layers[a.block]
+        if fits(a.node_id, a.block, whole):
             fitted.append(a)
             continue
         start = nodes.index(a.node_id) if a.node_id in nodes else 0
-        order = nodes[start + 1:] + nodes[:start + 1]
-        substitute = next((n for n in order if n not in taken and fits(n, a.block)), None)
-        if substitute is None:
-            skipped.append(a)
-            continue
-        taken.add(substitute)
-        fitted.append(Assignment(substitute, a.block))
-        moved.append((a, substitute))
-    return MemoryFit(fitted, moved, skipped)
+        candidates = [n for n in nodes[start:] + nodes[:start] if n not in taken]
+        parts: list[Assignment] = []
+        left = whole  # the layers no candidate has taken yet
+        for node in candidates:
+            cuts = range(len(left)) if split and len(left) > 1 else range(1)  # the head block has no layers
+            cut = next((i for i in cuts if fits(node, a.block, left[i:])), None)
+            if cut is None:
+                continue
+            taken.add(node)
+            parts.append(Assignment(node, a.block, None if left[cut:] == whole else left[cut:]))
+            left = left[:cut]
+            if cut == 0:
+                break
+        fitted.extend(parts)
+        if not parts or left:
+            skipped.append(Assignment(a.node_id, a.block, None if left == whole else left))
+        if len(parts) == 1 and parts[0].layers is None:
+            moved.append((a, parts[0].node_id))
+        elif parts:
+            parts_of.append((a, parts))
+    return MemoryFit(fitted, moved, parts_of, skipped)

@@ -272,6 +272,21 @@ def test_lora_algorithms_build_on_every_structure_and_expect_what_a_client_uploa
         assert trained and {n: tuple(a.shape) for n, a in template.items()} == trained
 
 
+def test_fedcybgd_lora_adapts_only_the_layers_of_a_block_part(tiny):
+    model, _, _ = tiny
+    cfg = compose(overrides="model=tiny-llama algorithm=fedcybgd-lora model.layers_per_block=2 lora.r=4")
+    layout = describe(model, 2)
+    algorithm = algorithms.build(cfg, model, layout)
+    block = layout.blocks[1]
+    lower, upper = (block.part((i,), layout.layer_prefix) for i in block.layers)
+    assert upper.names and all(n.startswith("model.layers.3.") for n in upper.names)
+    modules = algorithm.adapted_modules(upper)
+    assert modules and all(m.startswith("model.layers.3.") for m in modules)
+    assert algorithm.adapted_modules(block) == algorithm.adapted_modules(lower) + modules
+    arrays = codec.encode_tensors({**models.named_tensors(model), **algorithm.initial})
+    assert all(n.startswith("model.layers.3.") for n in algorithm.upload_template(upper, arrays))
+
+
 def test_every_federated_algorithm_has_its_class_and_its_config():
     assert set(algorithms.REGISTRY) == set(FEDERATED_ALGORITHMS)
     assert all(compose(overrides=f"algorithm={name}").algorithm.name == name for name in FEDERATED_ALGORITHMS)

@@ -37,6 +37,18 @@ def test_layers_per_block_groups_consecutive_layers_last_shorter(tiny):
     assert [b.layers for b in blocks] == [(0, 1, 2), (3,)]
 
 
+def test_a_block_part_keeps_the_index_and_only_its_layers_parameters(tiny):
+    _, model = tiny
+    prefix = find_layer_path(model) + "."
+    block = partition_blocks(model, layers_per_block=3)[0]
+    part = block.part((1, 2), prefix)
+    assert part.index == block.index and part.layers == (1, 2)
+    assert part.names == tuple(n for n in block.names if not n.startswith(f"{prefix}0."))
+    assert part.names and all(n.startswith((f"{prefix}1.", f"{prefix}2.")) for n in part.names)
+    with pytest.raises(ValueError, match="not all in block 0"):
+        block.part((2, 3), prefix)
+
+
 def test_train_head_adds_one_block_with_every_non_layer_parameter(tiny):
     _, model = tiny
     blocks = partition_blocks(model, layers_per_block=2, train_head=True)

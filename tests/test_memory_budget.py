@@ -21,16 +21,45 @@ TINY = "model=tiny-llama train=tiny train.local_steps=2 data.max_examples=200 ev
 def test_a_node_that_cannot_hold_its_block_hands_it_on() -> None:
     needs = [300, 200, 100]
     budgets = {1: None, 2: 150, 3: 50}
-    fit = fit_memory([Assignment(2, 0), Assignment(3, 2)], [1, 2, 3], budgets, needs)
+    fit = fit_memory([Assignment(2, 0), Assignment(3, 2)], [1, 2, 3], budgets, [(0,), (1,), (2,)],
+                     lambda block, layers: needs[block], split=True)
     # Node 2 cannot hold block 0: the next node after it that can (wrapping) is node 1.
     # Node 3 holds no block at all: block 2 goes to the next free node that can, node 2.
     assert fit.assignments == [Assignment(1, 0), Assignment(2, 2)]
-    assert fit.moved == [(Assignment(2, 0), 1), (Assignment(3, 2), 2)] and fit.skipped == []
+    assert fit.moved == [(Assignment(2, 0), 1), (Assignment(3, 2), 2)] and fit.skipped == fit.split == []
 
 
 def test_a_block_no_node_can_hold_is_skipped() -> None:
-    fit = fit_memory([Assignment(1, 0)], [1, 2], {1: 10, 2: 20}, [30])
+    fit = fit_memory([Assignment(1, 0)], [1, 2], {1: 10, 2: 20}, [(0,)], lambda block, layers: 30, split=True)
     assert fit.assignments == [] and fit.skipped == [Assignment(1, 0)]
+
+
+# A block of layers 4-7: each layer trained costs 10, and each layer from the lowest trained one
+# up keeps activations (5 each), so upper parts need less.
+def four_layer_need(block: int, layers: tuple[int, ...]) -> int:
+    return 10 * len(layers) + 5 * (8 - layers[0])
+
+
+def test_a_small_node_trains_the_top_of_its_block_and_the_next_node_the_rest() -> None:
+    whole = (4, 5, 6, 7)
+    assert four_layer_need(0, whole) == 60 and four_layer_need(0, (6, 7)) == 30
+    fit = fit_memory([Assignment(2, 0)], [1, 2, 3], {1: 45, 2: 30, 3: None}, [whole], four_layer_need, split=True)
+    # Node 2 holds layers 6-7 (30), node 3 (after it) the rest; node 1 is never needed.
+    assert fit.assignments == [Assignment(2, 0, (6, 7)), Assignment(3, 0, (4, 5))]
+    assert fit.split == [(Assignment(2, 0), fit.assignments)] and fit.moved == fit.skipped == []
+    # Without splitting (averaged blocks), the whole block moves to the first node that holds it.
+    fit = fit_memory([Assignment(2, 0)], [1, 2, 3], {1: 45, 2: 30, 3: None}, [whole], four_layer_need, split=False)
+    assert fit.assignments == [Assignment(3, 0)] and fit.moved == [(Assignment(2, 0), 3)]
+
+
+def test_what_no_free_node_holds_is_skipped_and_named() -> None:
+    whole = (4, 5, 6, 7)
+    # Node 1 is busy with its own block 1; node 2 holds only layer 7 (15), node 3 layers 5-6
+    # (35, but 5-7 would be 45), so layer 4 is left.
+    fit = fit_memory([Assignment(1, 1), Assignment(2, 0)], [1, 2, 3], {1: None, 2: 16, 3: 35},
+                     [whole, (0,)], four_layer_need, split=True)
+    assert fit.assignments == [Assignment(1, 1), Assignment(2, 0, (7,)), Assignment(3, 0, (5, 6))]
+    assert fit.skipped == [Assignment(2, 0, (4,))]
 
 
 def test_a_budget_must_be_positive() -> None:
@@ -40,24 +69,31 @@ def test_a_budget_must_be_positive() -> None:
 
 
 def test_nodes_of_different_sizes_train_one_model(out_dir, caplog) -> None:
-    cfg = compose(overrides=f"{TINY} rounds=8 output_dir={out_dir}")
+    """Blocks of two layers; node 1 holds the upper layer of block 1 only, node 2 nothing."""
+    cfg = compose(overrides=f"{TINY} model.layers_per_block=2 rounds=8 output_dir={out_dir}")
     model = models.load_pretrained(models.resolve_model_dir("tiny-llama"))
-    blocks = describe(model, cfg.model.layers_per_block).blocks
-    needs = memory_estimate.visit_peaks(model.config, [(b.names, b.layers) for b in blocks], "float32",
-                                        cfg.train.batch_size, cfg.train.max_seq_len,
-                                        memory_estimate.held_form(cfg.train.frozen_weights, cfg.compression.quantize))
-    assert needs == sorted(needs, reverse=True) and needs[0] > needs[-1]  # lower blocks keep more activations
-    small = (needs[1] + needs[2]) / 2  # holds blocks 2 and 3, not 0 and 1
-    budgets = {0: None, 1: small, 2: needs[-1] / 2}  # node 2 holds no block
+    layout = describe(model, cfg.model.layers_per_block)
+    (low, high) = layout.blocks
+    parts = [low, low.part((1,), layout.layer_prefix), high, high.part((3,), layout.layer_prefix)]
+    need = dict(zip(["0-1", "1", "2-3", "3"], memory_estimate.visit_peaks(
+        model.config, [(b.names, b.layers) for b in parts], "float32", cfg.train.batch_size, cfg.train.max_seq_len,
+        memory_estimate.held_form(cfg.train.frozen_weights, cfg.compression.quantize))))
+    assert need["3"] < need["2-3"] < need["1"] < need["0-1"]  # lower layers keep more activations
+    budgets = {0: None, 1: (need["3"] + need["2-3"]) / 2, 2: need["3"] / 2}
     grid = FakeGrid(3, node_config=lambda i: {"partition-id": i, "num-partitions": 3,
                                               **({} if budgets[i] is None else {"memory-budget-mb": budgets[i] / 1e6})})
     with caplog.at_level(logging.INFO):
         run(grid, cfg)
-    trained = [(a["node_key"], a["block"]) for line in (out_dir / "metrics.jsonl").read_text().splitlines()
-               for a in json.loads(line)["assignments"]]
-    assert sorted(b for _, b in trained) == [0, 0, 1, 1, 2, 2, 3, 3]  # every block, every cycle
-    assert {b for k, b in trained if k == "partition-1"} <= {2, 3}
-    assert {b for k, b in trained if k == "partition-1"}  # the small node took part
-    assert not [b for k, b in trained if k == "partition-2"]
-    assert "cannot hold block" in caplog.text
+    rounds = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rounds:  # every round trains its whole block, shared out or not
+        (block,) = {a["block"] for a in row["assignments"]}
+        layers = sorted(i for a in row["assignments"] for i in (a.get("layers") or layout.blocks[block].layers))
+        assert layers == list(layout.blocks[block].layers)
+    visits = [a for row in rounds for a in row["assignments"]]
+    small = [a for a in visits if a["node_key"] == "partition-1"]
+    assert small and all(a["block"] == 1 and a["layers"] == [3] for a in small)  # it took part, on layer 3
+    assert all(key.startswith("model.layers.3.") for a in small for key in a["upload_keys"])
+    assert not [a for a in visits if a["node_key"] == "partition-2"]
+    assert all(a["cache_confirmed"] for a in visits)  # each node holds what the server thinks
+    assert "cannot hold block 0" in caplog.text and "node partition-1 trains layers 3" in caplog.text
     assert json.loads((out_dir / "summary.json").read_text())["rejected_replies"] == 0
