@@ -26,6 +26,7 @@ from fedcybgd.config import RunConfig, compose
 from fedcybgd.protocol import tensor_sha256
 from fedcybgd.records import FederatedTotals, NodeEvaluation
 from server_app.experiment import Experiment, ServerSetup, load_data, output_dir, prepare, resolve_eval_where
+from server_app.grid import PromptGrid
 from strategy import CyclicBlockStrategy, algorithms, state
 
 app = ServerApp()
@@ -36,7 +37,7 @@ S = TypeVar("S", bound=CyclicBlockStrategy)
 def main(grid: Grid, context: Context) -> None:
     cfg = compose(str(context.run_config.get("config-name", "config")),
                   str(context.run_config.get("overrides", "")))
-    run(grid, cfg)
+    run(PromptGrid(grid), cfg)
 
 
 def run(grid: Grid, cfg: RunConfig) -> Path:
