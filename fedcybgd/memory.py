@@ -16,6 +16,12 @@ from types import TracebackType
 import torch
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+# glibc's malloc raises its mmap threshold each time a large mapped block is freed (up to 32
+# MiB), so after the first step the 0.1-4 MiB tensors of a step come from the heap, where what is
+# freed between live blocks stays resident. Fixed at 1 MiB, such tensors are mapped on their own
+# and returned when freed: measured in README "Memory of one client".
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+_LEAN_MMAP_THRESHOLD = 1 << 20
 
 
 def current_rss_bytes() -> int:
@@ -26,6 +32,16 @@ def current_rss_bytes() -> int:
 def process_peak_bytes() -> int:
     """The largest resident set this process has had in its life (host memory, any device)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def return_freed_memory() -> bool:
+    """From now on, have glibc map every block of 1 MiB or more on its own, so freeing it hands
+    it back to the system: a lower peak for a memory-bound node, at some step time. False where
+    the C library is not glibc."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _LEAN_MMAP_THRESHOLD) == 1
+    except (OSError, AttributeError):
+        return False
 
 
 def baseline_bytes(device: torch.device) -> int:
