@@ -55,9 +55,9 @@ gc.freeze()
 def train(msg: Message, context: Context) -> Message:
     instruction = TrainInstruction.from_record(msg.content.config_records[CONFIG])
     node = NodeConfig.from_mapping(context.node_config)
-    if node.memory_budget_mb is not None:
-        memory.return_freed_memory()  # a lower peak (the server plans by one), for some step time
     device = pick_device(node.device)
+    if node.memory_budget_mb is not None and device.type == "cpu":
+        memory.return_freed_memory()  # a lower peak (the server plans by one), for some step time
     memory_before = memory.baseline_bytes(device)
     cache = ClientCache(_cache_dir(node, context.node_id, instruction.cache_id))
     # Each raises its own error, and the server rejects the visit by it: CacheWriteError (the

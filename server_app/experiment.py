@@ -256,7 +256,8 @@ def _save_final(setup: ServerSetup, target: Path) -> None:
 def _round_line(row: RoundRecord, num_rounds: int) -> str:
     stats = row.stats
     visits = ", ".join(("" if a.node_id is None else f"node {a.node_id} ") +
-                       ("all parameters" if a.block is None else f"block {a.block}")
+                       ("all parameters" if a.block is None else f"block {a.block}") +
+                       ("" if a.layers is None else f" layers {', '.join(map(str, a.layers))}")
                        for a in stats.assignments)
     loss = "-" if stats.train_loss is None else f"{stats.train_loss:.4f}"
     eval_loss = "" if row.eval_loss is None else f" | eval loss {row.eval_loss:.4f}"

@@ -256,7 +256,7 @@ class CyclicBlockStrategy(Strategy):
                 gb[scheduled.node_id], scheduled.block,
                 needs[scheduled.block, self.blocks[scheduled.block].layers] / 1e9,
                 ", ".join(f"node {self.node_keys[p.node_id]} trains layers {_span(p.layers)} "
-                          f"(about {needs[p.block, p.layers] / 1e9:.2f} GB)" for p in parts if p.layers is not None))
+                          f"(about {needs[p.block, p.layers] / 1e9:.2f} GB)" for p in parts))
         for skipped in fit.skipped:
             layers = skipped.layers if skipped.layers is not None else self.blocks[skipped.block].layers
             log(WARNING, "Block %d%s needs about %.2f GB and no connected node free this round declares that much "
@@ -398,6 +398,7 @@ class CyclicBlockStrategy(Strategy):
         for visit in waiting.values():
             self._reject(stats, visit.assignment.node_id, Rejection(
                 "timeout", f"no reply within the round timeout ({self.round_timeout:g} s)"))
+        self._discard_incomplete_splits(stats, accepted, list(self._pending.values()))
         self._pending = {}
         assigned = {a.block for a in stats.assignments}
         self.retry.extend(sorted(assigned - {block.index for block in accepted}))
@@ -419,6 +420,23 @@ class CyclicBlockStrategy(Strategy):
             metrics["train-loss"] = stats.train_loss
         self.completed_round = server_round
         return (self._global if uploads else None), metrics
+
+    def _discard_incomplete_splits(self, stats: RoundStats, accepted: dict[Block, list[_Upload]],
+                                   visits: list[_Visit]) -> None:
+        """Take out of `accepted` the parts of a block shared out by layers (memory budgets) whose
+        other parts did not all come back: the block merges whole or not at all, and is retried.
+
+        Its parts share one upload version; merging some would make that the block's version,
+        and a node that kept its refused part would then hold "the current version" of it.
+        """
+        delivered = {id(u.visit) for group in accepted.values() for u in group}
+        incomplete = {v.assignment.block for v in visits if v.assignment.layers is not None and id(v) not in delivered}
+        for index in sorted(incomplete):
+            log(WARNING, "Round %d: block %d was shared out by layers and not every part came back: "
+                "none is merged, the block is trained again", stats.round, index)
+        for block in [b for b in accepted if b.index in incomplete]:
+            for upload in accepted.pop(block):  # the node kept it: record that, at its own version
+                self._confirm_cache(upload, block, stats.round if self.algorithm.keeps_upload else None)
 
     def _upload_rules(self, block: Block) -> UploadRules:
         """What this round accepts for `block`: see strategy/validation.py."""

@@ -95,45 +95,55 @@ def fit_memory(assignments: list[Assignment], nodes: list[int], budgets: dict[in
 
     `budgets[node]`: the bytes a node declared (None: no limit); `need(block, layers)`: the
     estimated peak of a visit training those decoder layers of the block (`block_layers[block]`:
-    all of them). Candidates are the scheduled node, then the nodes after it in `nodes` (the
-    run's stable order, wrapping) that are not already in this round.
-
-    Without `split`, the first candidate that holds the whole block trains it. With `split`, each
-    candidate in turn takes the largest upper part of what is left that it holds (upper layers
-    need less: the gradient keeps activations only from the lowest trained layer up), so a small
-    node trains the top of its block and a larger one the rest, in the same round. Whatever no
-    candidate holds is skipped this round.
+    all of them). A scheduled node that holds its whole block trains it. Otherwise:
+    - with `split` (blocks one client trains), a scheduled node that holds part of its block
+      trains the largest upper part it holds (upper layers need less: the gradient keeps
+      activations only from the lowest trained layer up);
+    - what is left goes whole to the first free node after it in `nodes` (the run's stable order,
+      wrapping; free: not already in this round, nor keeping its round for a block of its own);
+    - with `split`, when no free node holds all that is left, each free node in turn takes the
+      largest upper part of it that it holds;
+    - what no node takes is skipped this round.
     """
     def fits(node: int, block: int, layers: tuple[int, ...]) -> bool:
         budget = budgets.get(node)
         return budget is None or need(block, layers) <= budget
 
-    taken = {a.node_id for a in assignments if fits(a.node_id, a.block, block_layers[a.block])}
+    def upper_part(node: int, block: int, layers: tuple[int, ...]) -> int | None:
+        """Where the largest upper part of `layers` that `node` holds starts (0: all of them)."""
+        cuts = range(len(layers)) if split and len(layers) > 1 else range(1)  # the head block has no layers
+        return next((i for i in cuts if fits(node, block, layers[i:])), None)
+
+    # A scheduled node keeps its round for its own block where it holds all or part of it.
+    reserved = {a.node_id for a in assignments if upper_part(a.node_id, a.block, block_layers[a.block]) is not None}
+    taken = set(reserved)
     fitted: list[Assignment] = []
     moved: list[tuple[Assignment, int]] = []
     parts_of: list[tuple[Assignment, list[Assignment]]] = []
     skipped: list[Assignment] = []
     for a in assignments:
         whole = block_layers[a.block]
-        if fits(a.node_id, a.block, whole):
+        cut = upper_part(a.node_id, a.block, whole) if a.node_id in reserved else None
+        if cut == 0:
             fitted.append(a)
             continue
+        parts = [] if cut is None else [Assignment(a.node_id, a.block, whole[cut:])]
+        left = whole if cut is None else whole[:cut]
         start = nodes.index(a.node_id) if a.node_id in nodes else 0
-        candidates = [n for n in nodes[start:] + nodes[:start] if n not in taken]
-        parts: list[Assignment] = []
-        left = whole  # the layers no candidate has taken yet
-        for node in candidates:
-            cuts = range(len(left)) if split and len(left) > 1 else range(1)  # the head block has no layers
-            cut = next((i for i in cuts if fits(node, a.block, left[i:])), None)
+        free = [n for n in nodes[start + 1:] + nodes[:start] if n not in taken]
+        holder = next((n for n in free if fits(n, a.block, left)), None)
+        done = False
+        for node in [holder] if holder is not None else free if split else []:
+            cut = upper_part(node, a.block, left)
             if cut is None:
                 continue
             taken.add(node)
             parts.append(Assignment(node, a.block, None if left[cut:] == whole else left[cut:]))
-            left = left[:cut]
-            if cut == 0:
+            done, left = cut == 0, left[:cut]
+            if done:
                 break
         fitted.extend(parts)
-        if not parts or left:
+        if not done:
             skipped.append(Assignment(a.node_id, a.block, None if left == whole else left))
         if len(parts) == 1 and parts[0].layers is None:
             moved.append((a, parts[0].node_id))

@@ -6,11 +6,13 @@ import json
 import logging
 
 import pytest
+import torch
 
-from fedcybgd import memory_estimate, models
+from fedcybgd import codec, memory_estimate, models
 from fedcybgd.blocks import describe
 from fedcybgd.config import compose
 from fedcybgd.node_config import NodeConfig, NodeConfigError
+from fedcybgd.protocol import BLOCK
 from server_app.app import run
 from strategy.schedule import Assignment, fit_memory
 from tests.fake_grid import FakeGrid
@@ -52,6 +54,23 @@ def test_a_small_node_trains_the_top_of_its_block_and_the_next_node_the_rest() -
     assert fit.assignments == [Assignment(3, 0)] and fit.moved == [(Assignment(2, 0), 3)]
 
 
+def test_a_block_moves_whole_rather_than_split_when_a_free_node_holds_it() -> None:
+    whole = (4, 5, 6, 7)
+    # Node 1 holds no layer of it, node 2 the top layer only, node 3 all of it.
+    fit = fit_memory([Assignment(1, 0)], [1, 2, 3], {1: 10, 2: 16, 3: None}, [whole], four_layer_need, split=True)
+    assert fit.assignments == [Assignment(3, 0)] and fit.moved == [(Assignment(1, 0), 3)] and fit.split == []
+
+
+def test_a_node_holding_part_of_its_own_block_keeps_its_round_for_it() -> None:
+    whole = (4, 5, 6, 7)
+    # Node 1 holds only layer 7 of block 0; node 2, scheduled for block 1, holds layers 6-7 of it
+    # (30), so it trains those, not the rest of block 0, which goes to node 3.
+    fit = fit_memory([Assignment(1, 0), Assignment(2, 1)], [1, 2, 3], {1: 16, 2: 30, 3: None},
+                     [whole, whole], four_layer_need, split=True)
+    assert fit.assignments == [Assignment(1, 0, (7,)), Assignment(3, 0, (4, 5, 6)), Assignment(2, 1, (6, 7))]
+    assert fit.skipped == [Assignment(2, 1, (4, 5))]
+
+
 def test_what_no_free_node_holds_is_skipped_and_named() -> None:
     whole = (4, 5, 6, 7)
     # Node 1 is busy with its own block 1; node 2 holds only layer 7 (15), node 3 layers 5-6
@@ -69,7 +88,9 @@ def test_a_budget_must_be_positive() -> None:
 
 
 def test_nodes_of_different_sizes_train_one_model(out_dir, caplog) -> None:
-    """Blocks of two layers; node 1 holds the upper layer of block 1 only, node 2 nothing."""
+    """Blocks of two layers; node 1 holds the upper layer of block 1 only, node 2 nothing. The
+    first upload of layer 2 (the part node 1 cannot hold) comes back corrupt: block 1 is not
+    merged that round, and is trained again the next."""
     cfg = compose(overrides=f"{TINY} model.layers_per_block=2 rounds=8 output_dir={out_dir}")
     model = models.load_pretrained(models.resolve_model_dir("tiny-llama"))
     layout = describe(model, cfg.model.layers_per_block)
@@ -80,8 +101,19 @@ def test_nodes_of_different_sizes_train_one_model(out_dir, caplog) -> None:
         memory_estimate.held_form(cfg.train.frozen_weights, cfg.compression.quantize))))
     assert need["3"] < need["2-3"] < need["1"] < need["0-1"]  # lower layers keep more activations
     budgets = {0: None, 1: (need["3"] + need["2-3"]) / 2, 2: need["3"] / 2}
-    grid = FakeGrid(3, node_config=lambda i: {"partition-id": i, "num-partitions": 3,
-                                              **({} if budgets[i] is None else {"memory-budget-mb": budgets[i] / 1e6})})
+    corrupted = []
+
+    def corrupt_first_layer_2_part(reply):
+        block = reply.content[BLOCK]
+        if not corrupted and all(k.startswith("model.layers.2.") for k in block.keys()):
+            name = sorted(block.keys())[0]
+            block[name] = codec.encode_tensor(torch.full(codec.decode_array(block[name]).shape, float("nan")))
+            corrupted.append(name)
+        return reply
+
+    grid = FakeGrid(3, tamper=corrupt_first_layer_2_part, node_config=lambda i: {
+        "partition-id": i, "num-partitions": 3,
+        **({} if budgets[i] is None else {"memory-budget-mb": budgets[i] / 1e6})})
     with caplog.at_level(logging.INFO):
         run(grid, cfg)
     rounds = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -94,6 +126,14 @@ def test_nodes_of_different_sizes_train_one_model(out_dir, caplog) -> None:
     assert small and all(a["block"] == 1 and a["layers"] == [3] for a in small)  # it took part, on layer 3
     assert all(key.startswith("model.layers.3.") for a in small for key in a["upload_keys"])
     assert not [a for a in visits if a["node_key"] == "partition-2"]
-    assert all(a["cache_confirmed"] for a in visits)  # each node holds what the server thinks
     assert "cannot hold block 0" in caplog.text and "node partition-1 trains layers 3" in caplog.text
-    assert json.loads((out_dir / "summary.json").read_text())["rejected_replies"] == 0
+
+    (failed,) = [r for r in rounds if r["rejected"]]
+    assert corrupted and "non-finite" in failed["rejected"][0]["reason"]
+    assert "block 1 was shared out by layers and not every part came back" in caplog.text
+    retried = rounds[rounds.index(failed) + 1]
+    assert {a["block"] for a in retried["assignments"]} == {1}  # before the cycle goes on
+    # Each node holds what the server thinks, the part kept but not merged included.
+    assert all(a["cache_confirmed"] for a in visits if a.get("upload_keys"))
+    final = models.named_tensors(models.load_pretrained(out_dir / "final"))
+    assert all(torch.isfinite(t).all() for t in final.values())
