@@ -17,9 +17,9 @@ import torch
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 # glibc's malloc raises its mmap threshold each time a large mapped block is freed (up to 32
-# MiB), so after the first step the 0.1-4 MiB tensors of a step come from the heap, where what is
-# freed between live blocks stays resident. Fixed at 1 MiB, such tensors are mapped on their own
-# and returned when freed: measured in README "Memory of one client".
+# MiB), so after the first step most of a step's tensors come from the heap, where what is freed
+# between live blocks stays resident. Fixed at 1 MiB, every tensor of 1 MiB or more is mapped on
+# its own and returned when freed: measured in README "Memory of one client".
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 _LEAN_MMAP_THRESHOLD = 1 << 20
 
