@@ -82,8 +82,9 @@ deploy-tools:
 
 # Every algorithm on the same model, data and sample budget: one table, compare.json, plots in
 # outputs/compare/$(PRESET)/. PRESET=tiny (a few minutes), smollm2 (about an hour on 2 cores), or
-# the tuned three-cycle presets smollm2-long, tasks and tasks-noniid (scripts/compare.py; RUNS
-# picks a subset: RUNS="fedcybgd fedcybgd:ascending:fixed fedavg-full").
+# the tuned three-cycle presets smollm2-long, tasks and tasks-noniid (scripts/compare.py), which
+# run fedcybgd, fedavg-full and fedlora unless RUNS names others (each set under 2 hours on 2
+# cores): RUNS="fedcybgd-lora centralized-full centralized-cy", RUNS="fedcybgd:ascending:fixed".
 PRESET ?= tiny
 .PHONY: compare compare-allocations
 RUNS ?=

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from scripts.compare import RunSpec
+from fedcybgd.config import ALGORITHMS
+from scripts.compare import PRESETS, RunSpec
 
 
 def compare(out, *runs):
@@ -56,3 +57,11 @@ def test_a_bad_run_is_refused_by_name(text):
 def test_a_run_names_its_allocation_and_pairing():
     assert RunSpec.parse("fedcybgd") == RunSpec("fedcybgd", "fedcybgd", "ascending")
     assert RunSpec.parse("fedcybgd:random:fixed") == RunSpec("fedcybgd/random/fixed", "fedcybgd", "random", "fixed")
+
+
+def test_a_three_cycle_preset_runs_the_three_required_algorithms_unless_told_otherwise():
+    # Each fits 2 hours on 2 cores with tuning; the others are added with --runs (read back after).
+    for name in ("smollm2-long", "tasks", "tasks-noniid"):
+        runs = PRESETS[name].default_runs
+        assert runs == ("fedcybgd", "fedavg-full", "fedlora") and all(RunSpec.parse(r) for r in runs)
+    assert set(PRESETS["tiny"].default_runs) == set(ALGORITHMS)
