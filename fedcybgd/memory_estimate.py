@@ -125,10 +125,17 @@ def default_weight_dtype(config: PretrainedConfig) -> str:
     return name if name in DTYPE_BYTES else "float32"
 
 
-def count_parameters(config: PretrainedConfig, layers_per_block: int = 1) -> ParameterCounts:
-    """Exact counts from the model built on the meta device (tied weights counted once)."""
+def _meta_model(config: PretrainedConfig) -> torch.nn.Module:
+    """The model with shapes only: no weights, no memory."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def count_parameters(config: PretrainedConfig, layers_per_block: int = 1,
+                     model: torch.nn.Module | None = None) -> ParameterCounts:
+    """Exact counts from the model built on the meta device (tied weights counted once);
+    `model`: that meta model, if the caller has built it already."""
+    model = model if model is not None else _meta_model(config)
     sizes = {name: p.numel() for name, p in model.named_parameters()}
     blocks = partition_blocks(model, layers_per_block)
     per_block = [sum(sizes[n] for n in block.names) for block in blocks]
@@ -164,7 +171,8 @@ def estimate(
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
     _require_activation_formula(config)
-    params = count_parameters(config, layers_per_block)
+    model = _meta_model(config)
+    params = count_parameters(config, layers_per_block, model)
     width = DTYPE_BYTES[weight_dtype]
     tokens = batch_size * seq_len
     logits = LOGITS_BUFFERS * FP32 * tokens * config.vocab_size
@@ -173,8 +181,6 @@ def estimate(
         + tail_activation_bytes(config, width, head_trains=True)
     )
     weights = params.total * width
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
     # Block 0 is the worst case: autograd keeps what every layer after it needs to pass the
     # gradient back down to it.
     first = partition_blocks(model, layers_per_block)[0]
@@ -211,8 +217,7 @@ def visit_peaks(
     config = load_config(config)
     _require_activation_formula(config)
     width = DTYPE_BYTES[weight_dtype]
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = _meta_model(config)
     return [_block_training_memory(config, model, names, layers, width, batch_size, seq_len, frozen_form).peak
             for names, layers in blocks]
 

@@ -436,7 +436,7 @@ class CyclicBlockStrategy(Strategy):
                 "none is merged, the block is trained again", stats.round, index)
         for block in [b for b in accepted if b.index in incomplete]:
             for upload in accepted.pop(block):  # the node kept it: record that, at its own version
-                self._confirm_cache(upload, block, stats.round if self.algorithm.keeps_upload else None)
+                self._confirm_cache(upload, block, stats.round)
 
     def _upload_rules(self, block: Block) -> UploadRules:
         """What this round accepts for `block`: see strategy/validation.py."""
@@ -455,11 +455,13 @@ class CyclicBlockStrategy(Strategy):
         for name in block.names:
             self._global[name] = new[name]
         self.block_versions[block.index] = server_round  # unique per upload: see TrainInstruction
-        kept = server_round if self.algorithm.keeps_upload else None
         for upload in group:
-            self._confirm_cache(upload, block, kept)
+            self._confirm_cache(upload, block, server_round)
 
-    def _confirm_cache(self, upload: _Upload, block: Block, kept_version: int | None) -> None:
+    def _confirm_cache(self, upload: _Upload, block: Block, server_round: int) -> None:
+        """Check the node's cache digest; under an algorithm whose nodes keep their upload, as
+        this round's version of the block."""
+        kept_version = server_round if self.algorithm.keeps_upload else None
         upload.visit.record.cache_confirmed = self._confirm_holdings(
             upload.visit.assignment.node_id, upload.visit.plan.manifest, upload.cache_digest, block.names, kept_version)
 
