@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -314,6 +315,46 @@ def _set_flag(args: list[str], flag: str, value: str) -> list[str]:
 
 
 # -- command line -----------------------------------------------------------------------------
+# -- where a round's time goes -------------------------------------------------------------------
+_STAMPED = re.compile(r"(\d\d):(\d\d):(\d\d\.\d+) .*?(Receiving: train|Start `flwr-clientapp`|Sending: train)")
+
+
+def message_timeline(logs: Path) -> dict[str, list[float]]:
+    """Seconds spent in each leg of every train message, from the SuperNodes' logs (each line
+    stamped by flower.Process): `pickup` (the previous reply sent, by any node, to this message
+    received: the ServerApp's work and polling, and the node's idle poll), `process_start` (message
+    received to `flwr-clientapp` started: the SuperExec's poll, a new Python and Flower's imports)
+    and `clientapp` (process started to reply sent: our imports, the visit, the reply)."""
+    messages = []
+    for log in sorted(logs.glob("supernode-*.log")):
+        current: dict[str, float] = {}
+        for match in _STAMPED.finditer(log.read_text(errors="replace")):
+            hours, minutes, seconds, event = match.groups()
+            at = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+            if event == "Receiving: train":
+                current = {"received": at}
+            elif event.startswith("Start") and "received" in current:
+                current.setdefault("started", at)
+            elif event == "Sending: train" and "started" in current:
+                messages.append({**current, "sent": at})
+                current = {}
+    messages.sort(key=lambda m: m["received"])
+    day = 24 * 3600.0  # a run across midnight: the clock restarts
+    return {
+        "pickup": [(b["received"] - a["sent"]) % day for a, b in zip(messages, messages[1:])],
+        "process_start": [(m["started"] - m["received"]) % day for m in messages],
+        "clientapp": [(m["sent"] - m["started"]) % day for m in messages],
+    }
+
+
+def timeline_summary(timeline: dict[str, list[float]]) -> str:
+    """One line: each leg's median and mean over the messages after the first three (nodes'
+    first visits, which download and tokenize everything)."""
+    legs = {name: seconds[3:] for name, seconds in timeline.items()}
+    return " | ".join(f"{name} median {statistics.median(s):.2f} s, mean {statistics.mean(s):.2f} s"
+                      for name, s in legs.items() if s)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. rounds=30 model=tiny-llama")
@@ -365,6 +406,7 @@ def main() -> int:
         status = dep.wait(run_id, timeout=args.timeout, stream=True)
         (dep.logs / "serverapp.log").write_text(dep.run_log(run_id))
     print(f"[deploy] {flower.describe(status)} | wall {time.perf_counter() - started:.1f} s (SuperLink start to stop)", flush=True)
+    print(f"[deploy] train messages, from the SuperNodes' logs: {timeline_summary(message_timeline(dep.logs))}", flush=True)
     return 0 if status.get("status") == "finished:completed" else 1
 
 

@@ -23,7 +23,8 @@ import yaml
 from fedcybgd import models
 from fedcybgd.blocks import partition_blocks
 from scripts.certs import ServerCredentials
-from scripts.deploy import LoopbackDeployment, superexec_flags, superlink_flags, supernode_flags
+from scripts.deploy import (LoopbackDeployment, message_timeline, superexec_flags, superlink_flags, supernode_flags,
+                            timeline_summary)
 from scripts.flower import is_alive
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -313,3 +314,23 @@ def test_dockerfile_builds_from_files_that_exist_and_runs_superexec() -> None:
     assert 'ENTRYPOINT ["flower-superexec"]' in lines
     ignored = (APP_DIR / ".dockerignore").read_text().splitlines()
     assert {".venv", "outputs", "certs"} <= set(ignored)
+
+
+def test_message_timeline_splits_each_train_message_into_its_legs(tmp_path: Path) -> None:
+    # Two nodes taking turns, as the launcher stamps their logs; node 2's message crosses midnight.
+    # A query message and its process are not a train message's legs.
+    (tmp_path / "supernode-1.log").write_text(
+        "23:59:40.000 INFO :      Receiving: query message (ID: q)\n"
+        "23:59:41.000 INFO :      Start `flwr-clientapp` process\n"
+        "23:59:42.000 INFO :      Sending: query message (ID: q)\n"
+        "23:59:50.000 INFO :      Receiving: train message (ID: a)\n"
+        "23:59:51.000 INFO :      Start `flwr-clientapp` process\n"
+        "23:59:55.500 INFO :      Sending: train message (ID: b)\n")
+    (tmp_path / "supernode-2.log").write_text(
+        "23:59:58.000 INFO :      Receiving: train message (ID: c)\n"
+        "23:59:59.250 INFO :      Start `flwr-clientapp` process\n"
+        "00:00:09.250 INFO :      Sending: train message (ID: d)\n")
+    timeline = message_timeline(tmp_path)
+    assert timeline == {"pickup": [2.5], "process_start": [1.0, 1.25], "clientapp": [4.5, 10.0]}
+    assert timeline_summary({k: [0.0] * 3 + v for k, v in timeline.items()}).startswith(
+        "pickup median 2.50 s, mean 2.50 s | process_start median 1.12 s")
