@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import re
 import time
 from dataclasses import asdict
 from functools import lru_cache
@@ -30,7 +29,8 @@ from fedcybgd import codec, frozen, lora, memory, models, protocol
 from fedcybgd.batches import Tokenized, read_tokenized, train_batches, write_tokenized
 from fedcybgd.blocks import LayerMap
 from client_app import faults
-from fedcybgd.client_cache import CacheWriteError, ClientCache, Holding, digest, prune_runs, run_dir_name
+from fedcybgd.client_cache import (CacheWriteError, ClientCache, Holding, digest, prune_runs, run_dir_name,
+                                   safe_dir_name)
 from fedcybgd.compression import DENSE
 from fedcybgd.config import DataConfig
 from fedcybgd.node_config import NodeConfig, NodeConfigError
@@ -205,7 +205,7 @@ def _cache_dir(node: NodeConfig, node_id: int, cache_id: str) -> Path:
     if node.cache_dir is not None:
         directory = root / run
     else:
-        directory = root / run / re.sub(r"[^A-Za-z0-9._-]", "_", protocol.node_key(node, node_id))
+        directory = root / run / safe_dir_name(protocol.node_key(node, node_id))
     if not directory.exists():
         prune_runs(root, run, node.cache_keep_runs)
     return directory

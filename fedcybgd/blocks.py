@@ -103,17 +103,12 @@ class LayerMap:
     kept: tuple[int, ...]
 
     def to_local(self, name: str) -> str:
-        return self._renumber(name, {g: l for l, g in enumerate(self.kept)})
-
-    def to_global(self, name: str) -> str:
-        return self._renumber(name, dict(enumerate(self.kept)))
-
-    def _renumber(self, name: str, mapping: dict[int, int]) -> str:
+        """`name` with its decoder layer renumbered among the kept ones; other names unchanged."""
         index = layer_index(name, self.prefix)
         if index is None:
             return name
         rest = name[len(self.prefix):].split(".", 1)[1]
-        return f"{self.prefix}{mapping[index]}.{rest}"
+        return f"{self.prefix}{self.kept.index(index)}.{rest}"
 
 
 @dataclass(frozen=True)

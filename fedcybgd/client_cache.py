@@ -30,7 +30,12 @@ RUN_PREFIX = "run-"
 
 def run_dir_name(cache_id: str) -> str:
     """The folder of one server run's cache (`cache_id`: the server's run, kept across a resume)."""
-    return RUN_PREFIX + re.sub(r"[^A-Za-z0-9._-]", "_", cache_id)
+    return RUN_PREFIX + safe_dir_name(cache_id)
+
+
+def safe_dir_name(text: str) -> str:
+    """`text` as a folder name: every character but letters, digits, `.`, `_` and `-` made `_`."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
 
 
 class CacheMissError(RuntimeError):

@@ -87,7 +87,7 @@ class TrainConfig:
     lr: float = 1e-4
     # Learning rate over a visit's steps, restarted every visit: `constant`, or `cosine` decay
     # to 0 after the warmup. `warmup_fraction` of the visit's steps ramp the rate up linearly
-    # from lr/warmup-steps (0: no warmup). Constant, like no clipping below, by measurement on
+    # from lr/(warmup steps + 1) (0: no warmup). Constant, like no clipping below, by measurement on
     # SmolLM2-135M (centralized-cy, 3 blocks of 10 layers, one cycle of 10 steps per block, 100
     # held-out examples): warmup 10 % + cosine ended at held-out loss 1.504 against 1.246 for
     # constant: with 10 steps per visit, cosine halves the mean rate.

@@ -1,4 +1,4 @@
-"""Instruction data: load, hold out, partition, tokenize, batch.
+"""Instruction data: load, hold out, partition, tokenize (batching: fedcybgd/batches.py).
 
 Every source is normalised to one `datasets.Dataset` with a `messages` column (a chat whose last
 message is the assistant's response) and a `category` column (for non-IID splits); the generated
@@ -175,14 +175,14 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) 
 
     Examples whose response is truncated away entirely are dropped; none left is an error.
     """
-    overhead = len(_template_ids(tokenizer, _pair("", ""), add_generation_prompt=False))
+    overhead = len(template_ids(tokenizer, _pair("", ""), add_generation_prompt=False))
     if overhead >= max_seq_len:
         raise DataError(f"train.max_seq_len={max_seq_len} is too short: the chat template alone (an empty "
                         f"prompt and response) takes {overhead} tokens")
     examples = []
     for messages in ds["messages"]:
-        prompt = _template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
-        full = _template_ids(tokenizer, messages, add_generation_prompt=False)
+        prompt = template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+        full = template_ids(tokenizer, messages, add_generation_prompt=False)
         if full[: len(prompt)] != prompt:
             raise DataError("the chat template renders the prompt differently inside the full chat")
         full = full[:max_seq_len]
@@ -197,7 +197,9 @@ def tokenize(ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) 
     return examples
 
 
-def _template_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+def template_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """Chat `messages` as the tokenizer's template renders them: training and generation
+    (fedcybgd/scoring.py) must see the same prompt tokens."""
     rendered = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )

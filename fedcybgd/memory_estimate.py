@@ -37,7 +37,7 @@ ACTIVATION_MODEL_TYPES = ("llama",)
 LOGITS_BUFFERS = 3
 # How a client may hold the frozen rest of the model (train.frozen_weights: `fp32`, `bf16`, or
 # `compact` as it travelled, here `int8` or `nf4`).
-FROZEN_FORMS = ("fp32", "bf16", "int8", "nf4")
+HELD_FORMS = ("fp32", "bf16", "int8", "nf4")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -158,7 +158,7 @@ def estimate(
 ) -> MemoryEstimate:
     """Memory of full fine-tuning and of training the first (worst-case) block, in bytes.
 
-    `frozen_form` (one of FROZEN_FORMS): how block training holds everything outside the block,
+    `frozen_form` (one of HELD_FORMS): how block training holds everything outside the block,
     as `fedcybgd.frozen` does (vectors fp32; compact matrices expanded one at a time in the
     compute dtype, `weight_dtype`); None: the whole model at `weight_dtype`, as ordinary weights.
     """
@@ -166,8 +166,8 @@ def estimate(
     weight_dtype = weight_dtype or default_weight_dtype(config)
     if weight_dtype not in DTYPE_BYTES:
         raise ValueError(f"weight_dtype {weight_dtype!r} is not one of {sorted(DTYPE_BYTES)}")
-    if frozen_form is not None and frozen_form not in FROZEN_FORMS:
-        raise ValueError(f"frozen_form {frozen_form!r} is not one of {list(FROZEN_FORMS)}")
+    if frozen_form is not None and frozen_form not in HELD_FORMS:
+        raise ValueError(f"frozen_form {frozen_form!r} is not one of {list(HELD_FORMS)}")
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
     _require_activation_formula(config)
@@ -251,7 +251,7 @@ def _block_training_memory(config: PretrainedConfig, model: torch.nn.Module, nam
 
 
 def held_form(frozen_weights: str, quantize: str) -> str:
-    """The FROZEN_FORMS entry for a client's `train.frozen_weights` when the frozen decoder
+    """The HELD_FORMS entry for a client's `train.frozen_weights` when the frozen decoder
     layers travel as `compression.quantize` (`none`: dense, held in fp32 by `compact`)."""
     if frozen_weights == "compact":
         return quantize if quantize in ("int8", "nf4") else "fp32"

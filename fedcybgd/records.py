@@ -152,7 +152,8 @@ class RoundStats(Record):
     assignments: list[VisitRecord] = field(default_factory=list)
     rejected: list[RejectedVisit] = field(default_factory=list)
     train_loss: float | None = None
-    bytes_down: int = 0  # everything sent: block + frozen + config records, holdings queries
+    bytes_down: int = 0  # everything sent: block + frozen + config records, holdings queries after a
+    # failure (those at first contact, before the node's first round, are not counted: a few hundred bytes)
     bytes_down_block: int = 0
     bytes_down_frozen: int = 0
     bytes_up: int = 0

@@ -64,8 +64,7 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     model.to(device).eval()
     answers = []
     for start in range(0, len(prompts), batch_size):
-        rendered = [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
-                              add_special_tokens=False)["input_ids"]
+        rendered = [data.template_ids(tokenizer, p, add_generation_prompt=True)
                     for p in prompts[start:start + batch_size]]
         width = max(len(ids) for ids in rendered)
         ids = torch.full((len(rendered), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -84,14 +83,14 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
 
 def task_score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[TaskExample],
-               device: torch.device, max_new_tokens: int, batch_size: int = 8) -> tuple[float, str]:
-    """(mean score over `examples`, metric name) of the model's greedy answers."""
+               device: torch.device, max_new_tokens: int, batch_size: int = 8) -> float:
+    """The mean score over `examples` of the model's greedy answers (by `metric_name(examples)`)."""
     if not examples:
         raise ValueError("a task score needs at least one example")
     answers = generate_answers(model, tokenizer, [e.prompt for e in examples], device,
                                max_new_tokens, batch_size)
     score = sum(score_answer(a, e) for a, e in zip(answers, examples)) / len(examples)
-    return score, metric_name(examples)
+    return score
 
 
 @dataclass(frozen=True)
@@ -116,5 +115,5 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, held_ou
     loss = evaluate_loss(model, held_out.batches, device)
     if not held_out.task_examples:
         return loss, None
-    score, _ = task_score(model, tokenizer, held_out.task_examples, device, cfg.max_new_tokens, cfg.batch_size)
+    score = task_score(model, tokenizer, held_out.task_examples, device, cfg.max_new_tokens, cfg.batch_size)
     return loss, score

@@ -10,8 +10,11 @@ expanded one module at a time); the block trains in fp32 with a fresh AdamW. Ful
 trains the fp32 model. Batches are random tokens, `--seq-len` long, every position a label but
 the last sequence's final quarter (padding, so attention runs with a padding mask as in training). Peak memory: the process's peak RSS sampled during the steps (CUDA: the allocator's peak)
 minus its memory just before the model was loaded; the process's own lifetime peak is reported
-beside it. Step seconds: the median of the steps after the first. Prints a table with ratios to
-full fine-tuning and writes outputs/bench/client.json.
+beside it. Step seconds: the median of the steps after the first. The last three rows are what
+a CPU node that declares a memory budget runs (freed memory handed back at once,
+fedcybgd/memory.py): full fine-tuning, the bottom block, and the bottom block with gradient
+checkpointing; their ratios are against full fine-tuning in that setting. Prints a table with
+ratios to full fine-tuning and writes outputs/bench/client.json.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ import argparse
 import resource
 import statistics
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from fedcybgd import compression, frozen, models
+from fedcybgd import compression, frozen, memory, models
 from fedcybgd.blocks import partition_blocks
 from fedcybgd.client_cache import ClientCache, Holding
 from fedcybgd.compression import DENSE, TensorForm
@@ -46,6 +49,14 @@ class Visit:
     frozen: str = "none"  # `none` for full fine-tuning, else a train.frozen_weights value
     travel: str = "int8"  # the frozen matrices' wire form: a compression quantization, or `none`
     precision: str = "fp32"  # train.precision
+    lean: bool = False  # freed memory handed back at once, as on a CPU node with a memory-budget-mb
+    checkpointing: bool = False  # train.gradient_checkpointing: layers recompute their activations
+
+
+# What a node that declares a memory budget can do about its bottom block, against full
+# fine-tuning under the same allocator setting.
+LEAN_ROWS = (Visit("full", lean=True), Visit("block-bottom", "compact", lean=True),
+             Visit("block-bottom", "compact", lean=True, checkpointing=True))
 
 
 def source_model(source: str) -> torch.nn.Module:
@@ -81,11 +92,14 @@ def random_batches(vocab_size: int, batch_size: int, seq_len: int, count: int) -
 
 def measure_visit(source: str, visit: Visit, batch_size: int, seq_len: int, steps: int, device: str) -> dict:
     """One visit's memory and step times (this process must be fresh)."""
+    if visit.lean:
+        memory.return_freed_memory()
     dev = pick_device(device)
     model = source_model(source)
     spec = models.model_spec(model)
     batches = random_batches(model.config.vocab_size, batch_size, seq_len, steps)
-    cfg = TrainConfig(local_steps=steps, batch_size=batch_size, max_seq_len=seq_len, precision=visit.precision)
+    cfg = TrainConfig(local_steps=steps, batch_size=batch_size, max_seq_len=seq_len, precision=visit.precision,
+                      gradient_checkpointing=visit.checkpointing)
     with tempfile.TemporaryDirectory() as cache_dir:
         cache = ClientCache(Path(cache_dir))
         if visit.mode == "full":
@@ -127,37 +141,49 @@ def _store_as_travelled(cache: ClientCache, model: torch.nn.Module, block: set[s
 
 
 def rows_for(frozen_forms: tuple[str, ...], travel: str) -> list[Visit]:
-    return [Visit("full")] + [Visit(mode, form, travel) for mode in MODES[1:] for form in frozen_forms]
+    return ([Visit("full")] + [Visit(mode, form, travel) for mode in MODES[1:] for form in frozen_forms]
+            + [replace(visit, travel=travel) for visit in LEAN_ROWS])
+
+
+def _setting(row: dict) -> str:
+    return " + ".join([name for name, on in (("lean", row["lean"]), ("checkpointing", row["checkpointing"])) if on])
+
+
+def _full(rows: list[dict], row: dict) -> dict:
+    """Full fine-tuning measured under `row`'s allocator setting: what its ratios are against."""
+    return next(r for r in rows if r["mode"] == "full" and r["lean"] == row["lean"])
 
 
 def ratio_table(rows: list[dict]) -> str:
     from scripts.sweep import table
 
-    full = next(r for r in rows if r["mode"] == "full")
     return table(rows, {
         "mode": lambda r: r["mode"],
         "frozen": lambda r: r["frozen"] if r["mode"] == "full" else f"{r['frozen']} ({r['travel']})",
+        "setting": lambda r: _setting(r) or "-",
         "step s (median)": lambda r: f"{r['step_seconds']:.3f}",
-        "x full": lambda r: f"{r['step_seconds'] / full['step_seconds']:.2f}",
+        "x full": lambda r: f"{r['step_seconds'] / _full(rows, r)['step_seconds']:.2f}",
         "peak MB": lambda r: f"{r['peak_mem_bytes'] / 1e6:,.0f}",
-        "x full ": lambda r: f"{r['peak_mem_bytes'] / full['peak_mem_bytes']:.2f}",
+        "x full ": lambda r: f"{r['peak_mem_bytes'] / _full(rows, r)['peak_mem_bytes']:.2f}",
         "frozen MB": lambda r: f"{r['frozen_bytes'] / 1e6:,.0f}",
         "process peak MB": lambda r: f"{r['process_peak_bytes'] / 1e6:,.0f}",
     })
 
 
 def targets(rows: list[dict], form: str) -> list[str]:
-    """Issue 11's targets for `form`, each stated as met or missed with its numbers."""
-    full = next(r for r in rows if r["mode"] == "full")
+    """Issue 11's targets for `form`, each stated as met or missed with its numbers, for every
+    setting measured (ratios against full fine-tuning under the same allocator setting)."""
     lines = []
-    for mode, limits in TARGETS.items():
-        row = next((r for r in rows if r["mode"] == mode and r["frozen"] == form), None)
-        if row is None:
+    for row in rows:
+        limits = TARGETS.get(row["mode"])
+        if limits is None or row["frozen"] != form:
             continue
+        setting = f" ({_setting(row)})" if _setting(row) else ""
         for what, key in (("memory", "peak_mem_bytes"), ("step", "step_seconds")):
-            got = row[key] / full[key]
+            got = row[key] / _full(rows, row)[key]
             verdict = "met" if got <= limits[what] else "MISSED"
-            lines.append(f"{mode} {form}: {what} {got:.0%} of full fine-tuning (target <= {limits[what]:.0%}): {verdict}")
+            lines.append(f"{row['mode']} {form}{setting}: {what} {got:.0%} of full fine-tuning "
+                         f"(target <= {limits[what]:.0%}): {verdict}")
     return lines
 
 
@@ -177,7 +203,7 @@ def main() -> None:
         parser.error("--steps must be >= 2: the first step is not timed")
     rows = []
     for visit in rows_for(("fp32", "compact"), args.travel):
-        print(f"measuring {visit.mode}, frozen {visit.frozen} ...", flush=True)
+        print(f"measuring {visit.mode}, frozen {visit.frozen} {_setting(asdict(visit))}...", flush=True)
         rows.append(in_fresh_process(measure_visit, args.model, visit, args.batch_size, args.seq_len,
                                      args.steps, args.device))
         write_json(args.out, rows)

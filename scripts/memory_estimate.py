@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fedcybgd.memory_estimate import DTYPE_BYTES, FROZEN_FORMS, MemoryEstimate, estimate, load_config
+from fedcybgd.memory_estimate import DTYPE_BYTES, HELD_FORMS, MemoryEstimate, estimate, load_config
 from fedcybgd.models import SMOLLM2, resolve_model_dir
 from scripts.bench_client import Visit, measure_visit
 from scripts.sweep import in_fresh_process, write_json
@@ -160,7 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True,
                         help=f"a config.json, a model directory, or one of: {', '.join(KNOWN)}")
-    parser.add_argument("--frozen", choices=FROZEN_FORMS, default="int8",
+    parser.add_argument("--frozen", choices=HELD_FORMS, default="int8",
                         help="how block training holds the frozen rest (default int8: the client's "
                              "default, compact as the default compression sends it)")
     parser.add_argument("--weight-dtype", choices=sorted(DTYPE_BYTES),

@@ -129,8 +129,9 @@ class Experiment:
         examples = self.setup.data.held_out.task_examples if self.setup.data else []
         return scoring.metric_name(examples) if examples else None
 
-    def evaluate(self, server_round: int, tensors: dict[str, torch.Tensor]) -> float:
-        """Held-out loss (and task score) of the model with `tensors` (its weights, adapters merged in)."""
+    def evaluate(self, server_round: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Record the held-out loss (and task score) of the model with `tensors` (its weights,
+        adapters merged in) for `server_round`."""
         assert self.setup.data is not None
         models.load_tensors(self.setup.model, tensors)
         loss, score = scoring.evaluate(self.setup.model, self.setup.tokenizer, self.setup.data.held_out,
@@ -138,7 +139,6 @@ class Experiment:
         self.evals[server_round] = loss
         if score is not None:
             self.task_scores[server_round] = score
-        return loss
 
     def add_round(self, stats: RoundStats, node_eval: NodeEvaluation | None = None) -> None:
         row = RoundRecord(algorithm=self.cfg.algorithm.name, stats=stats, eval_loss=self.evals.get(stats.round),

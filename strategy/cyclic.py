@@ -26,7 +26,7 @@ from fedcybgd import memory_estimate, protocol
 from fedcybgd.blocks import Block
 from fedcybgd.client_cache import Holding
 from fedcybgd.config import CompressionConfig, DataConfig, EvalConfig, TrainConfig
-from fedcybgd.protocol import (BLOCK, CONFIG, FROZEN, METRICS, EvalInstruction, HoldingsReply, NodeEvalMetrics,
+from fedcybgd.protocol import (BLOCK, CONFIG, FROZEN, METRICS, EvalInstruction, HoldingsReply,
                                TrainInstruction, VisitMetrics, record_bytes)
 from fedcybgd.records import (FailedNodeEval, NodeEvalResult, NodeEvaluation, RejectedVisit, RoundRecord, RoundStats,
                               VisitRecord)
@@ -34,7 +34,7 @@ from strategy import schedule
 from strategy.algorithms import Algorithm
 from strategy.packaging import Packager, VisitPlan
 from strategy.state import RunState
-from strategy.validation import Rejection, UploadRules, error_rejection, reply_problem
+from strategy.validation import Rejection, UploadRules, read_evaluation, reply_problem
 
 
 @dataclass(frozen=True)
@@ -379,11 +379,9 @@ class CyclicBlockStrategy(Strategy):
                     "unmatched-reply", "reply to no message of this round (late, duplicate or forged)"))
                 continue
             node_id = visit.assignment.node_id
-            if reply.has_error():
-                self._reject(stats, node_id, error_rejection(reply))
-                continue
-            visit.record.bytes_up = record_bytes(reply.content)
-            stats.bytes_up += visit.record.bytes_up
+            if not reply.has_error():  # an error reply has no content; reply_problem names the error
+                visit.record.bytes_up = record_bytes(reply.content)
+                stats.bytes_up += visit.record.bytes_up
             block = visit.block
             problem = reply_problem(reply, self._upload_rules(block))
             if problem:
@@ -580,7 +578,7 @@ class CyclicBlockStrategy(Strategy):
             pending = waiting.pop(reply.metadata.reply_to_message_id, None)
             if pending is None:
                 continue  # answers no evaluation of this round (late or duplicate)
-            answer = _read_evaluation(reply)
+            answer = read_evaluation(reply)
             if isinstance(answer, Rejection):
                 self._eval_failed(evaluation, pending.node_id, answer)
                 continue
@@ -620,22 +618,6 @@ class CyclicBlockStrategy(Strategy):
         evaluation.failed.append(FailedNodeEval(node_id=node_id, node_key=self.node_keys.get(node_id),
                                                 kind=problem.kind, reason=problem.reason))
         self.packager.forget(node_id)
-
-
-def _read_evaluation(reply: Message) -> tuple[NodeEvalMetrics, ConfigRecord] | Rejection:
-    """An evaluation reply's results and echo, or why it cannot be used."""
-    if reply.has_error():
-        return error_rejection(reply)
-    content = reply.content
-    if METRICS not in content.metric_records or CONFIG not in content.config_records:
-        return Rejection("malformed", "evaluation reply without metrics or config record")
-    echo = content.config_records[CONFIG]
-    try:
-        result = NodeEvalMetrics.from_record(content.metric_records[METRICS])
-        echo["cache-digest"]
-    except (KeyError, TypeError) as err:
-        return Rejection("malformed", f"evaluation reply lacks {err}")
-    return result, echo
 
 
 def _span(layers: tuple[int, ...]) -> str:

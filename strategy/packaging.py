@@ -123,13 +123,14 @@ class Packager:
 
     def plan(self, node_id: int, block: Block, versions: dict[str, int], server_round: int,
              node_key: str) -> VisitPlan:
-        """`node_key`: the node's stable key; it seeds the layer drop (node ids change per run)."""
+        """`node_key`: the node's stable key; it seeds the layer drop and the refresh draw (node
+        ids change per run, and a resumed run must draw what the uninterrupted one would)."""
         held = self.holdings.get(node_id) or {}
         frozen_layers = [i for i in range(self.layout.num_layers) if i not in block.layers]
         rng = random.Random(f"{self.seed}:{server_round}:{node_key}")
         dropped = drop_layers(frozen_layers, block, self.layout.num_layers, self.cfg, rng)
         needed = {n: v for n, v in versions.items() if layer_index(n, self.layout.layer_prefix) not in dropped}
-        stale = self.left_stale(held, block, needed, random.Random(f"{self.seed}:{server_round}:{node_id}:refresh"))
+        stale = self.left_stale(held, block, needed, random.Random(f"{self.seed}:{server_round}:{node_key}:refresh"))
         in_block = set(block.names)
         manifest, send_block, send_frozen = [], [], []
         for name, version in needed.items():

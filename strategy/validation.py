@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from flwr.app import Array, Message
+from flwr.app import Array, ConfigRecord, Message
 from flwr.common.constant import ErrorCode
 
 from fedcybgd.codec import CodecError, decode_array
-from fedcybgd.protocol import BLOCK, CONFIG, METRICS, REPLY_RECORDS, VisitMetrics, record_bytes
+from fedcybgd.protocol import BLOCK, CONFIG, METRICS, REPLY_RECORDS, NodeEvalMetrics, VisitMetrics, record_bytes
 
 # Room for the reply's metrics and config records on top of the block's own bytes.
 REPLY_OVERHEAD_BYTES = 64 * 1024
@@ -164,3 +164,20 @@ def _norm_problem(tensors: Mapping[str, torch.Tensor], rules: UploadRules) -> Re
         return Rejection("norm-bound", f"upload norm {new:.4g} exceeds {rules.max_norm_ratio:g} x the block's "
                                        f"norm {old:.4g} (algorithm.max_norm_ratio)")
     return None
+
+
+def read_evaluation(reply: Message) -> tuple[NodeEvalMetrics, ConfigRecord] | Rejection:
+    """An evaluation reply's results and echo, or why they cannot be used."""
+    if reply.has_error():
+        return error_rejection(reply)
+    content = reply.content
+    if METRICS not in content.metric_records or CONFIG not in content.config_records:
+        return Rejection("malformed", "evaluation reply without metrics or config record")
+    echo = content.config_records[CONFIG]
+    if "cache-digest" not in echo:
+        return Rejection("malformed", "evaluation reply lacks 'cache-digest'")
+    try:
+        result = NodeEvalMetrics.from_record(content.metric_records[METRICS])
+    except (KeyError, TypeError) as err:
+        return Rejection("malformed", f"evaluation reply lacks {err}")
+    return result, echo

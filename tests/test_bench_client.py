@@ -26,8 +26,28 @@ def test_a_row_measures_one_visit_as_the_client_holds_it() -> None:
 
 
 def test_rows_cover_every_mode_and_form() -> None:
-    rows = rows_for(("fp32", "compact"), "int8")
-    assert [r.mode for r in rows] == ["full"] + [m for m in MODES[1:] for _ in range(2)]
+    rows = rows_for(("fp32", "compact"), "nf4")
+    assert [r.mode for r in rows] == ["full"] + [m for m in MODES[1:] for _ in range(2)] + [
+        "full", "block-bottom", "block-bottom"]
+    assert [(r.lean, r.checkpointing) for r in rows[-3:]] == [(True, False), (True, False), (True, True)]
+    assert {r.travel for r in rows if r.mode != "full"} == {"nf4"}
+
+
+def test_lean_rows_are_measured_against_full_fine_tuning_in_their_own_setting() -> None:
+    # Each in a fresh process: the lean setting lasts for the process once set.
+    from scripts.sweep import in_fresh_process
+
+    rows = [in_fresh_process(measure_visit, "tiny-llama", visit, 2, 32, 2, "cpu")
+            for visit in [Visit("full"), *rows_for((), "int8")[1:]]]
+    assert rows[3]["checkpointing"] and rows[2]["lean"] and not rows[2]["checkpointing"] and not rows[0]["lean"]
+    fake = [dict(rows[0], peak_mem_bytes=100.0, step_seconds=1.0), dict(rows[1], peak_mem_bytes=200.0, step_seconds=1.0),
+            dict(rows[2], peak_mem_bytes=80.0, step_seconds=2.0), dict(rows[3], peak_mem_bytes=60.0, step_seconds=1.0)]
+    assert targets(fake, "compact") == [
+        "block-bottom compact (lean): memory 40% of full fine-tuning (target <= 45%): met",
+        "block-bottom compact (lean): step 200% of full fine-tuning (target <= 60%): MISSED",
+        "block-bottom compact (lean + checkpointing): memory 30% of full fine-tuning (target <= 45%): met",
+        "block-bottom compact (lean + checkpointing): step 100% of full fine-tuning (target <= 60%): MISSED"]
+    assert "lean + checkpointing" in ratio_table(fake)
 
 
 @pytest.mark.parametrize("frozen_form,travel", FROZEN)

@@ -182,3 +182,22 @@ def test_auto_evaluates_on_the_nodes_only_when_every_node_has_data(requested, ha
 def test_bad_evaluation_settings_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose(overrides=overrides)
+
+
+def test_an_evaluation_reply_without_its_metrics_or_cache_digest_is_malformed():
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedcybgd.protocol import METRICS, NodeEvalMetrics, eval_echo
+    from strategy.validation import Rejection, read_evaluation
+
+    metrics = NodeEvalMetrics(eval_loss=1.5, num_examples=4, task_examples=0, task_score=0.0, seconds=0.1)
+
+    def reply(**records) -> Message:
+        return Message(RecordDict(records), dst_node_id=0, message_type="evaluate")
+
+    result, echo = read_evaluation(reply(**{METRICS: metrics.to_record(), CONFIG: eval_echo("d", "")}))
+    assert result == metrics and echo["cache-digest"] == "d"
+    for bad in ({METRICS: metrics.to_record(), CONFIG: ConfigRecord({"task-metric": ""})},
+                {CONFIG: eval_echo("d", "")}):
+        problem = read_evaluation(reply(**bad))
+        assert isinstance(problem, Rejection) and problem.kind == "malformed"

@@ -117,6 +117,20 @@ def test_stale_blocks_are_not_resent_until_drawn_and_a_newer_version_is_sent_onc
     assert by_block(packager.holdings[7].values()) == {0: {0}, **{b: {5} for b in range(1, LAYERS)}}
 
 
+def test_the_refresh_draw_follows_the_node_key_not_its_id():
+    """A resumed run gives its nodes new ids: it must draw the stale blocks the uninterrupted run would."""
+    current = versions_with({b: 5 for b in range(1, LAYERS)})
+    block = layout().blocks[0]
+
+    def drawn(node_id: int, key: str) -> frozenset[int]:
+        packager = Packager(layout(), uncompressed(refresh_fraction=0.5), seed=0)
+        first_visit(packager, node_id, versions_with({}))
+        return frozenset(by_block(packager.plan(node_id, block, current, 6, key).send_frozen))
+
+    assert drawn(7, "node-a") == drawn(12345, "node-a")
+    assert len({drawn(7, f"node-{k}") for k in "abcdef"}) > 1
+
+
 def test_refresh_composes_with_dropping_and_quantization():
     cfg = CompressionConfig(refresh_fraction=0.5, drop_fraction=0.25, quantize="int8", head_quantize="int8")
     packager = Packager(layout(), cfg, seed=0)

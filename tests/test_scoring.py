@@ -49,7 +49,8 @@ def test_task_score_is_the_mean_over_examples(tiny, monkeypatch):
     model, tokenizer = tiny
     examples = [example("a", "1", True), example("b", "2", True), example("c", "3", True), example("d", "4", True)]
     monkeypatch.setattr(scoring, "generate_answers", lambda *args: ["1", "2", "3", "5"])
-    assert scoring.task_score(model, tokenizer, examples, torch.device("cpu"), 4) == (0.75, "exact_match")
+    assert scoring.task_score(model, tokenizer, examples, torch.device("cpu"), 4) == 0.75
+    assert scoring.metric_name(examples) == "exact_match"
 
 
 def test_runs_report_the_task_score_each_evaluation(out_dir):
