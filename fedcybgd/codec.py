@@ -8,6 +8,7 @@ exactly the tensor's bytes, which is what the byte accounting reports.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -40,7 +41,7 @@ def decode_array(array: Array) -> torch.Tensor:
     dtype = _DTYPES.get(array.dtype)
     if dtype is None:
         raise CodecError(f"unsupported dtype {array.dtype!r}")
-    expected = dtype.itemsize * _numel(array.shape)
+    expected = dtype.itemsize * math.prod(int(d) for d in array.shape)
     if len(array.data) != expected:
         raise CodecError(
             f"array of shape {tuple(array.shape)} {array.dtype} has {len(array.data)} bytes, "
@@ -57,9 +58,3 @@ def encode_tensors(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
 def decode_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {name: decode_array(array) for name, array in record.items()}
 
-
-def _numel(shape: tuple[int, ...] | list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

@@ -86,7 +86,7 @@ class Encoded:
     def shape(self) -> tuple[int, ...]:
         """The tensor's shape, without decoding it."""
         if "shape" in self.parts:
-            return tuple(int(d) for d in self.parts["shape"])
+            return _shape(self.parts)
         return tuple(self.parts["v"].shape)
 
 
@@ -126,11 +126,9 @@ def decode(parts: dict[str, torch.Tensor], form: TensorForm, dtype: torch.dtype 
     and cast once, so every dtype sees the same numbers."""
     if "shape" not in parts:
         return parts["v"].to(dtype)
-    shape = tuple(int(d) for d in parts["shape"])
+    shape = _shape(parts)
     rows_n = shape[0]
-    cols = 1
-    for d in shape[1:]:
-        cols *= d
+    cols = math.prod(shape[1:])
     if not form.prunes:  # every entry travelled: no index per value needed
         if form.quant == "int8":
             # In place: a frozen matrix is expanded at every use, and one fp32 copy at a time is
@@ -160,7 +158,7 @@ def check_parts(parts: dict[str, torch.Tensor], form: TensorForm) -> None:
         if set(parts) != {"v"}:
             raise ValueError(f"dense parts must be just 'v', got {sorted(parts)}")
         return
-    shape = tuple(int(d) for d in parts["shape"])
+    shape = _shape(parts)
     count = math.prod(shape)
     rows = shape[0] if shape else 0
     if form.prunes:
@@ -176,13 +174,18 @@ def check_parts(parts: dict[str, torch.Tensor], form: TensorForm) -> None:
             raise ValueError(f"form {form.key} of a {shape} tensor needs part {key!r} of {numel} values")
 
 
+def _shape(parts: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """The shape of the tensor a compressed form's `parts` encode."""
+    return tuple(int(d) for d in parts["shape"])
+
+
 def decode_rows(parts: dict[str, torch.Tensor], form: TensorForm, rows: torch.Tensor) -> torch.Tensor:
     """Rows `rows` (any shape of indices) of the matrix `parts` encode, in fp32: an embedding
     lookup that expands only the rows it reads, where the form allows (dense, int8, and NF4
     with whole 64-value blocks per row); otherwise it expands the matrix once."""
     if "shape" not in parts:
         return parts["v"][rows].float()
-    shape = tuple(int(d) for d in parts["shape"])
+    shape = _shape(parts)
     if len(shape) == 2 and not form.prunes:
         cols = shape[1]
         if form.quant == "int8":

@@ -82,15 +82,11 @@ def split_heldout(ds: Dataset, cfg: DataConfig) -> HeldoutSplit:
             seen.add(key)
             unique.append(i)
     deduped = ds.select(unique)
-    groups: dict[str, list[int]] = {}
-    for i, messages in enumerate(deduped["messages"]):
-        groups.setdefault(prompt_key(messages), []).append(i)
+    groups, order = _prompt_groups(deduped, cfg.seed)
     if len(groups) < 2:
         raise DataError(
             f"{len(groups)} distinct prompt(s) cannot be split into train and held-out"
         )
-    order = sorted(groups)
-    random.Random(cfg.seed).shuffle(order)
     heldout, rest = _take_groups(order, groups, max(1, round(cfg.heldout_fraction * len(deduped))))
     validation, rest = _take_groups(rest, groups, round(cfg.validation_fraction * len(deduped)))
     if cfg.validation_fraction and not validation:
@@ -100,6 +96,17 @@ def split_heldout(ds: Dataset, cfg: DataConfig) -> HeldoutSplit:
     random.Random(cfg.seed + 1).shuffle(train)
     return HeldoutSplit(deduped.select(train), deduped.select(heldout), len(ds) - len(deduped),
                         deduped.select(validation) if validation else None)
+
+
+def _prompt_groups(ds: Dataset, seed: int) -> tuple[dict[str, list[int]], list[str]]:
+    """`ds`'s rows by prompt (`prompt_key`), and the prompts in an order shuffled by `seed`:
+    whatever divides data by prompt deals out whole groups, so no prompt is on two sides."""
+    groups: dict[str, list[int]] = {}
+    for i, messages in enumerate(ds["messages"]):
+        groups.setdefault(prompt_key(messages), []).append(i)
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+    return groups, order
 
 
 def _take_groups(order: list[str], groups: dict[str, list[int]], target: int) -> tuple[list[int], list[str]]:
@@ -117,13 +124,9 @@ def write_node_files(ds: Dataset, num_nodes: int, out_dir: Path, seed: int) -> l
     """Give each of `num_nodes` nodes a data file of its own: whole prompt groups of `ds`, dealt
     out in a seeded order, as chat JSONL (`messages`) in `out_dir/node-<i>.jsonl`. For trying a
     deployment where the data lives only on the nodes."""
-    groups: dict[str, list[int]] = {}
-    for i, messages in enumerate(ds["messages"]):
-        groups.setdefault(prompt_key(messages), []).append(i)
+    groups, order = _prompt_groups(ds, seed)
     if len(groups) < num_nodes:
         raise DataError(f"{len(groups)} distinct prompts cannot give {num_nodes} nodes data of their own")
-    order = sorted(groups)
-    random.Random(seed).shuffle(order)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"node-{i + 1}.jsonl" for i in range(num_nodes)]
     for node, path in enumerate(paths):

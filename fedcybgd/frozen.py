@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fedcybgd import compression, lora
+from fedcybgd import compression, lora, models
 from fedcybgd.compression import DENSE, Encoded
 from fedcybgd.config import FROZEN_FORMS
 
@@ -108,10 +108,7 @@ def load(model: nn.Module, tensors: dict[str, Encoded], trainable: set[str], fro
     params = dict(model.named_parameters())
     travelled = {name: lora.unwrapped(name) for name in params
                  if name not in trainable or lora.unwrapped(name) in tensors}
-    missing = sorted(n for n in travelled.values() if n not in tensors)
-    unknown = sorted(set(tensors) - set(travelled.values()))
-    if missing or unknown:
-        raise KeyError(f"weights do not match the model: missing {missing[:5]}, unknown {unknown[:5]}")
+    models.check_names(travelled.values(), tensors)
 
     name_of = {id(param): name for name, param in params.items()}
     compact: dict[int, FrozenWeight] = {}  # by the skeleton parameter's id: tied ones share
@@ -122,7 +119,7 @@ def load(model: nn.Module, tensors: dict[str, Encoded], trainable: set[str], fro
             continue
         if id(weight) not in compact:
             encoded = tensors[travelled[name_of[id(weight)]]]
-            _check_shape(travelled[name_of[id(weight)]], encoded.shape, weight.shape)
+            models.check_shape(travelled[name_of[id(weight)]], encoded.shape, weight.shape)
             if frozen_form == "bf16":
                 encoded = Encoded(DENSE, {"v": encoded.decode(torch.bfloat16)})
             compact[id(weight)] = FrozenWeight(encoded)
@@ -132,13 +129,8 @@ def load(model: nn.Module, tensors: dict[str, Encoded], trainable: set[str], fro
         for name, param in model.named_parameters():
             if name in travelled:
                 tensor = tensors[travelled[name]].decode()
-                _check_shape(travelled[name], tensor.shape, param.shape)
+                models.check_shape(travelled[name], tensor.shape, param.shape)
                 param.data = tensor  # replaces the skeleton's storage, never touched, instead of copying into it
-
-
-def _check_shape(name: str, got: tuple[int, ...], expected: tuple[int, ...]) -> None:
-    if tuple(got) != tuple(expected):
-        raise ValueError(f"{name}: shape {tuple(got)} != model's {tuple(expected)}")
 
 
 def _frozen_module(module: nn.Module, weight: FrozenWeight) -> nn.Module:

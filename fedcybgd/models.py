@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
@@ -239,11 +240,20 @@ def named_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
 def load_tensors(model: PreTrainedModel, tensors: dict[str, torch.Tensor]) -> None:
     """Overwrite the model's parameters with `tensors`; every parameter must be given."""
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(tensors))
-    unknown = sorted(set(tensors) - set(params))
+    check_names(params, tensors)
+    for name, tensor in tensors.items():
+        check_shape(name, tensor.shape, params[name].shape)
+        params[name].copy_(tensor)
+
+
+def check_names(expected: Iterable[str], given: Iterable[str]) -> None:
+    """Raise a KeyError naming what `given` lacks of `expected` and what it has beyond it."""
+    expected, given = set(expected), set(given)
+    missing, unknown = sorted(expected - given), sorted(given - expected)
     if missing or unknown:
         raise KeyError(f"weights do not match the model: missing {missing[:5]}, unknown {unknown[:5]}")
-    for name, tensor in tensors.items():
-        if params[name].shape != tensor.shape:
-            raise ValueError(f"{name}: shape {tuple(tensor.shape)} != model's {tuple(params[name].shape)}")
-        params[name].copy_(tensor)
+
+
+def check_shape(name: str, got: Iterable[int], expected: Iterable[int]) -> None:
+    if tuple(got) != tuple(expected):
+        raise ValueError(f"{name}: shape {tuple(got)} != model's {tuple(expected)}")
