@@ -10,14 +10,11 @@ into a `NodeConfig` (fedcybgd/node_config.py: every key declared there, with its
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import time
 from dataclasses import asdict
-from functools import lru_cache
 from logging import WARNING
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
@@ -25,23 +22,17 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from torch import nn
 
-from fedcybgd import codec, frozen, lora, memory, models, protocol
-from fedcybgd.batches import Tokenized, read_tokenized, train_batches, write_tokenized
-from fedcybgd.blocks import LayerMap
 from client_app import faults
+from fedcybgd import codec, frozen, lora, memory, models, node_data, protocol
+from fedcybgd.batches import train_batches
+from fedcybgd.blocks import LayerMap
 from fedcybgd.client_cache import (CacheWriteError, ClientCache, Holding, digest, prune_runs, run_dir_name,
                                    safe_dir_name)
 from fedcybgd.compression import DENSE
-from fedcybgd.config import DataConfig
 from fedcybgd.node_config import NodeConfig, NodeConfigError
 from fedcybgd.protocol import (BLOCK, CONFIG, FROZEN, METRICS, EvalInstruction, HoldingsReply, NodeEvalMetrics,
                                TrainInstruction, VisitMetrics)
 from fedcybgd.train import pick_device, train_params
-
-if TYPE_CHECKING:  # imported where used: a training visit whose data is tokenized in its cache needs neither
-    from datasets import Dataset
-
-    from fedcybgd import data
 
 # Fault injection for tests exists only when the node's environment asks for it (client_app/faults.py).
 app = ClientApp(mods=faults.mods())
@@ -75,7 +66,8 @@ def train(msg: Message, context: Context) -> Message:
     del encoded
 
     model_dir = str(models.resolve_model_dir(instruction.model_name))
-    tokenized = _local_examples(node, json.dumps(asdict(instruction.data)), model_dir, instruction.train.max_seq_len)
+    tokenized = node_data.training_examples(node, json.dumps(asdict(instruction.data)), model_dir,
+                                            instruction.train.max_seq_len, _cache_root(node))
     examples = tokenized.examples
     stream = train_batches(examples, instruction.train.batch_size, tokenized.pad_id, seed=instruction.seed)
     torch.manual_seed(instruction.seed)  # dropout, if any, draws the same on a rerun of the round
@@ -142,7 +134,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model_dir = str(models.resolve_model_dir(instruction.model_name))
     tokenizer = models.load_tokenizer(model_dir)
     cfg = instruction.eval
-    heldout = _local_split(node, json.dumps(asdict(instruction.data)), cfg.split)
+    heldout = node_data.evaluation_split(node, json.dumps(asdict(instruction.data)), cfg.split)
     held_out = scoring.eval_set(heldout, tokenizer, cfg, instruction.max_seq_len)
     loss, score = scoring.evaluate(model, tokenizer, held_out, cfg, device)
     metrics = NodeEvalMetrics(eval_loss=loss, num_examples=held_out.num_examples,
@@ -171,7 +163,7 @@ def holdings(msg: Message, context: Context) -> Message:
     cache = ClientCache(_cache_dir(node, context.node_id, cache_id))
     if node.base_model is not None:
         _seed_from_base(cache, node.base_model, base_hashes)
-    has_data = node.data_path is not None and _holds_data(Path(node.data_path))
+    has_data = node_data.has_own_data(node)
     key = protocol.node_key(node, context.node_id)
     budget = None if node.memory_budget_mb is None else int(node.memory_budget_mb * 1e6)
     return Message(HoldingsReply(cache.holdings(), key, has_data, budget).to_content(), reply_to=msg)
@@ -214,104 +206,3 @@ def _cache_dir(node: NodeConfig, node_id: int, cache_id: str) -> Path:
 def _cache_root(node: NodeConfig) -> Path:
     """The node's cache folder (`cache-dir`), else the machine's default one."""
     return Path(node.cache_dir).expanduser() if node.cache_dir is not None else models.default_cache_dir() / "client-cache"
-
-
-# Simulation reuses one process for many visits: keep the split and the tokenized data between them.
-@lru_cache(maxsize=2)
-def _split(data_json: str, data_path: str | None, partition: tuple[int, int] | None) -> data.HeldoutSplit:
-    """This node's data, split by prompt as the server splits its own: from its own file, or its
-    partition of each side of the shared source's split."""
-    from fedcybgd import data
-
-    cfg = DataConfig(**json.loads(data_json))
-    if data_path is not None:
-        return data.split_heldout(data.load_examples(cfg, path=data_path), cfg)
-    assert partition is not None
-    shared = data.split_heldout(data.load_examples(cfg), cfg)
-    validation = shared.validation
-    return data.HeldoutSplit(
-        train=data.load_partition(shared.train, *partition, cfg),
-        heldout=data.load_partition(shared.heldout, *partition, cfg),
-        duplicates_dropped=shared.duplicates_dropped,
-        validation=None if validation is None else data.load_partition(validation, *partition, cfg))
-
-
-@lru_cache(maxsize=2)
-def _tokenized_train(stored: Path, data_json: str, data_path: str | None, partition: tuple[int, int] | None,
-                     model_dir: str, max_seq_len: int) -> Tokenized:
-    """The node's tokenized training data: read from `stored`, else made and written there."""
-    tokenized = read_tokenized(stored)
-    if tokenized is None:
-        from fedcybgd import data
-
-        tokenizer = models.load_tokenizer(model_dir)
-        tokenized = Tokenized(data.tokenize(_split(data_json, data_path, partition).train, tokenizer, max_seq_len),
-                              tokenizer.pad_token_id)
-        try:
-            write_tokenized(stored, tokenized)
-        except OSError as err:
-            log(WARNING, "Keeping the tokenized data in %s failed (%s): the next visit tokenizes again", stored, err)
-    return tokenized
-
-
-def _tokenized_file(node: NodeConfig, data_json: str, data_path: str | None, partition: tuple[int, int] | None,
-                    model_dir: str, max_seq_len: int) -> Path:
-    """Where this node keeps its tokenized data: named by everything the tokens depend on (the
-    data settings, the node's data file as it is now, its partition, the tokenizer's files and
-    the length), so a change to any of them makes a new file."""
-    source = None if data_path is None else _file_identity(Path(data_path))
-    tokenizer = [_file_identity(f) for f in sorted(Path(model_dir).iterdir())
-                 if f.is_file() and f.suffix not in (".safetensors", ".bin", ".gguf", ".pt")]
-    key = json.dumps([TOKENIZED_FORMAT, data_json, data_path, source, partition, tokenizer, max_seq_len])
-    return _cache_root(node) / "tokenized" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
-
-
-# Part of every tokenized file's name: raise it when tokenization changes, so old files go unused.
-TOKENIZED_FORMAT = 1
-
-
-def _file_identity(path: Path) -> list[object]:
-    """A file's (or a folder's files') name, size and modification time."""
-    files = sorted(path.rglob("*")) if path.is_dir() else [path]
-    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
-
-
-def _data_source(node: NodeConfig) -> tuple[str | None, tuple[int, int] | None]:
-    """(this node's data file, or its partition of the shared source).
-
-    A `data-path` with nothing there (no such path, or an empty folder: what Docker mounts when
-    the host folder is missing) falls back to the node's partition when its node config has one,
-    so a demo trains with nothing prepared. Without a partition, the loader's error names the file.
-    """
-    path, partition = node.data_path, node.partition
-    if path is not None and (partition is None or _holds_data(Path(path))):
-        return path, None
-    if partition is None:
-        from fedcybgd.data import DataError
-
-        raise DataError("node_config needs data-path, or partition-id and num-partitions")
-    if path is not None:
-        log(WARNING, "data-path %s holds no data: using partition %d of %d of the packaged data", path, *partition)
-    return None, partition
-
-
-def _local_examples(node: NodeConfig, data_json: str, model_dir: str, max_seq_len: int) -> Tokenized:
-    """This node's tokenized training examples. Kept in its cache folder: in deployment every
-    visit is a fresh process, and loading, splitting and tokenizing the data again (with
-    `datasets` imported for it) was most of what a visit added to its training time."""
-    source = _data_source(node)
-    return _tokenized_train(_tokenized_file(node, data_json, *source, model_dir, max_seq_len), data_json, *source,
-                            model_dir, max_seq_len)
-
-
-def _local_split(node: NodeConfig, data_json: str, side: str) -> Dataset:
-    """This node's held-out (`heldout`) or validation (`validation`) examples: never trained on."""
-    split = _split(data_json, *_data_source(node))
-    if side == "heldout":
-        return split.heldout
-    assert split.validation is not None  # config.check: eval.split=validation needs a validation_fraction
-    return split.validation
-
-
-def _holds_data(path: Path) -> bool:
-    return path.exists() and not (path.is_dir() and not any(path.iterdir()))

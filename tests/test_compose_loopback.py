@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from client_app.app import _local_examples
-from fedcybgd import batches, data, models
+from fedcybgd import batches, data, models, node_data
 from fedcybgd.config import DataConfig
 from fedcybgd.node_config import NodeConfig
 from scripts.certs import generate_node_keys, generate_server_credentials, missing_files
@@ -35,7 +34,9 @@ def tiny_dir() -> str:
 
 
 def examples(node_config: dict, tiny_dir: str) -> list[batches.Example]:
-    return _local_examples(NodeConfig.from_mapping(node_config), DATA_JSON, tiny_dir, 64).examples
+    cache_root = models.default_cache_dir() / "client-cache"  # the ClientApp's, for a node without cache-dir
+    return node_data.training_examples(NodeConfig.from_mapping(node_config), DATA_JSON, tiny_dir, 64,
+                                       cache_root).examples
 
 
 # -- a node with no data trains on its packaged partition -------------------------------------

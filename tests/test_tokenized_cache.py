@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from client_app import app as client
-from fedcybgd import data, models
+from fedcybgd import data, models, node_data
 from fedcybgd.config import DataConfig
 from fedcybgd.node_config import NodeConfig
 
@@ -20,9 +19,9 @@ DATA_JSON = json.dumps(asdict(DataConfig(max_examples=100)))
 
 def fresh_visit(node: dict, tiny_dir: str, max_seq_len: int = 64):
     """What a visit in a new process gets: nothing cached in memory."""
-    client._tokenized_train.cache_clear()
-    client._split.cache_clear()
-    return client._local_examples(NodeConfig.from_mapping(node), DATA_JSON, tiny_dir, max_seq_len)
+    node_data.forget_in_memory()
+    return node_data.training_examples(NodeConfig.from_mapping(node), DATA_JSON, tiny_dir, max_seq_len,
+                                       Path(node["cache-dir"]))
 
 
 def test_a_fresh_visit_reads_the_tokenized_data_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
