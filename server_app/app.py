@@ -122,9 +122,7 @@ def build_strategy(cfg: RunConfig, setup: ServerSetup, strategy_class: type[S] =
         algorithm, model_name=cfg.model.name, model_spec=models.model_spec(setup.model),
         train=cfg.train, data=cfg.data, compression=cfg.compression,
         base_hashes={name: tensor_sha256(t) for name, t in initial_tensors.items()},
-        allocation=cfg.algorithm.allocation, pairing=cfg.algorithm.pairing, min_nodes=cfg.algorithm.nodes_needed,
-        round_timeout=cfg.algorithm.round_timeout, max_upload_ratio=cfg.algorithm.max_upload_ratio,
-        max_norm_ratio=cfg.algorithm.max_norm_ratio, evaluation=cfg.eval, seed=cfg.seed,
+        algorithm_config=cfg.algorithm, evaluation=cfg.eval, seed=cfg.seed,
     )
     return strategy, initial_tensors
 

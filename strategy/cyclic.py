@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from fedcybgd import memory_estimate, protocol
 from fedcybgd.blocks import Block
 from fedcybgd.client_cache import Holding
-from fedcybgd.config import CompressionConfig, DataConfig, EvalConfig, TrainConfig
+from fedcybgd.config import AlgorithmConfig, CompressionConfig, DataConfig, EvalConfig, TrainConfig
 from fedcybgd.protocol import (BLOCK, CONFIG, FROZEN, METRICS, EvalInstruction, HoldingsReply,
                                TrainInstruction, VisitMetrics, record_bytes)
 from fedcybgd.records import (FailedNodeEval, NodeEvalResult, NodeEvaluation, RejectedVisit, RoundRecord, RoundStats,
@@ -77,15 +77,13 @@ class CyclicBlockStrategy(Strategy):
         data: DataConfig,
         compression: CompressionConfig,
         base_hashes: dict[str, str],
-        allocation: str = "ascending",
-        pairing: str = "rotate",
-        min_nodes: int = 1,
-        round_timeout: float = 900.0,
-        max_upload_ratio: float = 1.5,
-        max_norm_ratio: float | None = None,
+        algorithm_config: AlgorithmConfig | None = None,
         evaluation: EvalConfig | None = None,
         seed: int = 0,
     ) -> None:
+        """`algorithm_config`: the run's `algorithm` settings (allocation, pairing, nodes,
+        timeout, upload limits); `algorithm` (built from them) is what trains and merges."""
+        algorithm_config = algorithm_config or AlgorithmConfig()
         layout = algorithm.layout
         self.blocks: list[Block] = list(layout.blocks)
         self.algorithm = algorithm
@@ -95,12 +93,12 @@ class CyclicBlockStrategy(Strategy):
         self.data = data
         self.compression = compression
         self.base_hashes = base_hashes
-        self.allocation = allocation
-        self.pairing = pairing
-        self.min_nodes = min_nodes  # AlgorithmConfig.nodes_needed: at least clients_per_round
-        self.round_timeout = round_timeout
-        self.max_upload_ratio = max_upload_ratio
-        self.max_norm_ratio = max_norm_ratio
+        self.allocation = algorithm_config.allocation
+        self.pairing = algorithm_config.pairing
+        self.min_nodes = algorithm_config.nodes_needed  # at least clients_per_round
+        self.round_timeout = algorithm_config.round_timeout
+        self.max_upload_ratio = algorithm_config.max_upload_ratio
+        self.max_norm_ratio = algorithm_config.max_norm_ratio
         self.seed = seed
         self.evaluation = evaluation or EvalConfig()
         # Whether evaluation rounds also run on the nodes: the server sets it once it has

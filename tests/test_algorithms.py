@@ -9,7 +9,7 @@ from peft import get_peft_model
 
 from fedcybgd import codec, data, lora, models
 from fedcybgd.blocks import describe
-from fedcybgd.config import FEDERATED_ALGORITHMS, ConfigError, LoraConfig, compose
+from fedcybgd.config import FEDERATED_ALGORITHMS, AlgorithmConfig, ConfigError, LoraConfig, compose
 from fedcybgd.protocol import BLOCK, CONFIG, METRICS, VisitMetrics
 from server_app.app import run
 from server_app.centralized import run_centralized
@@ -91,7 +91,7 @@ def test_parallel_groups_never_take_one_block_twice_in_a_round(tiny):
     _, layout, _ = tiny
     strategy = CyclicBlockStrategy(FedCyBGD(3, layout),
                                    model_name="m", model_spec="{}", train=None, data=None, compression=None,
-                                   base_hashes={}, allocation="random", seed=5)
+                                   base_hashes={}, algorithm_config=AlgorithmConfig(allocation="random"), seed=5)
     strategy.retry = [2, 2]  # a failed block still due, twice, as after two failed rounds
     counts = [0] * len(layout.blocks)
     for _ in range(40):
