@@ -135,7 +135,7 @@ memory-estimate: setup
 	$(PY) -m scripts.memory_estimate --config $(or $(CONFIG),llama-2-7b) $(MEMORY_ARGS)
 # The estimate checked against SmolLM2-135M measured on this machine (within 25 %).
 memory-check: setup
-	$(PY) -m scripts.memory_estimate --config smollm2-135m-instruct --check
+	$(PY) -m scripts.memory_estimate --config smollm2-135m-instruct --check $(MEMORY_ARGS)
 
 # --- Edge machines (README "Edge machines"): root and `ip netns` needed, else it says so and skips ---
 .PHONY: edge test-edge

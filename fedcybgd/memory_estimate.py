@@ -77,6 +77,7 @@ class MemoryEstimate:
     batch_size: int
     seq_len: int
     layers_per_block: int
+    gradient_checkpointing: bool  # decoder layers keep only their input; backward recomputes the rest
     params: ParameterCounts
     model_bytes: int
     block_bytes: int
@@ -155,12 +156,14 @@ def estimate(
     seq_len: int = 128,
     layers_per_block: int = 1,
     frozen_form: str | None = None,
+    gradient_checkpointing: bool = False,
 ) -> MemoryEstimate:
     """Memory of full fine-tuning and of training the first (worst-case) block, in bytes.
 
     `frozen_form` (one of HELD_FORMS): how block training holds everything outside the block,
     as `fedcybgd.frozen` does (vectors fp32; compact matrices expanded one at a time in the
     compute dtype, `weight_dtype`); None: the whole model at `weight_dtype`, as ordinary weights.
+    `gradient_checkpointing`: `train.gradient_checkpointing` (see `kept_activation_bytes`).
     """
     config = load_config(config)
     weight_dtype = weight_dtype or default_weight_dtype(config)
@@ -176,10 +179,8 @@ def estimate(
     width = DTYPE_BYTES[weight_dtype]
     tokens = batch_size * seq_len
     logits = LOGITS_BUFFERS * FP32 * tokens * config.vocab_size
-    full_acts = tokens * (
-        params.num_layers * layer_activation_bytes(config, width, seq_len, trains=True)
-        + tail_activation_bytes(config, width, head_trains=True)
-    )
+    full_acts = tokens * kept_activation_bytes(config, width, seq_len, 0, set(range(params.num_layers)),
+                                               head_trains=True, checkpointing=gradient_checkpointing)
     weights = params.total * width
     # Block 0 is the worst case: autograd keeps what every layer after it needs to pass the
     # gradient back down to it.
@@ -191,6 +192,7 @@ def estimate(
         batch_size=batch_size,
         seq_len=seq_len,
         layers_per_block=layers_per_block,
+        gradient_checkpointing=gradient_checkpointing,
         params=params,
         model_bytes=weights,
         block_bytes=params.block * width,
@@ -198,7 +200,7 @@ def estimate(
         block_fraction=params.block / params.total,
         full=_training_memory(weights, params.total, width, full_acts, logits),
         block=_block_training_memory(config, model, first.names, first.layers, width, batch_size, seq_len,
-                                     frozen_form),
+                                     frozen_form, gradient_checkpointing),
     )
 
 
@@ -209,6 +211,7 @@ def visit_peaks(
     batch_size: int = 4,
     seq_len: int = 128,
     frozen_form: str = "int8",
+    gradient_checkpointing: bool = False,
 ) -> list[int]:
     """The estimated peak of a visit training each of `blocks` ((parameter names, decoder layer
     indices) each), counted as `estimate` counts block 0, with the rest held in `frozen_form`.
@@ -218,13 +221,14 @@ def visit_peaks(
     _require_activation_formula(config)
     width = DTYPE_BYTES[weight_dtype]
     model = _meta_model(config)
-    return [_block_training_memory(config, model, names, layers, width, batch_size, seq_len, frozen_form).peak
+    return [_block_training_memory(config, model, names, layers, width, batch_size, seq_len, frozen_form,
+                                   gradient_checkpointing).peak
             for names, layers in blocks]
 
 
 def _block_training_memory(config: PretrainedConfig, model: torch.nn.Module, names: Iterable[str],
                            layers: Iterable[int], width: int, batch_size: int, seq_len: int,
-                           frozen_form: str | None) -> TrainingMemory:
+                           frozen_form: str | None, checkpointing: bool = False) -> TrainingMemory:
     """One visit training the parameters `names` (decoder layers `layers`) of the meta `model`:
     the rest is held in `frozen_form` (None: as ordinary weights at `width`). Layers below the
     block keep no activations; those above keep what the gradient needs on its way down."""
@@ -242,10 +246,8 @@ def _block_training_memory(config: PretrainedConfig, model: torch.nn.Module, nam
         expansion = width * max(matrices) if matrices and frozen_form != "fp32" else 0
     tokens = batch_size * seq_len
     lowest = min(layers, default=config.num_hidden_layers)
-    activations = tokens * (
-        sum(layer_activation_bytes(config, width, seq_len, trains=i in layers)
-            for i in range(lowest, config.num_hidden_layers))
-        + tail_activation_bytes(config, width, head_trains=bool(trained & head_names)))
+    activations = tokens * kept_activation_bytes(config, width, seq_len, lowest, layers,
+                                                 head_trains=bool(trained & head_names), checkpointing=checkpointing)
     logits = LOGITS_BUFFERS * FP32 * tokens * config.vocab_size
     return _training_memory(trainable * width + held, trainable, width, activations, logits, expansion)
 
@@ -304,6 +306,24 @@ def layer_activation_bytes(config: PretrainedConfig, width: int, seq_len: int, t
     if trains:
         kept += width * (4 * hidden + inter)
     return kept
+
+
+def kept_activation_bytes(config: PretrainedConfig, width: int, seq_len: int, lowest: int, trained: set[int],
+                          head_trains: bool, checkpointing: bool) -> int:
+    """Bytes per token kept for backward when the gradient must reach decoder layer `lowest`
+    (`trained`: the layers whose weights train): every layer from `lowest` up and the final norm.
+
+    With gradient checkpointing (HF checkpoints each decoder layer), a layer keeps only its
+    input hidden state, and backward recomputes one layer's activations at a time: the largest
+    layer's count is added once. Layers below `lowest` keep nothing either way.
+    """
+    per_layer = [layer_activation_bytes(config, width, seq_len, trains=i in trained)
+                 for i in range(lowest, config.num_hidden_layers)]
+    if checkpointing and per_layer:
+        kept = len(per_layer) * width * config.hidden_size + max(per_layer)
+    else:
+        kept = sum(per_layer)
+    return kept + tail_activation_bytes(config, width, head_trains)
 
 
 def tail_activation_bytes(config: PretrainedConfig, width: int, head_trains: bool) -> int:

@@ -75,7 +75,8 @@ def table(name: str, est: MemoryEstimate) -> str:
         f"{name} ({est.model_type}): {p.total / 1e9:.2f} B parameters, {p.num_layers} layers, "
         f"weights in {est.weight_dtype}, block training holds the frozen rest in {est.frozen_form}; "
         f"batch {est.batch_size} x {est.seq_len} tokens; "
-        f"block = {est.layers_per_block} layer(s)",
+        f"block = {est.layers_per_block} layer(s)"
+        + (", gradient checkpointing" if est.gradient_checkpointing else ""),
         f"model {gb(est.model_bytes)} GB, one block {gb(est.block_bytes)} GB "
         f"({est.block_fraction:.2%} of the model), head {gb(est.head_bytes)} GB",
         "",
@@ -92,11 +93,12 @@ def table(name: str, est: MemoryEstimate) -> str:
 # --- --check: measured peaks ------------------------------------------------------------------
 
 
-def measured_visits(frozen_form: str) -> dict[str, Visit]:
+def measured_visits(frozen_form: str, checkpointing: bool = False) -> dict[str, Visit]:
     """The two visits --check measures: full fine-tuning, and block 0 held as the estimate says."""
     compact = frozen_form in ("int8", "nf4")
-    return {"full": Visit("full"),
-            "block": Visit("block-bottom", "compact" if compact else frozen_form, frozen_form if compact else "none")}
+    return {"full": Visit("full", checkpointing=checkpointing),
+            "block": Visit("block-bottom", "compact" if compact else frozen_form, frozen_form if compact else "none",
+                           checkpointing=checkpointing)}
 
 
 # On CPU the peak is resident memory, and glibc's malloc keeps freed heap blocks of the many
@@ -131,7 +133,7 @@ def check(est: MemoryEstimate, args: argparse.Namespace) -> tuple[dict, list[str
     print(f"\nmeasuring SmolLM2-135M on {device.type}: 3 steps each of random-token batches of {args.seq_len} "
           "tokens (scripts/bench_client.py), each in a fresh process ...", flush=True)
     results, failures = {}, []
-    visits = measured_visits(args.frozen)
+    visits = measured_visits(args.frozen, args.gradient_checkpointing)
     for mode, memory in (("full", est.full), ("block", est.block)):
         with _os_gets_freed_memory_back():
             got = in_fresh_process(measure_visit, SMOLLM2, visits[mode], args.batch_size, args.seq_len, 3,
@@ -168,6 +170,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--layers-per-block", type=int, default=1)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="as train.gradient_checkpointing: decoder layers recompute their activations in backward")
     parser.add_argument("--check", action="store_true",
                         help="also measure SmolLM2-135M training here and compare (within 25 %%)")
     parser.add_argument("--device", default="auto", help="for --check: auto, cpu or cuda")
@@ -184,7 +188,7 @@ def main() -> None:
     try:
         dtype = "float32" if args.check else args.weight_dtype
         est = estimate(load_config(config_path(args.config)), dtype, args.batch_size, args.seq_len,
-                       args.layers_per_block, args.frozen)
+                       args.layers_per_block, args.frozen, args.gradient_checkpointing)
     except ValueError as err:
         raise SystemExit(f"--config {args.config}: {err}") from err
     print(table(name, est), flush=True)

@@ -275,7 +275,8 @@ class CyclicBlockStrategy(Strategy):
                     json.loads(self.model_spec), [(b.names, b.layers) for b in parts],
                     "bfloat16" if self.train.precision == "bf16" else "float32", self.train.batch_size,
                     self.train.max_seq_len, memory_estimate.held_form(self.train.frozen_weights,
-                                                                      self.compression.quantize))
+                                                                      self.compression.quantize),
+                    self.train.gradient_checkpointing)
                 self._visit_needs = {(b.index, b.layers): peak for b, peak in zip(parts, peaks)}
                 whole = [self._visit_needs[b.index, b.layers] for b in self.blocks]
                 log(INFO, "Estimated visit memory: %.2f to %.2f GB by block", min(whole) / 1e9, max(whole) / 1e9)

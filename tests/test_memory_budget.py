@@ -137,3 +137,18 @@ def test_nodes_of_different_sizes_train_one_model(out_dir, caplog) -> None:
     assert all(a["cache_confirmed"] for a in visits if a.get("upload_keys"))
     final = models.named_tensors(models.load_pretrained(out_dir / "final"))
     assert all(torch.isfinite(t).all() for t in final.values())
+
+
+def test_budgets_are_planned_with_the_runs_gradient_checkpointing() -> None:
+    from server_app.app import build_strategy
+    from server_app.experiment import prepare
+
+    def needs(checkpointing: bool) -> dict:
+        cfg = compose(overrides=f"{TINY} train.gradient_checkpointing={str(checkpointing).lower()}")
+        strategy, _ = build_strategy(cfg, prepare(cfg, with_data=False))
+        return strategy.visit_needs()
+
+    plain, checkpointed = needs(False), needs(True)
+    assert plain.keys() == checkpointed.keys()
+    bottom = min(plain)  # block 0: its gradient runs back through every layer
+    assert checkpointed[bottom] < plain[bottom]

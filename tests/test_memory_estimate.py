@@ -6,9 +6,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from fedcybgd.blocks import partition_blocks
 from fedcybgd.memory_estimate import (
+    FP32,
     UnsupportedArchitectureError,
     count_parameters,
     estimate,
+    layer_activation_bytes,
     load_config,
 )
 
@@ -57,10 +59,13 @@ def test_a_larger_block_trains_and_keeps_more():
     assert two.block.activations > one.block.activations
 
 
-def saved_activation_bytes(config: LlamaConfig, train_block_only: bool, batch: int, seq: int) -> int:
+def saved_activation_bytes(config: LlamaConfig, train_block_only: bool, batch: int, seq: int,
+                           checkpointing: bool = False) -> int:
     """Bytes of the distinct non-parameter tensors autograd saves in one training forward."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).train()
+    if checkpointing:  # as fedcybgd.train enables it
+        model.activation_checkpointing_enable({"use_reentrant": False})
     first = {n for n, _ in model.named_parameters()} if not train_block_only else set(
         partition_blocks(model, 1)[0].names)
     for name, param in model.named_parameters():
@@ -93,6 +98,20 @@ def test_activation_formula_matches_what_autograd_keeps(block_only):
     # Left out of the formula: token ids and labels, the shared RoPE tables, the scalar loss;
     # counted but not kept: block 0's first norm input (its input needs no gradient).
     assert measured == pytest.approx(formula, rel=0.03)
+
+
+@pytest.mark.parametrize("block_only", [False, True])
+def test_with_gradient_checkpointing_each_layer_keeps_its_input_and_one_layer_is_recomputed(block_only):
+    config = tiny_llama(tied=True)
+    plain = estimate(config, weight_dtype="float32", batch_size=2, seq_len=32)
+    est = estimate(config, weight_dtype="float32", batch_size=2, seq_len=32, gradient_checkpointing=True)
+    memory = est.block if block_only else est.full
+    # Saved through the forward pass: each layer's input; backward then recomputes one layer at a
+    # time (the trained one is the largest), which saved-tensor hooks do not see.
+    recomputed = 2 * 32 * layer_activation_bytes(config, FP32, 32, trains=True)
+    measured = saved_activation_bytes(config, block_only, batch=2, seq=32, checkpointing=True)
+    assert measured == pytest.approx(memory.activations - recomputed + memory.logits_buffers // 3, rel=0.03)
+    assert memory.peak < (plain.block if block_only else plain.full).peak
 
 
 def test_llama_2_7b_numbers():
