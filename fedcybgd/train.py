@@ -91,22 +91,8 @@ def train_params(
     `num_examples`: the size of the data `batches` cycles over (needed for `local_epochs`).
     """
     steps = visit_steps(cfg, num_examples)
-    wanted = set(trainable)
-    params = []
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in wanted)
-        param.grad = None
-        if name in wanted:
-            params.append(param)
-    if len(params) != len(wanted):
-        missing = sorted(wanted - {n for n, _ in model.named_parameters()})
-        raise KeyError(f"parameters to train are not in the model: {missing[:5]}")
-    model.to(device).train()
-    model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    elif model.is_activation_checkpointing:  # the skeleton is reused across visits
-        model.activation_checkpointing_disable()
+    params = _select_trainable(model, trainable)
+    _prepare_for_training(model, cfg, device)
     if optimizer is None:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     dtype = compute_dtype(cfg.precision, device)
@@ -148,6 +134,30 @@ def train_params(
         peak_mem_bytes=peak.bytes,
         step_seconds=tuple(step_seconds),
     )
+
+
+def _select_trainable(model: PreTrainedModel, trainable: list[str]) -> list[torch.nn.Parameter]:
+    """The parameters named in `trainable`, the only ones with gradients from now on."""
+    wanted = set(trainable)
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in wanted)
+        param.grad = None
+        if name in wanted:
+            params.append(param)
+    if len(params) != len(wanted):
+        missing = sorted(wanted - {n for n, _ in model.named_parameters()})
+        raise KeyError(f"parameters to train are not in the model: {missing[:5]}")
+    return params
+
+
+def _prepare_for_training(model: PreTrainedModel, cfg: TrainConfig, device: torch.device) -> None:
+    model.to(device).train()
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    elif model.is_activation_checkpointing:  # the skeleton is reused across visits
+        model.activation_checkpointing_disable()
 
 
 @torch.no_grad()

@@ -58,15 +58,7 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
     else:
         global_arrays = codec.encode_tensors(initial_tensors)
     nodes = strategy.connected_nodes(grid)  # asks every node what it holds, who it is, if it has data
-    have_data = strategy.nodes_with_data(nodes)
-    where, why = resolve_eval_where(cfg.eval.where, have_data)
-    log(INFO, "[fedcybgd] evaluation on %s (%s)", where, why)
-    strategy.evaluate_on_nodes = where in ("nodes", "both")
-    if where in ("server", "both") or not all(have_data):
-        setup.data = load_data(cfg, setup.tokenizer)
-        _check_partitions(cfg, setup, len(nodes))
-    else:
-        log(INFO, "[fedcybgd] the server loads no data: every node trains and evaluates on its own")
+    where = _settle_evaluation(cfg, setup, strategy, nodes)
     identity = state.run_identity(cfg, base_hashes, len(setup.data.train) if setup.data else None)
     if saved is not None:
         state.check_resumable(saved, identity, cfg.rounds, checkpoint)
@@ -99,16 +91,38 @@ def run(grid: Grid, cfg: RunConfig) -> Path:
     strategy.start(grid, global_arrays, num_rounds=cfg.rounds,
                    timeout=cfg.algorithm.round_timeout, evaluate_fn=evaluate)
 
-    visits = sum(len(r.stats.assignments) for r in experiment.report.rows)
-    total_down = sum(r.stats.bytes_down for r in experiment.report.rows)
-    experiment.finish(algorithm.model_tensors(codec.decode_record(global_arrays)), len(layout.blocks), FederatedTotals(
+    experiment.finish(algorithm.model_tensors(codec.decode_record(global_arrays)), len(layout.blocks),
+                      _federated_totals(experiment, strategy, global_arrays, full_model_bytes), strategy.node_evals)
+    return experiment.out_dir
+
+
+def _settle_evaluation(cfg: RunConfig, setup: ServerSetup, strategy: CyclicBlockStrategy, nodes: list[int]) -> str:
+    """Where evaluation runs (`eval.where` against which nodes have data of their own); loads
+    the server's data when it evaluates or some node trains on a partition of it."""
+    have_data = strategy.nodes_with_data(nodes)
+    where, why = resolve_eval_where(cfg.eval.where, have_data)
+    log(INFO, "[fedcybgd] evaluation on %s (%s)", where, why)
+    strategy.evaluate_on_nodes = where in ("nodes", "both")
+    if where in ("server", "both") or not all(have_data):
+        setup.data = load_data(cfg, setup.tokenizer)
+        _check_partitions(cfg, setup, len(nodes))
+    else:
+        log(INFO, "[fedcybgd] the server loads no data: every node trains and evaluates on its own")
+    return where
+
+
+def _federated_totals(experiment: Experiment, strategy: CyclicBlockStrategy, global_arrays: ArrayRecord,
+                      full_model_bytes: int) -> FederatedTotals:
+    rows = experiment.report.rows
+    visits = sum(len(r.stats.assignments) for r in rows)
+    total_down = sum(r.stats.bytes_down for r in rows)
+    return FederatedTotals(
         full_model_bytes=full_model_bytes,
         # Fed-full would send the whole uncompressed model to every client visit.
         download_ratio_vs_fedfull=total_down / (full_model_bytes * visits) if visits else None,
-        block_bytes=[sum(len(global_arrays[n].data) for n in b.names) for b in layout.blocks],
+        block_bytes=[sum(len(global_arrays[n].data) for n in b.names) for b in strategy.algorithm.layout.blocks],
         compressed_tensors_computed=strategy.packager.encode_count,
-    ), strategy.node_evals)
-    return experiment.out_dir
+    )
 
 
 def build_strategy(cfg: RunConfig, setup: ServerSetup, strategy_class: type[S] = CyclicBlockStrategy,
