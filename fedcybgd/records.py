@@ -130,6 +130,7 @@ class VisitRecord(Record):
     bytes_down_block: int | None = optional()
     bytes_down_frozen: int | None = optional()
     dropped_layers: list[int] | None = optional()
+    checkpointing: bool | None = optional()  # trained with gradient checkpointing (run-wide, or to fit a budget)
     bytes_up: int | None = optional()
     upload_keys: list[str] | None = optional()
     peak_mem_bytes: int | None = optional()

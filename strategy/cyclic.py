@@ -14,7 +14,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
@@ -114,8 +114,9 @@ class CyclicBlockStrategy(Strategy):
         self.node_keys: dict[int, str] = {}  # Flower node id -> stable key, this session
         self.has_data: dict[str, bool] = {}  # by node key: whether it has a data-path of its own
         self.memory_budgets: dict[str, int | None] = {}  # by node key: bytes a visit may use
-        # Estimated peak of a visit by (block, its layers trained), for memory budgets (on demand).
-        self._visit_needs: dict[tuple[int, tuple[int, ...]], int] | None = None
+        # Estimated peak of a visit by (block, its layers trained), for memory budgets (on demand),
+        # without and with gradient checkpointing.
+        self._visit_needs: dict[bool, dict[tuple[int, tuple[int, ...]], int]] = {}
         self.visits: dict[str, int] = {}  # by node key
         self.cache_id = secrets.token_hex(8)  # names the nodes' caches; kept across a resume
         self.completed_round = 0
@@ -206,13 +207,14 @@ class CyclicBlockStrategy(Strategy):
             block = self._trained_block(a)
             key = self.node_keys[a.node_id]
             plan = self.packager.plan(a.node_id, block, versions, server_round, node_key=key)
-            content = self.packager.content(arrays, plan, self._instruction(server_round, block, plan))
+            train = self._train_settings(a)
+            content = self.packager.content(arrays, plan, self._instruction(server_round, block, plan, train))
             self.visits[key] = self.visits.get(key, 0) + 1
             record = VisitRecord(node_id=a.node_id, node_key=key, block=a.block,
                                  layers=None if a.layers is None else list(a.layers), visit=self.visits[key],
                                  bytes_down=record_bytes(content), bytes_down_block=content[BLOCK].count_bytes(),
                                  bytes_down_frozen=content[FROZEN].count_bytes(),
-                                 dropped_layers=list(plan.dropped_layers))
+                                 dropped_layers=list(plan.dropped_layers), checkpointing=train.gradient_checkpointing)
             stats.assignments.append(record)
             stats.bytes_down += record.bytes_down
             stats.bytes_down_block += record.bytes_down_block
@@ -240,7 +242,9 @@ class CyclicBlockStrategy(Strategy):
         """`assignments` after the nodes' declared memory budgets: a block moves to a node that
         holds it, or (algorithms whose blocks split) is shared between nodes that each hold part."""
         budgets = {n: self.memory_budgets.get(self.node_keys.get(n, "")) for n in nodes}
-        if all(b is None for b in budgets.values()) or not (needs := self.visit_needs()):
+        # What a visit needs at the least: with checkpointing where a visit may turn it on.
+        checkpointing = self.train.gradient_checkpointing or self.train.checkpoint_to_fit
+        if all(b is None for b in budgets.values()) or not (needs := self.visit_needs(checkpointing)):
             return assignments
         fit = schedule.fit_memory(assignments, nodes, budgets, [b.layers for b in self.blocks],
                                   lambda block, layers: needs[block, layers], self.algorithm.splits_blocks)
@@ -260,13 +264,22 @@ class CyclicBlockStrategy(Strategy):
             log(WARNING, "Block %d%s needs about %.2f GB and no connected node free this round declares that much "
                 "memory (node config memory-budget-mb): skipped this round", skipped.block,
                 "" if skipped.layers is None else f" (layers {_span(skipped.layers)})", needs[skipped.block, layers] / 1e9)
+        for a in fit.assignments:
+            if self._train_settings(a) is not self.train:
+                layers = a.layers if a.layers is not None else self.blocks[a.block].layers
+                log(INFO, "Node %s (%s) trains block %d%s with gradient checkpointing (about %.2f GB; "
+                    "%.2f GB without)", self.node_keys[a.node_id], gb[a.node_id], a.block,
+                    "" if a.layers is None else f" (layers {_span(a.layers)})", needs[a.block, layers] / 1e9,
+                    self.visit_needs(checkpointing=False)[a.block, layers] / 1e9)
         return fit.assignments
 
-    def visit_needs(self) -> dict[tuple[int, tuple[int, ...]], int]:
+    def visit_needs(self, checkpointing: bool | None = None) -> dict[tuple[int, tuple[int, ...]], int]:
         """The estimated visit peak in bytes (fedcybgd/memory_estimate.py) by (block, the decoder
         layers trained): every block whole and, where blocks split, every run of its layers; for
-        the clients' batch, sequence length and frozen form. Empty where the model has no estimate."""
-        if self._visit_needs is None:
+        the clients' batch, sequence length and frozen form, with gradient checkpointing or not
+        (None: as `train.gradient_checkpointing` says). Empty where the model has no estimate."""
+        checkpointing = self.train.gradient_checkpointing if checkpointing is None else checkpointing
+        if checkpointing not in self._visit_needs:
             parts = list(self.blocks) + [
                 b.part(b.layers[i:j], self._layer_prefix) for b in self.blocks if self.algorithm.splits_blocks
                 for i in range(len(b.layers)) for j in range(i + 1, len(b.layers) + 1) if j - i < len(b.layers)]
@@ -276,14 +289,16 @@ class CyclicBlockStrategy(Strategy):
                     "bfloat16" if self.train.precision == "bf16" else "float32", self.train.batch_size,
                     self.train.max_seq_len, memory_estimate.held_form(self.train.frozen_weights,
                                                                       self.compression.quantize),
-                    self.train.gradient_checkpointing)
-                self._visit_needs = {(b.index, b.layers): peak for b, peak in zip(parts, peaks)}
-                whole = [self._visit_needs[b.index, b.layers] for b in self.blocks]
-                log(INFO, "Estimated visit memory: %.2f to %.2f GB by block", min(whole) / 1e9, max(whole) / 1e9)
+                    checkpointing)
+                needs = {(b.index, b.layers): peak for b, peak in zip(parts, peaks)}
+                whole = [needs[b.index, b.layers] for b in self.blocks]
+                log(INFO, "Estimated visit memory%s: %.2f to %.2f GB by block",
+                    " with gradient checkpointing" if checkpointing else "", min(whole) / 1e9, max(whole) / 1e9)
             except memory_estimate.UnsupportedArchitectureError as err:
                 log(WARNING, "Node memory budgets are ignored: %s", err)
-                self._visit_needs = {}
-        return self._visit_needs
+                needs = {}
+            self._visit_needs[checkpointing] = needs
+        return self._visit_needs[checkpointing]
 
     def _next_blocks(self, count: int) -> list[int]:
         """The next `count` distinct blocks: failed ones first, then the allocation order.
@@ -341,7 +356,19 @@ class CyclicBlockStrategy(Strategy):
         for node_id in set(node_ids) - answered:
             self.packager.set_holdings(node_id, [])
 
-    def _instruction(self, server_round: int, block: Block, plan: VisitPlan) -> TrainInstruction:
+    def _train_settings(self, a: schedule.Assignment) -> TrainConfig:
+        """The run's training settings, with gradient checkpointing for a visit whose node's
+        budget holds it only so (`train.checkpoint_to_fit`; see `_fit_memory`)."""
+        if self.train.gradient_checkpointing or not self.train.checkpoint_to_fit:
+            return self.train
+        budget = self.memory_budgets.get(self.node_keys.get(a.node_id, ""))
+        layers = a.layers if a.layers is not None else self.blocks[a.block].layers
+        plain = self.visit_needs(checkpointing=False)
+        if budget is None or not plain or plain[a.block, layers] <= budget:
+            return self.train
+        return replace(self.train, gradient_checkpointing=True)
+
+    def _instruction(self, server_round: int, block: Block, plan: VisitPlan, train: TrainConfig) -> TrainInstruction:
         return TrainInstruction(
             round=server_round,
             block=block.index,
@@ -352,7 +379,7 @@ class CyclicBlockStrategy(Strategy):
             dropped_layers=plan.dropped_layers,
             model_name=self.model_name,
             model_spec=self.model_spec,
-            train=self.train,
+            train=train,
             data=self.data,
             seed=self.seed * 1_000_003 + server_round,
             lora=self.algorithm.lora,

@@ -12,7 +12,7 @@ from fedcybgd import codec, memory_estimate, models
 from fedcybgd.blocks import describe
 from fedcybgd.config import compose
 from fedcybgd.node_config import NodeConfig, NodeConfigError
-from fedcybgd.protocol import BLOCK
+from fedcybgd.protocol import BLOCK, CONFIG, TrainInstruction
 from server_app.app import run
 from strategy.schedule import Assignment, fit_memory
 from tests.fake_grid import FakeGrid
@@ -91,7 +91,9 @@ def test_nodes_of_different_sizes_train_one_model(out_dir, caplog) -> None:
     """Blocks of two layers; node 1 holds the upper layer of block 1 only, node 2 nothing. The
     first upload of layer 2 (the part node 1 cannot hold) comes back corrupt: block 1 is not
     merged that round, and is trained again the next."""
-    cfg = compose(overrides=f"{TINY} model.layers_per_block=2 rounds=8 output_dir={out_dir}")
+    # Sharing by layers is what this run shows: no checkpointing to fit instead.
+    cfg = compose(overrides=f"{TINY} model.layers_per_block=2 rounds=8 train.checkpoint_to_fit=false "
+                            f"output_dir={out_dir}")
     model = models.load_pretrained(models.resolve_model_dir("tiny-llama"))
     layout = describe(model, cfg.model.layers_per_block)
     (low, high) = layout.blocks
@@ -152,3 +154,28 @@ def test_budgets_are_planned_with_the_runs_gradient_checkpointing() -> None:
     assert plain.keys() == checkpointed.keys()
     bottom = min(plain)  # block 0: its gradient runs back through every layer
     assert checkpointed[bottom] < plain[bottom]
+
+
+def test_a_node_that_holds_its_block_only_with_checkpointing_trains_it_so(out_dir, caplog) -> None:
+    """Node 1's budget is below its block's need without gradient checkpointing and above it
+    with: it keeps its turn, and only its visit checkpoints."""
+    cfg = compose(overrides=f"{TINY} rounds=2 output_dir={out_dir}")
+    model = models.load_pretrained(models.resolve_model_dir("tiny-llama"))
+    layout = describe(model, cfg.model.layers_per_block)
+    args = ([(b.names, b.layers) for b in layout.blocks], "float32", cfg.train.batch_size, cfg.train.max_seq_len,
+            memory_estimate.held_form(cfg.train.frozen_weights, cfg.compression.quantize))
+    plain = memory_estimate.visit_peaks(model.config, *args)
+    checkpointed = memory_estimate.visit_peaks(model.config, *args, gradient_checkpointing=True)
+    budget = (checkpointed[1] + plain[1]) / 2  # node 1 trains block 1
+    assert checkpointed[1] < budget < plain[1]
+    grid = FakeGrid(2, node_config=lambda i: {"partition-id": i, "num-partitions": 2,
+                                              **({"memory-budget-mb": budget / 1e6} if i == 1 else {})})
+    with caplog.at_level(logging.INFO):
+        run(grid, cfg)
+    visits = [a for line in (out_dir / "metrics.jsonl").read_text().splitlines()
+              for a in json.loads(line)["assignments"]]
+    assert [(a["node_key"], a["block"], a["checkpointing"]) for a in visits] == [
+        ("partition-0", 0, False), ("partition-1", 1, True)]  # nobody handed a block on
+    sent = [TrainInstruction.from_record(m.content.config_records[CONFIG]) for m in grid.sent]
+    assert [i.train.gradient_checkpointing for i in sent] == [False, True]
+    assert "trains block 1 with gradient checkpointing" in caplog.text

@@ -32,7 +32,7 @@ ROUND = ["algorithm", "round", "assignments", "rejected", "train_loss", "bytes_d
          "bytes_down_frozen", "bytes_up", "samples_seen", "client_seconds", "client_peak_mem_bytes", "round_seconds",
          "eval_loss", "task_score", "task_metric", "node_eval"]
 SENT = ["node_id", "node_key", "block", "visit", "bytes_down", "bytes_down_block", "bytes_down_frozen",
-        "dropped_layers", "bytes_up"]  # a visit whose upload was rejected
+        "dropped_layers", "checkpointing", "bytes_up"]  # a visit whose upload was rejected
 ACCEPTED = SENT + ["upload_keys", "peak_mem_bytes", "process_peak_bytes", "cache_confirmed"]
 NODE_EVAL = ["round", "model", "nodes", "failed", "eval_loss", "task_score", "task_metric", "bytes_down", "bytes_up"]
 NODE = ["node_id", "node_key", "bytes_down", "eval_loss", "num_examples", "task_score", "task_examples", "bytes_up",
