@@ -366,6 +366,8 @@ def main() -> int:
                         help="give each SuperNode a data file of its own: its share, by prompt, of the "
                              "configured data (data.path or the packaged default), written to "
                              "<workdir>/node-data/; the server then needs none (eval.where=auto)")
+    parser.add_argument("--memory-budget-mb", nargs="*", default=None, metavar="MB",
+                        help="one per SuperNode: its memory-budget-mb node config, or 'none' for no limit")
     parser.add_argument("--tls", action="store_true", help="TLS with a fresh private CA")
     parser.add_argument("--node-auth", action="store_true", help="SuperNode authentication (implies --tls)")
     parser.add_argument("--workdir", type=Path, default=None, help="logs, FLWR_HOME, certificates")
@@ -375,6 +377,14 @@ def main() -> int:
         parser.error(f"--data needs one file per SuperNode ({args.supernodes})")
     if args.data is not None and args.own_data:
         parser.error("--data and --own-data both give the nodes their data: choose one")
+    budgets: list[float | None] = [None] * args.supernodes
+    if args.memory_budget_mb is not None:
+        if len(args.memory_budget_mb) != args.supernodes:
+            parser.error(f"--memory-budget-mb needs one value per SuperNode ({args.supernodes})")
+        try:
+            budgets = [None if b == "none" else float(b) for b in args.memory_budget_mb]
+        except ValueError:
+            parser.error(f"--memory-budget-mb: {args.memory_budget_mb} are not numbers of MB or 'none'")
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fedcybgd-deploy-"))
     overrides = shlex.join(args.overrides)
@@ -388,7 +398,8 @@ def main() -> int:
     started = time.perf_counter()
     with LoopbackDeployment(workdir, tls=args.tls or args.node_auth, node_auth=args.node_auth) as dep:
         for i in range(args.supernodes):
-            cache = {"cache-dir": str(dep.workdir / f"node-{i + 1}-cache")}
+            cache = {"cache-dir": str(dep.workdir / f"node-{i + 1}-cache"),
+                     **({} if budgets[i] is None else {"memory-budget-mb": budgets[i]})}
             if args.data is not None:
                 node_config = {"data-path": str(args.data[i].resolve()), **cache}
             else:

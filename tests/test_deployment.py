@@ -12,6 +12,7 @@ import http.client
 import json
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -334,3 +335,11 @@ def test_message_timeline_splits_each_train_message_into_its_legs(tmp_path: Path
     assert timeline == {"pickup": [2.5], "process_start": [1.0, 1.25], "clientapp": [4.5, 10.0]}
     assert timeline_summary({k: [0.0] * 3 + v for k, v in timeline.items()}).startswith(
         "pickup median 2.50 s, mean 2.50 s | process_start median 1.12 s")
+
+
+@pytest.mark.parametrize("values,error", [(["100"], "needs one value per SuperNode (2)"),
+                                          (["100", "lots"], "are not numbers of MB or 'none'")])
+def test_deploy_names_a_bad_memory_budget_before_starting_anything(values: list[str], error: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "scripts.deploy", "--supernodes", "2", "--memory-budget-mb", *values],
+                         cwd=APP_DIR, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and error in out.stderr
