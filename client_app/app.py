@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from logging import WARNING
 from pathlib import Path
@@ -47,8 +48,7 @@ def train(msg: Message, context: Context) -> Message:
     instruction = TrainInstruction.from_record(msg.content.config_records[CONFIG])
     node = NodeConfig.from_mapping(context.node_config)
     device = pick_device(node.device)
-    if node.memory_budget_mb is not None and device.type == "cpu":
-        memory.return_freed_memory()  # a lower peak (the server plans by one), for some step time
+    lean = node.memory_budget_mb is not None and device.type == "cpu"  # the server plans by its peak
     memory_before = memory.baseline_bytes(device)
     cache = ClientCache(_cache_dir(node, context.node_id, instruction.cache_id))
     # Each raises its own error, and the server rejects the visit by it: CacheWriteError (the
@@ -71,8 +71,9 @@ def train(msg: Message, context: Context) -> Message:
     examples = tokenized.examples
     stream = train_batches(examples, instruction.train.batch_size, tokenized.pad_id, seed=instruction.seed)
     torch.manual_seed(instruction.seed)  # dropout, if any, draws the same on a rerun of the round
-    result = train_params(model, list(trained.values()), stream, instruction.train, device,
-                          num_examples=len(examples))
+    with memory.returning_freed_memory() if lean else nullcontext():
+        result = train_params(model, list(trained.values()), stream, instruction.train, device,
+                              num_examples=len(examples))
 
     params = dict(model.named_parameters())
     uploaded = {name: params[local].detach().to("cpu") for name, local in trained.items()}

@@ -52,8 +52,8 @@ class NodeConfig:
     # The memory, in MB (1e6 bytes), this node can give one training visit. The server then gives
     # it only blocks whose visit it estimates to fit (fedcybgd/memory_estimate.py, Llama-family
     # models) and hands the others to nodes that can hold them. Unset: no limit. Set, the node's
-    # training returns freed tensors to the system at once (`memory.return_freed_memory`): a
-    # lower peak for some step time (README "Memory of one client").
+    # training hands freed memory back to the system as it goes (`memory.returning_freed_memory`):
+    # a lower peak for some step time (README "Memory of one client").
     memory_budget_mb: float | None = None
     # Fault injection for tests and `make bench-faults`, read only where the node's environment
     # has FEDCYBGD_FAULT_INJECTION=1 (client_app/faults.py): `<kind>@<n>[,...]`, and how long a

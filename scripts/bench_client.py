@@ -11,7 +11,7 @@ trains the fp32 model. Batches are random tokens, `--seq-len` long, every positi
 the last sequence's final quarter (padding, so attention runs with a padding mask as in training). Peak memory: the process's peak RSS sampled during the steps (CUDA: the allocator's peak)
 minus its memory just before the model was loaded; the process's own lifetime peak is reported
 beside it. Step seconds: the median of the steps after the first. The last three rows are what
-a CPU node that declares a memory budget runs (freed memory handed back at once,
+a CPU node that declares a memory budget runs (freed memory handed back as it goes,
 fedcybgd/memory.py): full fine-tuning, the bottom block, and the bottom block with gradient
 checkpointing; their ratios are against full fine-tuning in that setting. Prints a table with
 ratios to full fine-tuning and writes outputs/bench/client.json.
@@ -23,6 +23,7 @@ import argparse
 import resource
 import statistics
 import tempfile
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -49,7 +50,7 @@ class Visit:
     frozen: str = "none"  # `none` for full fine-tuning, else a train.frozen_weights value
     travel: str = "int8"  # the frozen matrices' wire form: a compression quantization, or `none`
     precision: str = "fp32"  # train.precision
-    lean: bool = False  # freed memory handed back at once, as on a CPU node with a memory-budget-mb
+    lean: bool = False  # freed memory handed back as it goes, as on a CPU node with a memory-budget-mb
     checkpointing: bool = False  # train.gradient_checkpointing: layers recompute their activations
 
 
@@ -92,8 +93,6 @@ def random_batches(vocab_size: int, batch_size: int, seq_len: int, count: int) -
 
 def measure_visit(source: str, visit: Visit, batch_size: int, seq_len: int, steps: int, device: str) -> dict:
     """One visit's memory and step times (this process must be fresh)."""
-    if visit.lean:
-        memory.return_freed_memory()
     dev = pick_device(device)
     model = source_model(source)
     spec = models.model_spec(model)
@@ -114,7 +113,8 @@ def measure_visit(source: str, visit: Visit, batch_size: int, seq_len: int, step
         else:
             model, _ = models.build_skeleton(spec)
             frozen.load(model, cache.load_encoded(holdings), set(trainable), visit.frozen)
-        result = train_params(model, trainable, iter(batches), cfg, dev)
+        with memory.returning_freed_memory() if visit.lean else nullcontext():
+            result = train_params(model, trainable, iter(batches), cfg, dev)
     return {
         **asdict(visit),
         "device": dev.type,
