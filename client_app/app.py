@@ -31,8 +31,8 @@ from fedcybgd.client_cache import (CacheWriteError, ClientCache, Holding, digest
                                    safe_dir_name)
 from fedcybgd.compression import DENSE
 from fedcybgd.node_config import NodeConfig, NodeConfigError
-from fedcybgd.protocol import (BLOCK, CONFIG, FROZEN, METRICS, EvalInstruction, HoldingsReply, NodeEvalMetrics,
-                               TrainInstruction, VisitMetrics)
+from fedcybgd.protocol import (BLOCK, CONFIG, FROZEN, METRICS, EvalInstruction, HoldingsQuery, HoldingsReply,
+                               NodeEvalMetrics, TrainInstruction, VisitMetrics)
 from fedcybgd.train import pick_device, train_params
 
 # Fault injection for tests exists only when the node's environment asks for it (client_app/faults.py).
@@ -151,8 +151,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def holdings(msg: Message, context: Context) -> Message:
     """Tell the server what this node's cache holds (seeding it from a local base model first),
-    and the node's stable key, by which the server orders nodes."""
-    base_hashes, cache_id = protocol.parse_holdings_query(msg.content)
+    and the node's stable key, by which the server orders nodes; tokenize its training data."""
+    query = HoldingsQuery.from_content(msg.content)
     try:
         node = NodeConfig.from_mapping(context.node_config)
     except NodeConfigError as err:
@@ -161,13 +161,26 @@ def holdings(msg: Message, context: Context) -> Message:
         # asked again).
         log(WARNING, "%s: the first visit will fail with it", err)
         node = NodeConfig()
-    cache = ClientCache(_cache_dir(node, context.node_id, cache_id))
+    cache = ClientCache(_cache_dir(node, context.node_id, query.cache_id))
     if node.base_model is not None:
-        _seed_from_base(cache, node.base_model, base_hashes)
+        _seed_from_base(cache, node.base_model, query.base_hashes)
+    _prepare_training_tokens(node, query)
     has_data = node_data.has_own_data(node)
     key = protocol.node_key(node, context.node_id)
     budget = None if node.memory_budget_mb is None else int(node.memory_budget_mb * 1e6)
     return Message(HoldingsReply(cache.holdings(), key, has_data, budget).to_content(), reply_to=msg)
+
+
+def _prepare_training_tokens(node: NodeConfig, query: HoldingsQuery) -> None:
+    """Tokenize the node's training data into its cache now, so its first visit reads the tokens
+    instead of importing `datasets` (97 MB measured) and the tokenizer into its own memory. A
+    problem with the data is left to that visit, whose error the server records by kind."""
+    try:
+        node_data.training_examples(node, json.dumps(asdict(query.data)),
+                                    str(models.resolve_model_dir(query.model_name)), query.max_seq_len,
+                                    _cache_root(node))
+    except Exception as err:  # noqa: BLE001 - the visit raises it again, where it is reported
+        log(WARNING, "Preparing this node's training data failed (%s): its first visit tries again", err)
 
 
 def _received(content: RecordDict, instruction: TrainInstruction) -> dict[Holding, dict]:

@@ -12,8 +12,8 @@ An evaluate instruction (`MessageType.EVALUATE`, `eval.where=nodes`) has the sam
 (empty), `"frozen"` and `"config"` (an `EvalInstruction`) records; the node evaluates the global
 model on its own held-out data and replies `"metrics"` (a `NodeEvalMetrics`) and `"config"` (its
 cache digest and the task metric's name).
-A holdings query (`MessageType.QUERY`) asks a node what its cache holds, who it is and whether it
-has data of its own. Both sides import these names; neither spells a key by hand.
+A holdings query (`MessageType.QUERY`, a `HoldingsQuery`) asks a node what its cache holds, who it
+is and whether it has data of its own, and has it tokenize its training data. Both sides import these names; neither spells a key by hand.
 """
 
 from __future__ import annotations
@@ -235,17 +235,31 @@ def decode_parts(record: ArrayRecord, manifest: tuple[Holding, ...]) -> dict[Hol
 
 
 # Holdings query: the server asks, the node answers with what its cache holds and its stable key.
-def holdings_query(base_hashes: dict[str, str], cache_id: str) -> RecordDict:
-    """`base_hashes`: sha256 of each version-0 tensor, so a node with the base model can match;
-    `cache_id`: which of the node's caches to report (the run's, as in `TrainInstruction`)."""
-    return RecordDict({CONFIG: ConfigRecord({"base-hashes": json.dumps(base_hashes, sort_keys=True),
-                                             "cache-id": cache_id})})
+@dataclass(frozen=True)
+class HoldingsQuery:
+    """The server asks a node what it holds before the node's first visit (and after a cache
+    error). The query also says what the node's training tokens depend on, so the node makes
+    them now: in deployment each message runs in a fresh process, and loading the data and the
+    tokenizer inside the first visit would keep what it imports in that visit's memory."""
 
+    base_hashes: dict[str, str]  # sha256 of each version-0 tensor, so a node with the base model can match
+    cache_id: str  # which of the node's caches to report (the run's, as in `TrainInstruction`)
+    data: DataConfig  # the node's data, as its training visits will take it
+    model_name: str  # whose tokenizer
+    max_seq_len: int
 
-def parse_holdings_query(content: RecordDict) -> tuple[dict[str, str], str]:
-    """(base hashes, cache id)."""
-    record = content.config_records[CONFIG]
-    return json.loads(str(record["base-hashes"])), str(record["cache-id"])
+    def to_content(self) -> RecordDict:
+        return RecordDict({CONFIG: ConfigRecord({
+            "base-hashes": json.dumps(self.base_hashes, sort_keys=True), "cache-id": self.cache_id,
+            "data": json.dumps(asdict(self.data)), "model-name": self.model_name,
+            "max-seq-len": self.max_seq_len})})
+
+    @classmethod
+    def from_content(cls, content: RecordDict) -> HoldingsQuery:
+        record = content.config_records[CONFIG]
+        return cls(json.loads(str(record["base-hashes"])), str(record["cache-id"]),
+                   DataConfig(**json.loads(str(record["data"]))), str(record["model-name"]),
+                   int(record["max-seq-len"]))
 
 
 @dataclass(frozen=True)

@@ -326,8 +326,9 @@ class CyclicBlockStrategy(Strategy):
         """
         if not node_ids:
             return
-        queries = [Message(protocol.holdings_query(self.base_hashes, self.cache_id), dst_node_id=n,
-                           message_type=MessageType.QUERY) for n in node_ids]
+        query = protocol.HoldingsQuery(self.base_hashes, self.cache_id, self.data, self.model_name,
+                                       self.train.max_seq_len)
+        queries = [Message(query.to_content(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
         if stats is not None:
             stats.bytes_down += sum(record_bytes(q.content) for q in queries)
         answered = set()

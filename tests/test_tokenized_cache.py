@@ -9,10 +9,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from flwr.app import Message, MessageType
 
 from fedcybgd import data, models, node_data
 from fedcybgd.config import DataConfig
 from fedcybgd.node_config import NodeConfig
+from fedcybgd.protocol import HoldingsQuery, HoldingsReply
+from tests.fake_grid import FakeGrid
 
 DATA_JSON = json.dumps(asdict(DataConfig(max_examples=100)))
 
@@ -24,15 +27,39 @@ def fresh_visit(node: dict, tiny_dir: str, max_seq_len: int = 64):
                                        Path(node["cache-dir"]))
 
 
+def no_tokenizing(*args, **kwargs):
+    raise AssertionError("tokenized again")
+
+
+def ask_holdings(node: dict) -> Message:
+    """The server's holdings query, answered by the real ClientApp in a fresh state."""
+    node_data.forget_in_memory()
+    grid = FakeGrid(1, node_config=lambda i: node)
+    query = HoldingsQuery({}, "run-a", DataConfig(**json.loads(DATA_JSON)), "tiny-llama", 64)
+    return grid.deliver(Message(query.to_content(), dst_node_id=grid.node_ids[0], message_type=MessageType.QUERY))
+
+
+def test_the_holdings_query_tokenizes_for_the_first_visit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = {"partition-id": 0, "num-partitions": 2, "cache-dir": str(tmp_path)}
+    reply = ask_holdings(node)
+    assert not reply.has_error() and HoldingsReply.from_content(reply.content).node_key == "partition-0"
+    assert len(list((tmp_path / "tokenized").glob("*.json"))) == 1
+    monkeypatch.setattr(data, "tokenize", no_tokenizing)
+    assert fresh_visit(node, str(models.resolve_model_dir("tiny-llama"))).examples
+
+
+def test_a_node_whose_data_fails_still_answers_the_holdings_query(tmp_path: Path) -> None:
+    # The visit reports the problem (rejection kind `data`); the query must not fail over it.
+    reply = ask_holdings({"data-path": str(tmp_path / "missing.jsonl"), "cache-dir": str(tmp_path)})
+    assert not reply.has_error() and HoldingsReply.from_content(reply.content).holdings == []
+    assert not (tmp_path / "tokenized").exists()
+
+
 def test_a_fresh_visit_reads_the_tokenized_data_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tiny_dir = str(models.resolve_model_dir("tiny-llama"))
     node = {"partition-id": 0, "num-partitions": 2, "cache-dir": str(tmp_path)}
     first = fresh_visit(node, tiny_dir)
     assert len(list((tmp_path / "tokenized").glob("*.json"))) == 1
-
-    def no_tokenizing(*args, **kwargs):
-        raise AssertionError("tokenized again")
-
     monkeypatch.setattr(data, "tokenize", no_tokenizing)
     again = fresh_visit(node, tiny_dir)
     assert again == first and again.pad_id == models.load_tokenizer(tiny_dir).pad_token_id
