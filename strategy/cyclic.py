@@ -208,6 +208,12 @@ class CyclicBlockStrategy(Strategy):
             key = self.node_keys[a.node_id]
             plan = self.packager.plan(a.node_id, block, versions, server_round, node_key=key)
             train = self._train_settings(a)
+            if train is not self.train:
+                log(INFO, "Node %s (%s) trains block %d%s with gradient checkpointing (about %.2f GB; "
+                    "%.2f GB without)", key, self._budget_text(a.node_id), a.block,
+                    "" if a.layers is None else f" (layers {_span(a.layers)})",
+                    self.visit_needs(checkpointing=True)[a.block, block.layers] / 1e9,
+                    self.visit_needs(checkpointing=False)[a.block, block.layers] / 1e9)
             content = self.packager.content(arrays, plan, self._instruction(server_round, block, plan, train))
             self.visits[key] = self.visits.get(key, 0) + 1
             record = VisitRecord(node_id=a.node_id, node_key=key, block=a.block,
@@ -248,7 +254,7 @@ class CyclicBlockStrategy(Strategy):
             return assignments
         fit = schedule.fit_memory(assignments, nodes, budgets, [b.layers for b in self.blocks],
                                   lambda block, layers: needs[block, layers], self.algorithm.splits_blocks)
-        gb = {n: "no limit" if b is None else f"memory budget {b / 1e9:.2f} GB" for n, b in budgets.items()}
+        gb = {n: self._budget_text(n) for n in nodes}
         for scheduled, node in fit.moved:
             log(INFO, "Node %s (%s) cannot hold block %d (about %.2f GB): node %s trains it",
                 self.node_keys[scheduled.node_id], gb[scheduled.node_id], scheduled.block,
@@ -260,18 +266,15 @@ class CyclicBlockStrategy(Strategy):
                 ", ".join(f"node {self.node_keys[p.node_id]} trains layers {_span(p.layers)} "
                           f"(about {needs[p.block, p.layers] / 1e9:.2f} GB)" for p in parts))
         for skipped in fit.skipped:
-            layers = skipped.layers if skipped.layers is not None else self.blocks[skipped.block].layers
+            layers = self._trained_block(skipped).layers
             log(WARNING, "Block %d%s needs about %.2f GB and no connected node free this round declares that much "
                 "memory (node config memory-budget-mb): skipped this round", skipped.block,
                 "" if skipped.layers is None else f" (layers {_span(skipped.layers)})", needs[skipped.block, layers] / 1e9)
-        for a in fit.assignments:
-            if self._train_settings(a) is not self.train:
-                layers = a.layers if a.layers is not None else self.blocks[a.block].layers
-                log(INFO, "Node %s (%s) trains block %d%s with gradient checkpointing (about %.2f GB; "
-                    "%.2f GB without)", self.node_keys[a.node_id], gb[a.node_id], a.block,
-                    "" if a.layers is None else f" (layers {_span(a.layers)})", needs[a.block, layers] / 1e9,
-                    self.visit_needs(checkpointing=False)[a.block, layers] / 1e9)
         return fit.assignments
+
+    def _budget_text(self, node_id: int) -> str:
+        budget = self.memory_budgets.get(self.node_keys.get(node_id, ""))
+        return "no limit" if budget is None else f"memory budget {budget / 1e9:.2f} GB"
 
     def visit_needs(self, checkpointing: bool | None = None) -> dict[tuple[int, tuple[int, ...]], int]:
         """The estimated visit peak in bytes (fedcybgd/memory_estimate.py) by (block, the decoder
@@ -363,9 +366,8 @@ class CyclicBlockStrategy(Strategy):
         if self.train.gradient_checkpointing or not self.train.checkpoint_to_fit:
             return self.train
         budget = self.memory_budgets.get(self.node_keys.get(a.node_id, ""))
-        layers = a.layers if a.layers is not None else self.blocks[a.block].layers
         plain = self.visit_needs(checkpointing=False)
-        if budget is None or not plain or plain[a.block, layers] <= budget:
+        if budget is None or not plain or plain[a.block, self._trained_block(a).layers] <= budget:
             return self.train
         return replace(self.train, gradient_checkpointing=True)
 
