@@ -4,12 +4,14 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
+from fedcybgd import compression
 from fedcybgd.blocks import partition_blocks
 from fedcybgd.memory_estimate import (
     FP32,
     UnsupportedArchitectureError,
     count_parameters,
     estimate,
+    held_bytes,
     layer_activation_bytes,
     load_config,
 )
@@ -186,3 +188,13 @@ def test_llama_2_7b_trains_all_parameters_in_12_gb_with_nf4_frozen_weights():
     # Flower's own 7B 4-bit LoRA example reports about 16.5 GB per client.
     assert est.block.peak < 12e9 < estimate(LLAMA_2_7B, batch_size=2, seq_len=512).block.peak
     assert est.block.expansion == 2 * 32000 * 4096  # the fp16 lm_head, expanded for its backward
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (49, 30), (7, 3, 5), (576,)])
+@pytest.mark.parametrize("form", ["int8", "nf4"])
+def test_held_bytes_are_what_compression_keeps(shape: tuple[int, ...], form: str) -> None:
+    # held_bytes restates compression's part sizes for tensors that exist only as shapes; the
+    # `shape` part (a few int64) is the only one it leaves out.
+    parts = compression.encode(torch.randn(shape), compression.TensorForm(quant=form))
+    kept = sum(t.numel() * t.element_size() for name, t in parts.items() if name != "shape")
+    assert held_bytes(shape, form) == kept
