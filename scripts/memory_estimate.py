@@ -13,9 +13,6 @@ measures them), and fails if an estimated peak is off by more than 25 %.
 from __future__ import annotations
 
 import argparse
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -94,34 +91,17 @@ def table(name: str, est: MemoryEstimate) -> str:
 
 
 def measured_visits(frozen_form: str, checkpointing: bool = False) -> dict[str, Visit]:
-    """The two visits --check measures: full fine-tuning, and block 0 held as the estimate says."""
+    """The two visits --check measures: full fine-tuning, and block 0 held as the estimate says.
+
+    On CPU the peak is resident memory, and glibc's malloc keeps freed heap memory of the many
+    short-lived tensors a step makes (0.3 to 0.6 GB for SmolLM2 at batch 4 x 128) instead of
+    returning it. The estimate counts tensors, and budgeted nodes plan by it, so both are measured
+    as a budgeted node trains: the heap trimmed while it runs (`lean`, fedcybgd/memory.py).
+    """
     compact = frozen_form in ("int8", "nf4")
-    return {"full": Visit("full", checkpointing=checkpointing),
+    return {"full": Visit("full", checkpointing=checkpointing, lean=True),
             "block": Visit("block-bottom", "compact" if compact else frozen_form, frozen_form if compact else "none",
-                           checkpointing=checkpointing)}
-
-
-# On CPU the peak is resident memory, and glibc's malloc keeps freed heap blocks of the many
-# short-lived tensors a step makes (about 0.3 to 0.5 GB for SmolLM2 at batch 4 x 128: measured
-# with and without this setting) instead of returning them. The estimate counts tensors, so the
-# check measures with every block of 64 KiB or more mapped on its own and returned when freed.
-# Training is several times slower so (mapping and faulting those pages in), hence only here.
-MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
-MMAP_THRESHOLD = 65536
-
-
-@contextmanager
-def _os_gets_freed_memory_back() -> Iterator[None]:
-    """Fresh processes started inside get the fixed mmap threshold (glibc reads it at start)."""
-    before = os.environ.get(MMAP_THRESHOLD_ENV)
-    os.environ[MMAP_THRESHOLD_ENV] = str(MMAP_THRESHOLD)
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[MMAP_THRESHOLD_ENV]
-        else:
-            os.environ[MMAP_THRESHOLD_ENV] = before
+                           checkpointing=checkpointing, lean=True)}
 
 
 def check(est: MemoryEstimate, args: argparse.Namespace) -> tuple[dict, list[str]]:
@@ -135,9 +115,7 @@ def check(est: MemoryEstimate, args: argparse.Namespace) -> tuple[dict, list[str
     results, failures = {}, []
     visits = measured_visits(args.frozen, args.gradient_checkpointing)
     for mode, memory in (("full", est.full), ("block", est.block)):
-        with _os_gets_freed_memory_back():
-            got = in_fresh_process(measure_visit, SMOLLM2, visits[mode], args.batch_size, args.seq_len, 3,
-                                   args.device)
+        got = in_fresh_process(measure_visit, SMOLLM2, visits[mode], args.batch_size, args.seq_len, 3, args.device)
         got["estimated_peak_bytes"] = memory.peak
         got["relative_error"] = (memory.peak - got["peak_mem_bytes"]) / got["peak_mem_bytes"]
         results[mode] = got
@@ -147,7 +125,7 @@ def check(est: MemoryEstimate, args: argparse.Namespace) -> tuple[dict, list[str
     how = ("CUDA allocator peak (max_memory_allocated); nothing allocated before the model"
            if device.type == "cuda" else
            "peak process RSS sampled during training minus the RSS just before the model was loaded, "
-           f"glibc returning freed blocks at once ({MMAP_THRESHOLD_ENV}={MMAP_THRESHOLD})")
+           "the heap trimmed every 0.1 s as on a budgeted node")
     lines = [f"measured: {how}",
              f"{'':<12}{'estimated peak GB':>18}{'measured GB':>13}{'error':>9}"]
     for mode, label in (("full", "full FT"), ("block", "block 0")):
