@@ -176,7 +176,7 @@ def _prepare_training_tokens(node: NodeConfig, query: HoldingsQuery) -> None:
     instead of importing `datasets` (97 MB measured) and the tokenizer into its own memory. A
     problem with the data is left to that visit, whose error the server records by kind."""
     try:
-        node_data.training_examples(node, json.dumps(asdict(query.data)),
+        node_data.prepare_training_examples(node, json.dumps(asdict(query.data)),
                                     str(models.resolve_model_dir(query.model_name)), query.max_seq_len,
                                     _cache_root(node))
     except Exception as err:  # noqa: BLE001 - the visit raises it again, where it is reported

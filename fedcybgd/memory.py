@@ -11,16 +11,16 @@ import gc
 import os
 import resource
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
 import torch
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-# How often a lean visit hands free heap pages back (`returning_freed_memory`): measured on a
-# deployed SmolLM2 visit (README "Nodes of different sizes"), 0.05, 0.1 and 0.2 s gave the same
-# peak (583, 580, 589 MB); a shorter period costs more step time (24.1, 23.1, 21.4 s a visit).
+# How often a lean visit hands free heap pages back (`returning_freed_memory`): on a replayed
+# deployed SmolLM2 visit (2026-12-07), 0.05, 0.1 and 0.2 s gave the same peak (583, 580, 589 MB);
+# a shorter period costs more step time (24.1, 23.1, 21.4 s a visit).
 TRIM_PERIOD_S = 0.1
 
 
@@ -41,13 +41,12 @@ def returning_freed_memory(period_s: float = TRIM_PERIOD_S) -> Iterator[bool]:
     False (and does nothing) where the C library is not glibc.
 
     glibc keeps freed heap memory resident, and a step's tensors of many sizes (batches padded
-    to their longest example) leave the heap fragmented: a deployed visit held 400 MB of free heap
+    to their longest example) leave the heap fragmented: a deployed visit held 417 MB of free heap
     between steps. Mapping large blocks on their own (mallopt's mmap threshold) returns only
     what lies above the threshold; trimming returns free pages wherever they are.
     """
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    trim = _malloc_trim()
+    if trim is None:
         yield False
         return
     stop = threading.Event()
@@ -75,11 +74,20 @@ def baseline_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the baseline is then a little high
-        pass
+    trim = _malloc_trim()
+    if trim is not None:  # elsewhere than glibc the baseline is a little high
+        trim(0)
     return current_rss_bytes()
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, or None where the C library is not glibc."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return trim
 
 
 class PeakMemory:

@@ -42,6 +42,17 @@ def training_examples(node: NodeConfig, data_json: str, model_dir: str, max_seq_
     return _tokenized_train(stored, data_json, *source, model_dir, max_seq_len)
 
 
+def prepare_training_examples(node: NodeConfig, data_json: str, model_dir: str, max_seq_len: int,
+                              cache_root: Path) -> None:
+    """Make sure `training_examples` will find the node's tokens in `cache_root`: tokenize and
+    write them unless they are there. Reads nothing when they are (a holdings query asks it, and
+    may be asked again mid-run)."""
+    source = _data_source(node)
+    stored = _tokenized_file(cache_root, data_json, *source, model_dir, max_seq_len)
+    if not stored.exists():
+        _tokenized_train(stored, data_json, *source, model_dir, max_seq_len)
+
+
 def evaluation_split(node: NodeConfig, data_json: str, side: str) -> Dataset:
     """This node's held-out (`heldout`) or validation (`validation`) examples: never trained on."""
     split = _split(data_json, *_data_source(node))

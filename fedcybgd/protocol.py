@@ -12,8 +12,8 @@ An evaluate instruction (`MessageType.EVALUATE`, `eval.where=nodes`) has the sam
 (empty), `"frozen"` and `"config"` (an `EvalInstruction`) records; the node evaluates the global
 model on its own held-out data and replies `"metrics"` (a `NodeEvalMetrics`) and `"config"` (its
 cache digest and the task metric's name).
-A holdings query (`MessageType.QUERY`, a `HoldingsQuery`) asks a node what its cache holds, who it
-is and whether it has data of its own, and has it tokenize its training data. Both sides import these names; neither spells a key by hand.
+A holdings query (`MessageType.QUERY`, a `HoldingsQuery`) asks a node what its cache holds, who
+it is and whether it has data of its own, and has it tokenize its training data. Both sides import these names; neither spells a key by hand.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ class HoldingsQuery:
     cache_id: str  # which of the node's caches to report (the run's, as in `TrainInstruction`)
     data: DataConfig  # the node's data, as its training visits will take it
     model_name: str  # whose tokenizer
-    max_seq_len: int
+    max_seq_len: int  # the training visits' `train.max_seq_len`
 
     def to_content(self) -> RecordDict:
         return RecordDict({CONFIG: ConfigRecord({

@@ -349,7 +349,7 @@ def message_timeline(logs: Path) -> dict[str, list[float]]:
 
 def timeline_summary(timeline: dict[str, list[float]]) -> str:
     """One line: each leg's median and mean over the messages after the first three (nodes'
-    first visits, which download and tokenize everything)."""
+    first visits, which download everything)."""
     legs = {name: seconds[3:] for name, seconds in timeline.items()}
     return " | ".join(f"{name} median {statistics.median(s):.2f} s, mean {statistics.mean(s):.2f} s"
                       for name, s in legs.items() if s)

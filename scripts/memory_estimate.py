@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fedcybgd.memory import TRIM_PERIOD_S
 from fedcybgd.memory_estimate import DTYPE_BYTES, HELD_FORMS, MemoryEstimate, estimate, load_config
 from fedcybgd.models import SMOLLM2, resolve_model_dir
 from scripts.bench_client import Visit, measure_visit
@@ -90,18 +91,18 @@ def table(name: str, est: MemoryEstimate) -> str:
 # --- --check: measured peaks ------------------------------------------------------------------
 
 
-def measured_visits(frozen_form: str, checkpointing: bool = False) -> dict[str, Visit]:
+def measured_visits(frozen_form: str, checkpointing: bool = False, lean: bool = True) -> dict[str, Visit]:
     """The two visits --check measures: full fine-tuning, and block 0 held as the estimate says.
 
     On CPU the peak is resident memory, and glibc's malloc keeps freed heap memory of the many
     short-lived tensors a step makes (0.3 to 0.6 GB for SmolLM2 at batch 4 x 128) instead of
     returning it. The estimate counts tensors, and budgeted nodes plan by it, so both are measured
-    as a budgeted node trains: the heap trimmed while it runs (`lean`, fedcybgd/memory.py).
+    as a budgeted CPU node trains: the heap trimmed while it runs (`lean`, fedcybgd/memory.py).
     """
     compact = frozen_form in ("int8", "nf4")
-    return {"full": Visit("full", checkpointing=checkpointing, lean=True),
+    return {"full": Visit("full", checkpointing=checkpointing, lean=lean),
             "block": Visit("block-bottom", "compact" if compact else frozen_form, frozen_form if compact else "none",
-                           checkpointing=checkpointing, lean=True)}
+                           checkpointing=checkpointing, lean=lean)}
 
 
 def check(est: MemoryEstimate, args: argparse.Namespace) -> tuple[dict, list[str]]:
@@ -113,7 +114,7 @@ def check(est: MemoryEstimate, args: argparse.Namespace) -> tuple[dict, list[str
     print(f"\nmeasuring SmolLM2-135M on {device.type}: 3 steps each of random-token batches of {args.seq_len} "
           "tokens (scripts/bench_client.py), each in a fresh process ...", flush=True)
     results, failures = {}, []
-    visits = measured_visits(args.frozen, args.gradient_checkpointing)
+    visits = measured_visits(args.frozen, args.gradient_checkpointing, lean=device.type == "cpu")
     for mode, memory in (("full", est.full), ("block", est.block)):
         got = in_fresh_process(measure_visit, SMOLLM2, visits[mode], args.batch_size, args.seq_len, 3, args.device)
         got["estimated_peak_bytes"] = memory.peak
@@ -125,7 +126,7 @@ def check(est: MemoryEstimate, args: argparse.Namespace) -> tuple[dict, list[str
     how = ("CUDA allocator peak (max_memory_allocated); nothing allocated before the model"
            if device.type == "cuda" else
            "peak process RSS sampled during training minus the RSS just before the model was loaded, "
-           "the heap trimmed every 0.1 s as on a budgeted node")
+           f"the heap trimmed every {TRIM_PERIOD_S} s as on a budgeted node")
     lines = [f"measured: {how}",
              f"{'':<12}{'estimated peak GB':>18}{'measured GB':>13}{'error':>9}"]
     for mode, label in (("full", "full FT"), ("block", "block 0")):

@@ -254,14 +254,13 @@ class CyclicBlockStrategy(Strategy):
             return assignments
         fit = schedule.fit_memory(assignments, nodes, budgets, [b.layers for b in self.blocks],
                                   lambda block, layers: needs[block, layers], self.algorithm.splits_blocks)
-        gb = {n: self._budget_text(n) for n in nodes}
         for scheduled, node in fit.moved:
             log(INFO, "Node %s (%s) cannot hold block %d (about %.2f GB): node %s trains it",
-                self.node_keys[scheduled.node_id], gb[scheduled.node_id], scheduled.block,
+                self.node_keys[scheduled.node_id], self._budget_text(scheduled.node_id), scheduled.block,
                 needs[scheduled.block, self.blocks[scheduled.block].layers] / 1e9, self.node_keys[node])
         for scheduled, parts in fit.split:
             log(INFO, "Node %s (%s) cannot hold block %d (about %.2f GB): %s", self.node_keys[scheduled.node_id],
-                gb[scheduled.node_id], scheduled.block,
+                self._budget_text(scheduled.node_id), scheduled.block,
                 needs[scheduled.block, self.blocks[scheduled.block].layers] / 1e9,
                 ", ".join(f"node {self.node_keys[p.node_id]} trains layers {_span(p.layers)} "
                           f"(about {needs[p.block, p.layers] / 1e9:.2f} GB)" for p in parts))
@@ -273,6 +272,7 @@ class CyclicBlockStrategy(Strategy):
         return fit.assignments
 
     def _budget_text(self, node_id: int) -> str:
+        """A node's declared budget, as the placement logs give it."""
         budget = self.memory_budgets.get(self.node_keys.get(node_id, ""))
         return "no limit" if budget is None else f"memory budget {budget / 1e9:.2f} GB"
 

@@ -34,7 +34,8 @@ def test_rows_cover_every_mode_and_form() -> None:
 
 
 def test_lean_rows_are_measured_against_full_fine_tuning_in_their_own_setting() -> None:
-    # Each in a fresh process: the lean setting lasts for the process once set.
+    # Each in a fresh process, as the bench measures them: what one row leaves on the heap must
+    # not count in the next.
     from scripts.sweep import in_fresh_process
 
     rows = [in_fresh_process(measure_visit, "tiny-llama", visit, 2, 32, 2, "cpu")

@@ -6,7 +6,7 @@ import shutil
 from fedcybgd import models
 from fedcybgd.blocks import partition_blocks
 from fedcybgd.config import compose
-from fedcybgd.protocol import BLOCK, CONFIG, FROZEN, TrainInstruction
+from fedcybgd.protocol import BLOCK, CONFIG, FROZEN, HoldingsQuery, TrainInstruction
 from server_app.app import run
 from tests.fake_grid import FakeGrid
 
@@ -46,6 +46,11 @@ def test_first_visit_full_later_visits_only_what_changed(out_dir):
     r = rows(out_dir)
     assert r[3]["bytes_down"] < r[0]["bytes_down"]
     assert len(grid.queries) == 3  # one holdings query per node, never repeated: digests agreed
+    # The query has the node tokenize exactly what its visits train on.
+    query = HoldingsQuery.from_content(grid.queries[0].content)
+    instruction = TrainInstruction.from_record(first.content[CONFIG])
+    assert (query.data, query.model_name, query.max_seq_len) == (
+        instruction.data, instruction.model_name, instruction.train.max_seq_len)
     assert all(not row["rejected"] for row in r)
 
 

@@ -44,6 +44,12 @@ def test_the_holdings_query_tokenizes_for_the_first_visit(tmp_path: Path, monkey
     reply = ask_holdings(node)
     assert not reply.has_error() and HoldingsReply.from_content(reply.content).node_key == "partition-0"
     assert len(list((tmp_path / "tokenized").glob("*.json"))) == 1
+
+    read = []
+    with monkeypatch.context() as m:  # asked again (resume, a cache error): the file is not read
+        m.setattr(node_data, "read_tokenized", read.append)
+        assert not ask_holdings(node).has_error()
+    assert read == []
     monkeypatch.setattr(data, "tokenize", no_tokenizing)
     assert fresh_visit(node, str(models.resolve_model_dir("tiny-llama"))).examples
 
