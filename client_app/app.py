@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from logging import WARNING
 from pathlib import Path
@@ -71,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
     examples = tokenized.examples
     stream = train_batches(examples, instruction.train.batch_size, tokenized.pad_id, seed=instruction.seed)
     torch.manual_seed(instruction.seed)  # dropout, if any, draws the same on a rerun of the round
-    with memory.returning_freed_memory() if lean else nullcontext():
+    with memory.returning_freed_memory(enabled=lean):
         result = train_params(model, list(trained.values()), stream, instruction.train, device,
                               num_examples=len(examples))
 
@@ -177,8 +176,8 @@ def _prepare_training_tokens(node: NodeConfig, query: HoldingsQuery) -> None:
     problem with the data is left to that visit, whose error the server records by kind."""
     try:
         node_data.prepare_training_examples(node, json.dumps(asdict(query.data)),
-                                    str(models.resolve_model_dir(query.model_name)), query.max_seq_len,
-                                    _cache_root(node))
+                                            str(models.resolve_model_dir(query.model_name)), query.max_seq_len,
+                                            _cache_root(node))
     except Exception as err:  # noqa: BLE001 - the visit raises it again, where it is reported
         log(WARNING, "Preparing this node's training data failed (%s): its first visit tries again", err)
 

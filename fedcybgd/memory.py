@@ -35,17 +35,17 @@ def process_peak_bytes() -> int:
 
 
 @contextmanager
-def returning_freed_memory(period_s: float = TRIM_PERIOD_S) -> Iterator[bool]:
+def returning_freed_memory(enabled: bool = True, period_s: float = TRIM_PERIOD_S) -> Iterator[bool]:
     """While the block runs, hand the heap's free pages back to the system every `period_s`
     (glibc's `malloc_trim`): a lower peak for a memory-bound node, for some step time. Yields
-    False (and does nothing) where the C library is not glibc.
+    False (and does nothing) when not `enabled` or where the C library is not glibc.
 
     glibc keeps freed heap memory resident, and a step's tensors of many sizes (batches padded
     to their longest example) leave the heap fragmented: a deployed visit held 417 MB of free heap
     between steps. Mapping large blocks on their own (mallopt's mmap threshold) returns only
     what lies above the threshold; trimming returns free pages wherever they are.
     """
-    trim = _malloc_trim()
+    trim = _malloc_trim() if enabled else None
     if trim is None:
         yield False
         return

@@ -23,7 +23,6 @@ import argparse
 import resource
 import statistics
 import tempfile
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -113,7 +112,7 @@ def measure_visit(source: str, visit: Visit, batch_size: int, seq_len: int, step
         else:
             model, _ = models.build_skeleton(spec)
             frozen.load(model, cache.load_encoded(holdings), set(trainable), visit.frozen)
-        with memory.returning_freed_memory() if visit.lean else nullcontext():
+        with memory.returning_freed_memory(enabled=visit.lean):
             result = train_params(model, trainable, iter(batches), cfg, dev)
     return {
         **asdict(visit),

@@ -16,7 +16,7 @@ FRAGMENT = """
 import contextlib, sys, time, torch
 from fedcybgd import memory
 first = torch.ones(1 << 19); del first  # a freed 2 MiB block: glibc raises its mmap threshold past it
-lean = memory.returning_freed_memory(0.05) if sys.argv[1] == "lean" else contextlib.nullcontext(True)
+lean = memory.returning_freed_memory(period_s=0.05) if sys.argv[1] == "lean" else contextlib.nullcontext(True)
 with lean as trimming:
     assert trimming
     large, small = [], []
