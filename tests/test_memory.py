@@ -22,7 +22,7 @@ with lean as trimming:
     large, small = [], []
     for _ in range(200):
         large.append(torch.ones(230_000))
-        small.append(torch.ones(16))
+        small.append(torch.ones(16384))  # 64 KiB: too large for a free chunk left from start-up
     held = memory.current_rss_bytes()
     del large
     time.sleep(0.3)
