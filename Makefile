@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP      := $(VENV)/.installed
 DEMO_OUT   ?= $(CURDIR)/outputs/demo
 
-.PHONY: setup demo test test-fast bench-comm bench-fidelity clean
+.PHONY: setup demo test test-all test-fast bench-comm bench-fidelity clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,8 +23,14 @@ setup: $(STAMP)
 demo: setup
 	$(PY) -m scripts.simulate --supernodes 3 output_dir=$(DEMO_OUT)
 
+# Everything but the tests marked `long` (skipped, with the reason): what CI runs, about 8 min here.
 test: setup
 	$(PY) -m pytest
+
+# Also the long fault and topology scenarios (a SuperNode killed mid-visit, the four server
+# faults, the edge run with a cut link, each baseline under `flwr run`): about 8 min more.
+test-all: setup
+	$(PY) -m pytest --long
 
 # Unit and strategy tests only (no Flower processes): about 2 CPU-minutes (5 to 6 min on 2 busy cores).
 test-fast: setup
@@ -149,6 +155,6 @@ EDGE_PRESET ?= smollm2
 edge: setup
 	$(PY) -m scripts.edge --config $(EDGE_CONFIG) --preset $(EDGE_PRESET) --runs $(EDGE_RUNS) --out $(EDGE_OUT)
 
-# The network checks (seconds) and the tiny run with a cut link (100 to 140 s here); also in `make test`.
+# The network checks (seconds) and the tiny run with a cut link (100 to 140 s here; `long`: in `make test-all`).
 test-edge: setup
-	$(PY) -m pytest tests/test_edge.py
+	$(PY) -m pytest --long tests/test_edge.py

@@ -46,6 +46,22 @@ def out_dir(tmp_path: Path) -> Path:
     return tmp_path / "out"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long", action="store_true",
+                     help="also run the tests marked `long` (`make test-all`; about 8 more minutes on 2 cores)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `long` tests unless asked: they keep `make test`, which CI runs, near ten minutes on
+    2 cores, and a skip says how to run them (a deselected test would vanish from the report)."""
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="long scenario: run with `pytest --long` or `make test-all`")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Move everything imported so far out of the garbage collector's sight.
 

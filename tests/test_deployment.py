@@ -51,6 +51,10 @@ class Finished:
     node_ids: dict[str, int]
     pids: set[int]
     run_log: str
+    plain_http_refused: bool  # the SuperLink's TLS port refused a plain-HTTP request
+    intruder: tuple[int | None, str]  # an unregistered SuperNode's exit code and its log
+    superlink_log: str
+    online_before_run: list[int]
 
 
 def _run(dep: LoopbackDeployment, overrides: str, timeout: float = 420) -> tuple[dict, str]:
@@ -60,44 +64,73 @@ def _run(dep: LoopbackDeployment, overrides: str, timeout: float = 420) -> tuple
     return status, log
 
 
-# -- insecure: node-local data, a node whose data is broken, and a server with no data ----------
+# -- TLS, node auth, node-local data, a node whose data is broken, and a server with no data ----
 @pytest.fixture(scope="module")
-def insecure_run(tmp_path_factory: pytest.TempPathFactory) -> Finished:
-    """One insecure deployment, one run, three SuperNodes, each visited once (3 rounds).
+def deployed_run(tmp_path_factory: pytest.TempPathFactory) -> Finished:
+    """One deployment with TLS and SuperNode authentication, one run, three registered
+    SuperNodes, each visited once (3 rounds); an unregistered fourth is turned away.
 
     Every node has its own data file: clinic-a's and clinic-b's are good, clinic-c's has a
     malformed line. So evaluation runs on the nodes (`eval.where=auto`), and the ServerApp loads
     no data at all: its `data.path` points at no file, which it would fail to read. One run
-    serves the happy path, the broken-data and the node-evaluation checks: each deployment run
+    serves the security, happy-path, broken-data and node-evaluation checks: each deployment run
     costs about a minute and a half on 2 cores, as every message starts a fresh ClientApp process.
+    (The insecure path runs in tests/test_compose_loopback.py and the fault tests.)
     """
-    work = tmp_path_factory.mktemp("insecure")
+    work = tmp_path_factory.mktemp("deployed")
     broken = work / "broken.jsonl"
     broken.write_text(write_alpaca(work / "c.jsonl", 8).read_text() + "{not json\n")
     data = {"clinic-a": write_alpaca(work / "clinic-a.jsonl", 0),
             "clinic-b": write_alpaca(work / "clinic-b.jsonl", 4),
             "clinic-c": broken}
     out = work / "out"
-    with LoopbackDeployment(work / "deploy") as dep:
-        nodes = {name: dep.add_supernode({"data-path": str(path), "cache-dir": str(work / f"{name}-cache")})
-                 for name, path in data.items()}
+    with LoopbackDeployment(work / "deploy", tls=True, node_auth=True) as dep:
+        try:
+            urllib.request.urlopen(f"http://{dep.address}/health", timeout=5)
+            plain_http_refused = False
+        except (OSError, http.client.HTTPException):
+            plain_http_refused = True
+        nodes = {}
+        for name, path in data.items():
+            keys = dep.node_keys(name)
+            dep.register(keys)  # before the node starts: it is refused otherwise
+            nodes[name] = dep.add_supernode({"data-path": str(path), "cache-dir": str(work / f"{name}-cache")},
+                                            keys=keys)
         dep.wait_for_nodes(3)
+        intruder = dep.add_supernode({"data-path": str(data["clinic-a"])}, keys=dep.node_keys("intruder"),
+                                     max_retries=0)
+        intruder.process.wait(timeout=60)
+        online = dep.online_nodes()
         status, log = _run(dep, f"{TINY} rounds=3 eval.every=3 eval.task_examples=4 algorithm.min_nodes=3 "
                                 f"algorithm.round_timeout=180 data.path={work / 'no-server-data.jsonl'} "
                                 f"output_dir={out}")
         node_ids = {name: node.node_id() for name, node in nodes.items()}
         pids = dep.process_ids()
-    return Finished(status, out, node_ids, pids, log)
+        superlink_log = dep.superlink_log.read_text()
+    return Finished(status, out, node_ids, pids, log, plain_http_refused,
+                    (intruder.process.returncode, intruder.log_text()), superlink_log, online)
 
 
 @pytest.mark.slow
-def test_deployment_run_completes_with_node_local_data(insecure_run: Finished) -> None:
-    assert insecure_run.status["status"] == "finished:completed", (insecure_run.status, insecure_run.run_log)
-    rows = metrics_rows(insecure_run.out)
+def test_tls_and_supernode_auth_admit_only_registered_nodes(deployed_run: Finished) -> None:
+    assert deployed_run.plain_http_refused  # no plain HTTP on the TLS port
+    returncode, log = deployed_run.intruder
+    assert returncode not in (None, 0) and "Failed to activate SuperNode" in log, (returncode, log)
+    assert "No SuperNode found with the given public key" in deployed_run.superlink_log
+    registered = set(deployed_run.node_ids.values())
+    assert sorted(deployed_run.online_before_run) == sorted(registered)
+    rows = metrics_rows(deployed_run.out)
+    assert {a["node_id"] for r in rows for a in r["assignments"]} == registered
+
+
+@pytest.mark.slow
+def test_deployment_run_completes_with_node_local_data(deployed_run: Finished) -> None:
+    assert deployed_run.status["status"] == "finished:completed", (deployed_run.status, deployed_run.run_log)
+    rows = metrics_rows(deployed_run.out)
     assert [r["round"] for r in rows] == [1, 2, 3]
 
     blocks = partition_blocks(models.load_pretrained(models.resolve_model_dir("tiny-llama")), 1)
-    good = {insecure_run.node_ids["clinic-a"], insecure_run.node_ids["clinic-b"]}
+    good = {deployed_run.node_ids["clinic-a"], deployed_run.node_ids["clinic-b"]}
     trained_by = set()
     for row in rows:
         for a in row["assignments"]:
@@ -107,86 +140,48 @@ def test_deployment_run_completes_with_node_local_data(insecure_run: Finished) -
                 trained_by.add(a["node_id"])
     assert trained_by == good  # round-robin over three nodes: each good node trained once
 
-    summary = json.loads((insecure_run.out / "summary.json").read_text())
+    summary = json.loads((deployed_run.out / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["samples_seen"] > 0
-    final = insecure_run.out / "final"
+    final = deployed_run.out / "final"
     assert (final / "config.json").exists() and (final / "tokenizer.json").exists()
     models.load_pretrained(final)
 
 
 @pytest.mark.slow
-def test_nodes_evaluate_on_their_own_data_and_the_server_holds_none(insecure_run: Finished) -> None:
-    assert insecure_run.status["status"] == "finished:completed", (insecure_run.status, insecure_run.run_log)
-    summary = json.loads((insecure_run.out / "summary.json").read_text())
+def test_nodes_evaluate_on_their_own_data_and_the_server_holds_none(deployed_run: Finished) -> None:
+    assert deployed_run.status["status"] == "finished:completed", (deployed_run.status, deployed_run.run_log)
+    summary = json.loads((deployed_run.out / "summary.json").read_text())
     assert summary["eval_where"] == "nodes" and summary["data_train_examples"] is None
     assert summary["initial_eval_loss"] is None  # the server evaluated nothing: it has no data
-    good = {insecure_run.node_ids["clinic-a"], insecure_run.node_ids["clinic-b"]}
+    good = {deployed_run.node_ids["clinic-a"], deployed_run.node_ids["clinic-b"]}
     final = summary["final_node_evals"]
     assert {n["node_id"] for n in final} == good
     assert all(n["num_examples"] > 0 and n["eval_loss"] > 0 and n["bytes_down"] > 0 for n in final)
     assert summary["final_nodes_eval_loss"] == pytest.approx(
         sum(n["eval_loss"] * n["num_examples"] for n in final) / sum(n["num_examples"] for n in final))
-    last = metrics_rows(insecure_run.out)[-1]["node_eval"]
-    assert [f["node_id"] for f in last["failed"]] == [insecure_run.node_ids["clinic-c"]]
+    last = metrics_rows(deployed_run.out)[-1]["node_eval"]
+    assert [f["node_id"] for f in last["failed"]] == [deployed_run.node_ids["clinic-c"]]
     assert summary["total_eval_bytes_down"] > 0
 
 
 @pytest.mark.slow
-def test_node_with_broken_data_is_rejected_and_the_run_goes_on(insecure_run: Finished) -> None:
-    assert insecure_run.status["status"] == "finished:completed", (insecure_run.status, insecure_run.run_log)
-    rows = metrics_rows(insecure_run.out)
+def test_node_with_broken_data_is_rejected_and_the_run_goes_on(deployed_run: Finished) -> None:
+    assert deployed_run.status["status"] == "finished:completed", (deployed_run.status, deployed_run.run_log)
+    rows = metrics_rows(deployed_run.out)
     rejected = [r for row in rows for r in row["rejected"]]
     assert rejected, "the node with broken data was never rejected"
-    assert {r["node_id"] for r in rejected} == {insecure_run.node_ids["clinic-c"]}
+    assert {r["node_id"] for r in rejected} == {deployed_run.node_ids["clinic-c"]}
     assert all("broken.jsonl:33" in r["reason"] for r in rejected), rejected
     assert any(row["train_loss"] is not None for row in rows)
 
 
 @pytest.mark.slow
-def test_no_deployment_process_is_left_behind(insecure_run: Finished) -> None:
-    assert insecure_run.pids, "no process was recorded"
+def test_no_deployment_process_is_left_behind(deployed_run: Finished) -> None:
+    assert deployed_run.pids, "no process was recorded"
     deadline = time.monotonic() + 10
-    while (alive := {pid for pid in insecure_run.pids if is_alive(pid)}) and time.monotonic() < deadline:
+    while (alive := {pid for pid in deployed_run.pids if is_alive(pid)}) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive
-
-
-# -- TLS and SuperNode authentication -----------------------------------------------------------
-@pytest.mark.slow
-def test_tls_and_supernode_auth_admit_only_registered_nodes(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    with LoopbackDeployment(tmp_path / "deploy", tls=True, node_auth=True) as dep:
-        with pytest.raises((OSError, http.client.HTTPException)):  # no plain HTTP on the TLS port
-            urllib.request.urlopen(f"http://{dep.address}/health", timeout=5)
-
-        registered = {}
-        for name, start in (("clinic-a", 0), ("clinic-b", 4)):
-            keys = dep.node_keys(name)
-            node_id = dep.register(keys)  # before the node starts: it is refused otherwise
-            registered[node_id] = dep.add_supernode(
-                {"data-path": str(write_alpaca(tmp_path / f"{name}.jsonl", start)),
-                 "cache-dir": str(tmp_path / f"{name}-cache")}, keys=keys)
-        assert sorted(dep.wait_for_nodes(2)) == sorted(registered)
-
-        intruder = dep.add_supernode({"data-path": str(tmp_path / "clinic-a.jsonl")},
-                                     keys=dep.node_keys("intruder"), max_retries=0)
-        intruder.process.wait(timeout=60)
-        assert intruder.process.returncode != 0
-        assert "Failed to activate SuperNode" in intruder.log_text()
-        assert "No SuperNode found with the given public key" in dep.superlink_log.read_text()
-        assert sorted(dep.online_nodes()) == sorted(registered)
-
-        status, log = _run(dep, f"{TINY} rounds=2 algorithm.min_nodes=2 algorithm.round_timeout=180 "
-                                f"output_dir={out}")
-        pids = dep.process_ids()
-    assert status["status"] == "finished:completed", (status, log)
-    rows = metrics_rows(out)
-    assert [r["round"] for r in rows] == [1, 2]
-    assert all(not r["rejected"] and r["train_loss"] is not None for r in rows)
-    assert {a["node_id"] for r in rows for a in r["assignments"]} == set(registered)
-    assert (out / "summary.json").exists()
-    time.sleep(1)
-    assert not {pid for pid in pids if is_alive(pid)}
 
 
 # -- Docker: compose files and image, checked without a Docker engine ------------------------------

@@ -54,6 +54,7 @@ def test_a_failing_run_is_reported_as_failed(tmp_path):
     assert status["status"] == "finished:failed"
 
 
+@pytest.mark.long  # each algorithm runs in-process in tests/test_algorithms.py; here under Flower too
 @pytest.mark.parametrize("algorithm", ["fedbavg", "fedavg-full", "fedlora", "fedcybgd-lora"])
 def test_each_baseline_runs_in_flowers_simulation(tmp_path, algorithm):
     out = tmp_path / "run"

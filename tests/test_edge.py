@@ -161,6 +161,7 @@ CUT_SECONDS = ROUND_TIMEOUT
 @needs_netns
 @pytest.mark.slow
 @pytest.mark.edge
+@pytest.mark.long
 def test_tiny_run_survives_a_link_cut_mid_visit(tmp_path: Path) -> None:
     config = EdgeConfig(None, list(RATES.items()))
     out = tmp_path / "out"

@@ -231,6 +231,7 @@ def test_a_node_config_of_the_wrong_type_names_the_key(out_dir, node_config, mes
 
 # -- 3: a SuperNode killed mid-visit, in a real loopback deployment ---------------------------
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_supernode_killed_mid_visit_fails_over_when_flower_reports_it(tmp_path):
     """Flower reports the dead node (from the SuperLink, node 1) within 2 heartbeats (60 s):
     the round ends then, well inside its 300 s timeout, and the block goes to the next node."""

@@ -18,7 +18,7 @@ import pytest
 from scripts.bench_faults import ServerPlan, run_server_faults
 from strategy import state
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 PLAN = ServerPlan(rounds=4, round_timeout=120, step_timeout=300)
 
