@@ -25,6 +25,10 @@ from fedcybgd.memory import PeakMemory
 # The label of a token the loss skips (prompt and padding tokens): cross_entropy's default.
 IGNORE_INDEX = -100
 
+# Model types whose causal-LM forward is the decoder then the output embedding, nothing after
+# (no logit soft-capping or scaling), so `response_logits` may run the head on chosen rows only.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox"})
+
 
 class TrainingError(RuntimeError):
     """Training produced something unusable (a non-finite loss)."""
@@ -109,7 +113,8 @@ def train_params(
             for _ in range(cfg.grad_accum):
                 batch = {k: v.to(device) for k, v in next(batches).items()}
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    loss = model(**batch).loss
+                    logits, targets = response_logits(model, batch)
+                    loss = F.cross_entropy(logits.float(), targets)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"non-finite training loss {loss.item()}")
                 (loss / cfg.grad_accum).backward()
@@ -160,20 +165,36 @@ def _prepare_for_training(model: PreTrainedModel, cfg: TrainConfig, device: torc
         model.activation_checkpointing_disable()
 
 
+def response_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits that predict a response token, (tokens, vocab), and those tokens.
+
+    Only the positions whose next token carries a label need logits: prompts, the chat template
+    and padding carry none (about three positions in four on the default data). For the plain
+    heads of PLAIN_HEAD_MODEL_TYPES the vocabulary projection runs on those rows only, which
+    saves most of the head's compute (a fifth of SmolLM2's forward pass) and of the logits'
+    memory; the loss is the one the full logits give (tests/test_train.py). Other models
+    compute every position's logits and keep those rows.
+    """
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if model.config.model_type in PLAIN_HEAD_MODEL_TYPES:
+        hidden = model.get_decoder()(**inputs)[0]
+        logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    else:
+        logits = model(**inputs).logits[:, :-1][keep]
+    return logits, targets[keep]
+
+
 @torch.no_grad()
 def evaluate_loss(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]], device: torch.device) -> float:
     """Mean cross-entropy per response token over all batches (token-weighted)."""
     model.to(device).eval()
     total, count = 0.0, 0
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        total += F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        ).item()
-        count += int((labels != IGNORE_INDEX).sum())
+        logits, targets = response_logits(model, {k: v.to(device) for k, v in batch.items()})
+        total += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+        count += targets.numel()
     if count == 0:
         raise ValueError("evaluation batches hold no response tokens")
     loss = total / count

@@ -1,14 +1,17 @@
 """A client's memory and step time, full fine-tuning vs one block: `make bench-client`.
 
-    python -m scripts.bench_client [--batch-size 4] [--seq-len 128] [--steps 6] [--device auto]
+    python -m scripts.bench_client [--batch-size 4] [--seq-len 128] [--labelled 0.23] [--steps 6] [--device auto]
 
 Each row is one training visit of SmolLM2-135M in a fresh process, built the way the ClientApp
 builds it: the frozen tensors in the form they travel in (`--travel`, default int8, as the default
 compression sends decoder layers and head) are written to a client cache on disk and read back,
 then held `fp32` (expanded up front: before compact frozen weights) or `compact` (as travelled,
 expanded one module at a time); the block trains in fp32 with a fresh AdamW. Full fine-tuning
-trains the fp32 model. Batches are random tokens, `--seq-len` long, every position a label but
-the last sequence's final quarter (padding, so attention runs with a padding mask as in training). Peak memory: the process's peak RSS sampled during the steps (CUDA: the allocator's peak)
+trains the fp32 model. Batches are random tokens, `--seq-len` long, the last sequence's final
+quarter padding (so attention runs with a padding mask as in training); each sequence's last
+`--labelled` share of positions is its response and carries the labels, the rest is prompt
+(0.23 by default: the share of positions with a label in the default data's batches of 4,
+measured; the trainer computes logits only there). Peak memory: the process's peak RSS sampled during the steps (CUDA: the allocator's peak)
 minus its memory just before the model was loaded; the process's own lifetime peak is reported
 beside it. Step seconds: the median of the steps after the first. The last three rows are what
 a CPU node that declares a memory budget runs (freed memory handed back as it goes,
@@ -77,25 +80,32 @@ def block_names(model: torch.nn.Module, mode: str) -> list[str]:
     return list(blocks[index].names)
 
 
-def random_batches(vocab_size: int, batch_size: int, seq_len: int, count: int) -> list[dict[str, torch.Tensor]]:
+def random_batches(vocab_size: int, batch_size: int, seq_len: int, count: int,
+                   labelled: float = 1.0) -> list[dict[str, torch.Tensor]]:
     """Random tokens, `seq_len` long; the last sequence's final quarter is right padding, so
-    attention runs with a padding mask as on the trainer's padded batches."""
+    attention runs with a padding mask as on the trainer's padded batches. Each sequence's last
+    `labelled` share of positions (its response) carries the labels; padding never does."""
     generator = torch.Generator().manual_seed(0)
+    prompt = seq_len - max(1, round(labelled * seq_len))
     batches = []
     for _ in range(count):
         ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
         mask = torch.ones_like(ids)
         mask[-1, seq_len - seq_len // 4:] = 0
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)})
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+        labels[:, :prompt] = IGNORE_INDEX
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return batches
 
 
-def measure_visit(source: str, visit: Visit, batch_size: int, seq_len: int, steps: int, device: str) -> dict:
-    """One visit's memory and step times (this process must be fresh)."""
+def measure_visit(source: str, visit: Visit, batch_size: int, seq_len: int, steps: int, device: str,
+                  labelled: float = 1.0) -> dict:
+    """One visit's memory and step times (this process must be fresh); `random_batches` says
+    what `labelled` is (1.0, every position, is what the memory estimate assumes)."""
     dev = pick_device(device)
     model = source_model(source)
     spec = models.model_spec(model)
-    batches = random_batches(model.config.vocab_size, batch_size, seq_len, steps)
+    batches = random_batches(model.config.vocab_size, batch_size, seq_len, steps, labelled)
     cfg = TrainConfig(local_steps=steps, batch_size=batch_size, max_seq_len=seq_len, precision=visit.precision,
                       gradient_checkpointing=visit.checkpointing)
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -119,6 +129,7 @@ def measure_visit(source: str, visit: Visit, batch_size: int, seq_len: int, step
         "device": dev.type,
         "batch_size": batch_size,
         "seq_len": seq_len,
+        "labelled": labelled,
         "trainable_params": sum(p.numel() for n, p in model.named_parameters() if n in set(trainable)),
         "frozen_bytes": frozen.frozen_bytes(model),
         "step_seconds": statistics.median(result.step_seconds[1:] or result.step_seconds),
@@ -193,6 +204,9 @@ def main() -> None:
     parser.add_argument("--model", default=models.SMOLLM2, help="model name/directory, or a config.json (random init)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--labelled", type=float, default=0.23,
+                        help="share of each sequence's positions with a label (its response): 0.23 in the "
+                             "default data's batches of 4 at 128 tokens (measured); 1 labels every position")
     parser.add_argument("--steps", type=int, default=6, help="steps per row; the first is not timed")
     parser.add_argument("--travel", default="int8", help="the frozen matrices' wire form: int8, nf4 or none")
     parser.add_argument("--device", default="auto")
@@ -200,14 +214,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be >= 2: the first step is not timed")
+    if not 0 < args.labelled <= 1:
+        parser.error(f"--labelled must be in (0, 1], got {args.labelled}")
     rows = []
     for visit in rows_for(("fp32", "compact"), args.travel):
         print(f"measuring {visit.mode}, frozen {visit.frozen} {_setting(asdict(visit))}...", flush=True)
         rows.append(in_fresh_process(measure_visit, args.model, visit, args.batch_size, args.seq_len,
-                                     args.steps, args.device))
+                                     args.steps, args.device, args.labelled))
         write_json(args.out, rows)
-    print(f"\n{args.model}, batch {args.batch_size} x {args.seq_len} tokens, {args.steps} steps per row, "
-          f"on {rows[0]['device']}\n")
+    print(f"\n{args.model}, batch {args.batch_size} x {args.seq_len} tokens ({args.labelled:.0%} of positions "
+          f"labelled), {args.steps} steps per row, on {rows[0]['device']}\n")
     print(ratio_table(rows))
     print("\n" + "\n".join(targets(rows, "compact")))
     print(f"\nwrote {args.out}")

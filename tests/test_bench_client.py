@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fedcybgd import models
-from scripts.bench_client import MODES, Visit, measure_visit, ratio_table, rows_for, targets
+from fedcybgd.train import IGNORE_INDEX
+from scripts.bench_client import MODES, Visit, measure_visit, random_batches, ratio_table, rows_for, targets
 from scripts.gpu_check import FROZEN
 
 
@@ -23,6 +24,16 @@ def test_a_row_measures_one_visit_as_the_client_holds_it() -> None:
     assert len(compact["steps"]) == 2 and compact["step_seconds"] == compact["steps"][1]
     rows = [full, compact, expanded]
     assert "block-top" in ratio_table(rows) and targets(rows, "compact")[0].startswith("block-top compact: memory")
+
+
+def test_a_batch_labels_only_its_response_share_and_never_padding() -> None:
+    (batch,) = random_batches(100, 4, 40, 1, labelled=0.25)
+    labelled = batch["labels"] != IGNORE_INDEX
+    assert labelled[:, :30].sum() == 0  # the prompt
+    assert labelled[:3, 30:].all() and labelled[3].sum() == 0  # the last row's final quarter is padding
+    assert torch.equal(batch["labels"][labelled], batch["input_ids"][labelled])
+    (every,) = random_batches(100, 4, 40, 1)
+    assert torch.equal(every["labels"] != IGNORE_INDEX, every["attention_mask"] == 1)
 
 
 def test_rows_cover_every_mode_and_form() -> None:

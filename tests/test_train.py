@@ -8,7 +8,8 @@ from fedcybgd.blocks import partition_blocks
 from fedcybgd.config import ConfigError, DataConfig, TrainConfig, compose
 from fedcybgd.batches import eval_batches, train_batches
 from fedcybgd.data import load_examples, tokenize
-from fedcybgd.train import evaluate_loss, lr_at, train_params, visit_steps
+from fedcybgd import train
+from fedcybgd.train import evaluate_loss, lr_at, response_logits, train_params, visit_steps
 
 
 def setup(name="tiny-llama"):
@@ -48,6 +49,39 @@ def test_training_a_block_lowers_the_loss_it_trains_on():
     train_params(model, list(partition_blocks(model, 4)[0].names),
                  train_batches(examples, 8, tokenizer.pad_token_id, 0), cfg, torch.device("cpu"))
     assert evaluate_loss(model, batches, torch.device("cpu")) < before - 0.1
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-neox"])
+@pytest.mark.parametrize("plain_head", [True, False])
+def test_the_head_runs_on_response_positions_only_and_the_loss_and_gradient_are_the_full_logits(
+        name, plain_head, monkeypatch):
+    if not plain_head:  # a model type not known to have a plain head: full logits, rows kept
+        monkeypatch.setattr(train, "PLAIN_HEAD_MODEL_TYPES", frozenset())
+    model, tokenizer, examples = setup(name)
+    model.train()
+    batch = next(train_batches(examples, 4, tokenizer.pad_token_id, 0))
+    responses = int((batch["labels"][:, 1:] != train.IGNORE_INDEX).sum())
+    assert 0 < responses < batch["labels"][:, 1:].numel() / 2  # prompts and padding carry no label
+
+    head_rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: head_rows.append(i[0].shape))
+    torch.manual_seed(0)  # the same dropout masks in both passes (GPT-2's config has dropout)
+    logits, targets = response_logits(model, batch)
+    hook.remove()
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch.manual_seed(0)
+    reference = model(**batch).loss  # Hugging Face's causal-LM loss over every position's logits
+    reference.backward()
+
+    assert head_rows == ([(responses, model.config.hidden_size)] if plain_head
+                         else [(*batch["input_ids"].shape, model.config.hidden_size)])
+    assert logits.shape == (responses, model.config.vocab_size) and targets.shape == (responses,)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(ours[n], p.grad, rtol=1e-4, atol=1e-6), n
 
 
 def test_local_epochs_are_passes_over_the_shard_in_whole_steps():
