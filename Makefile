@@ -47,8 +47,8 @@ bench-comm: setup
 .PHONY: test-deploy deploy certs deploy-tools
 DEPLOY_OUT ?= $(CURDIR)/outputs/deploy
 
-# Loopback deployment tests (SuperLink + SuperNodes as processes; insecure, TLS + node auth) and
-# the Docker files: about 3 minutes on 2 cores.
+# The loopback deployment test (SuperLink + SuperNodes as processes, TLS + node auth) and the
+# Docker files: about 2 minutes on 2 cores.
 test-deploy: setup
 	$(PY) -m pytest tests/test_deployment.py
 

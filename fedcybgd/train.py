@@ -115,6 +115,7 @@ def train_params(
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     logits, targets = response_logits(model, batch)
                     loss = F.cross_entropy(logits.float(), targets)
+                    del logits  # backward keeps what it needs; this buffer would outlive the step
                 if not torch.isfinite(loss):
                     raise TrainingError(f"non-finite training loss {loss.item()}")
                 (loss / cfg.grad_accum).backward()

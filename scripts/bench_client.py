@@ -9,9 +9,10 @@ then held `fp32` (expanded up front: before compact frozen weights) or `compact`
 expanded one module at a time); the block trains in fp32 with a fresh AdamW. Full fine-tuning
 trains the fp32 model. Batches are random tokens, `--seq-len` long, the last sequence's final
 quarter padding (so attention runs with a padding mask as in training); each sequence's last
-`--labelled` share of positions is its response and carries the labels, the rest is prompt
+`--labelled` share of tokens is its response and carries the labels, the rest is prompt
 (0.23 by default: the share of positions with a label in the default data's batches of 4,
-measured; the trainer computes logits only there). Peak memory: the process's peak RSS sampled during the steps (CUDA: the allocator's peak)
+measured, padding included; here 21 % of all positions, with the padding; the trainer computes
+logits only there). Peak memory: the process's peak RSS sampled during the steps (CUDA: the allocator's peak)
 minus its memory just before the model was loaded; the process's own lifetime peak is reported
 beside it. Step seconds: the median of the steps after the first. The last three rows are what
 a CPU node that declares a memory budget runs (freed memory handed back as it goes,
@@ -83,17 +84,19 @@ def block_names(model: torch.nn.Module, mode: str) -> list[str]:
 def random_batches(vocab_size: int, batch_size: int, seq_len: int, count: int,
                    labelled: float = 1.0) -> list[dict[str, torch.Tensor]]:
     """Random tokens, `seq_len` long; the last sequence's final quarter is right padding, so
-    attention runs with a padding mask as on the trainer's padded batches. Each sequence's last
-    `labelled` share of positions (its response) carries the labels; padding never does."""
+    attention runs with a padding mask as on the trainer's padded batches. The last `labelled`
+    share of each sequence's tokens (its response, before any padding) carries the labels."""
     generator = torch.Generator().manual_seed(0)
-    prompt = seq_len - max(1, round(labelled * seq_len))
+    lengths = [seq_len] * (batch_size - 1) + [seq_len - seq_len // 4]
     batches = []
     for _ in range(count):
         ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
-        mask = torch.ones_like(ids)
-        mask[-1, seq_len - seq_len // 4:] = 0
-        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-        labels[:, :prompt] = IGNORE_INDEX
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for row, length in enumerate(lengths):
+            mask[row, :length] = 1
+            response = length - max(1, round(labelled * length))
+            labels[row, response:length] = ids[row, response:length]
         batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return batches
 
@@ -205,8 +208,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--labelled", type=float, default=0.23,
-                        help="share of each sequence's positions with a label (its response): 0.23 in the "
-                             "default data's batches of 4 at 128 tokens (measured); 1 labels every position")
+                        help="share of each sequence's tokens with a label (its response): 0.23 of the "
+                             "positions in the default data's batches of 4 carry one (measured); 1 labels every token")
     parser.add_argument("--steps", type=int, default=6, help="steps per row; the first is not timed")
     parser.add_argument("--travel", default="int8", help="the frozen matrices' wire form: int8, nf4 or none")
     parser.add_argument("--device", default="auto")

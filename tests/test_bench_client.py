@@ -29,8 +29,10 @@ def test_a_row_measures_one_visit_as_the_client_holds_it() -> None:
 def test_a_batch_labels_only_its_response_share_and_never_padding() -> None:
     (batch,) = random_batches(100, 4, 40, 1, labelled=0.25)
     labelled = batch["labels"] != IGNORE_INDEX
-    assert labelled[:, :30].sum() == 0  # the prompt
-    assert labelled[:3, 30:].all() and labelled[3].sum() == 0  # the last row's final quarter is padding
+    assert labelled[:3, :30].sum() == 0 and labelled[:3, 30:].all()  # prompt, then the last 10 of 40
+    # The last row is 30 tokens and 10 of padding: its last 8 tokens are the response.
+    assert labelled[3].nonzero().flatten().tolist() == list(range(22, 30))
+    assert (batch["attention_mask"][3] == 1).sum() == 30
     assert torch.equal(batch["labels"][labelled], batch["input_ids"][labelled])
     (every,) = random_batches(100, 4, 40, 1)
     assert torch.equal(every["labels"] != IGNORE_INDEX, every["attention_mask"] == 1)

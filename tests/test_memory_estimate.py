@@ -15,6 +15,7 @@ from fedcybgd.memory_estimate import (
     layer_activation_bytes,
     load_config,
 )
+from fedcybgd.train import IGNORE_INDEX, response_logits
 
 LLAMA_2_7B = Path(__file__).resolve().parent.parent / "conf" / "hf" / "llama-2-7b.json"
 
@@ -62,8 +63,9 @@ def test_a_larger_block_trains_and_keeps_more():
 
 
 def saved_activation_bytes(config: LlamaConfig, train_block_only: bool, batch: int, seq: int,
-                           checkpointing: bool = False) -> int:
-    """Bytes of the distinct non-parameter tensors autograd saves in one training forward."""
+                           checkpointing: bool = False) -> tuple[int, float]:
+    """Bytes of the distinct non-parameter tensors autograd saves in one training forward, and
+    the share of the batch's positions that got logits (the estimate counts every position)."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).train()
     if checkpointing:  # as fedcybgd.train enables it
@@ -84,9 +86,12 @@ def saved_activation_bytes(config: LlamaConfig, train_block_only: bool, batch: i
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     mask = torch.ones_like(ids)
     mask[1, seq // 2:] = 0  # right padding, as the trainer's batches have
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)  # every position labelled, as the estimate assumes
+    model.config.use_cache = False
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False)
-    return sum(saved.values())
+        logits, targets = response_logits(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+        torch.nn.functional.cross_entropy(logits.float(), targets)  # the trainer's forward and loss
+    return sum(saved.values()), targets.numel() / ids.numel()
 
 
 @pytest.mark.parametrize("block_only", [False, True])
@@ -94,9 +99,10 @@ def test_activation_formula_matches_what_autograd_keeps(block_only):
     config = tiny_llama(tied=True)
     est = estimate(config, weight_dtype="float32", batch_size=2, seq_len=32)
     memory = est.block if block_only else est.full
-    # Of the logits buffers, only the fp32 log-probabilities are saved tensors.
-    formula = memory.activations + memory.logits_buffers // 3
-    measured = saved_activation_bytes(config, block_only, batch=2, seq=32)
+    measured, logit_share = saved_activation_bytes(config, block_only, batch=2, seq=32)
+    # Of the logits buffers, only the fp32 log-probabilities are saved tensors, and only at the
+    # positions the trainer computes logits for (every one followed by a label: 46 of 64 here).
+    formula = memory.activations + logit_share * memory.logits_buffers / 3
     # Left out of the formula: token ids and labels, the shared RoPE tables, the scalar loss;
     # counted but not kept: block 0's first norm input (its input needs no gradient).
     assert measured == pytest.approx(formula, rel=0.03)
@@ -111,8 +117,9 @@ def test_with_gradient_checkpointing_each_layer_keeps_its_input_and_one_layer_is
     # Saved through the forward pass: each layer's input; backward then recomputes one layer at a
     # time (the trained one is the largest), which saved-tensor hooks do not see.
     recomputed = 2 * 32 * layer_activation_bytes(config, FP32, 32, trains=True)
-    measured = saved_activation_bytes(config, block_only, batch=2, seq=32, checkpointing=True)
-    assert measured == pytest.approx(memory.activations - recomputed + memory.logits_buffers // 3, rel=0.03)
+    measured, logit_share = saved_activation_bytes(config, block_only, batch=2, seq=32, checkpointing=True)
+    assert measured == pytest.approx(memory.activations - recomputed + logit_share * memory.logits_buffers / 3,
+                                     rel=0.03)
     assert memory.peak < (plain.block if block_only else plain.full).peak
 
 
