@@ -343,11 +343,8 @@ def _training_memory(weights: int, trainable: int, width: int, activations: int,
     activations as it creates that layer's gradients (which are smaller), so the peak is the
     larger of
       - the start of backward (from the second step, when AdamW's state exists): weights, master
-        copy, optimizer state, all kept activations, and the larger of the logits buffers (while
-        log_softmax's backward runs) and, for compact frozen weights, one of them with the
-        head's matrix expanded for lm_head's backward, which comes after log_softmax's has
-        freed the other two (memory-check: counting both at once overestimated block 0 by the
-        expanded matrix, 0.11 GB of SmolLM2's 0.65 GB with checkpointing);
+        copy, optimizer state, all kept activations, the logits buffers and, for compact frozen
+        weights, the head's matrix expanded for lm_head's backward;
       - the optimizer step: weights, master copy, optimizer state, gradients, and the scratch of
         the update: the foreach AdamW (PyTorch's default on CUDA) computes sqrt(v) for all
         trainable parameters at once, one fp32 copy of them (the per-tensor CPU loop needs less).
@@ -368,6 +365,5 @@ def _training_memory(weights: int, trainable: int, width: int, activations: int,
         optimizer_scratch=scratch,
         expansion=expansion,
         total=resident + gradients + activations + logits + scratch + expansion,
-        peak=max(resident + activations + max(logits, logits // LOGITS_BUFFERS + expansion),
-                 resident + gradients + scratch),
+        peak=max(resident + activations + logits + expansion, resident + gradients + scratch),
     )

@@ -195,10 +195,6 @@ def test_llama_2_7b_trains_all_parameters_in_12_gb_with_nf4_frozen_weights():
     # Flower's own 7B 4-bit LoRA example reports about 16.5 GB per client.
     assert est.block.peak < 12e9 < estimate(LLAMA_2_7B, batch_size=2, seq_len=512).block.peak
     assert est.block.expansion == 2 * 32000 * 4096  # the fp16 lm_head, expanded for its backward
-    # ... after log_softmax's backward has freed two of the three logits buffers.
-    b = est.block
-    assert b.peak == b.weights + b.master_copy + b.optimizer_state + b.activations + max(
-        b.logits_buffers, b.logits_buffers // 3 + b.expansion)
 
 
 @pytest.mark.parametrize("shape", [(64, 96), (49, 30), (7, 3, 5), (576,)])
