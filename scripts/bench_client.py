@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from fedcybgd import compression, frozen, memory, models
+from fedcybgd.batches import Example, collate
 from fedcybgd.blocks import partition_blocks
 from fedcybgd.client_cache import ClientCache, Holding
 from fedcybgd.compression import DENSE, TensorForm
@@ -90,14 +91,12 @@ def random_batches(vocab_size: int, batch_size: int, seq_len: int, count: int,
     lengths = [seq_len] * (batch_size - 1) + [seq_len - seq_len // 4]
     batches = []
     for _ in range(count):
-        ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        for row, length in enumerate(lengths):
-            mask[row, :length] = 1
-            response = length - max(1, round(labelled * length))
-            labels[row, response:length] = ids[row, response:length]
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).tolist()
+        examples = []
+        for row, length in zip(ids, lengths):
+            prompt = length - max(1, round(labelled * length))
+            examples.append(Example(row[:length], [IGNORE_INDEX] * prompt + row[prompt:length]))
+        batches.append(collate(examples, pad_id=0))
     return batches
 
 
@@ -225,8 +224,8 @@ def main() -> None:
         rows.append(in_fresh_process(measure_visit, args.model, visit, args.batch_size, args.seq_len,
                                      args.steps, args.device, args.labelled))
         write_json(args.out, rows)
-    print(f"\n{args.model}, batch {args.batch_size} x {args.seq_len} tokens ({args.labelled:.0%} of positions "
-          f"labelled), {args.steps} steps per row, on {rows[0]['device']}\n")
+    print(f"\n{args.model}, batch {args.batch_size} x {args.seq_len} tokens (the last {args.labelled:.0%} of each "
+          f"sequence's labelled), {args.steps} steps per row, on {rows[0]['device']}\n")
     print(ratio_table(rows))
     print("\n" + "\n".join(targets(rows, "compact")))
     print(f"\nwrote {args.out}")
