@@ -179,22 +179,33 @@ def _shape(parts: dict[str, torch.Tensor]) -> tuple[int, ...]:
     return tuple(int(d) for d in parts["shape"])
 
 
-def decode_rows(parts: dict[str, torch.Tensor], form: TensorForm, rows: torch.Tensor) -> torch.Tensor:
-    """Rows `rows` (any shape of indices) of the matrix `parts` encode, in fp32: an embedding
-    lookup that expands only the rows it reads, where the form allows (dense, int8, and NF4
-    with whole 64-value blocks per row); otherwise it expands the matrix once."""
+def decodes_rows(parts: dict[str, torch.Tensor], form: TensorForm) -> bool:
+    """Whether `decode_rows` expands only the rows it reads: dense, int8, and NF4 with whole
+    NF4_BLOCK-value blocks per row. Otherwise it expands the whole matrix first."""
     if "shape" not in parts:
-        return parts["v"][rows].float()
+        return True
     shape = _shape(parts)
-    if len(shape) == 2 and not form.prunes:
-        cols = shape[1]
-        if form.quant == "int8":
-            return parts["q"].reshape(shape)[rows].float() * parts["scale"][rows].unsqueeze(-1)
-        if form.quant == "nf4" and cols % NF4_BLOCK == 0:
-            packed = parts["q"].reshape(shape[0], cols // 2)[rows]
-            absmax = parts["absmax"].reshape(shape[0], cols // NF4_BLOCK)[rows]
-            return _nf4_decode(packed.reshape(-1), absmax.reshape(-1), packed.numel() * 2).reshape(*rows.shape, cols)
-    return decode(parts, form)[rows]
+    return len(shape) == 2 and not form.prunes and (form.quant != "nf4" or shape[1] % NF4_BLOCK == 0)
+
+
+def decode_rows(parts: dict[str, torch.Tensor], form: TensorForm, rows: torch.Tensor | slice,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows `rows` (a slice, or indices of any shape) of the matrix `parts` encode, in `dtype`:
+    an embedding lookup, or a frozen matrix expanded a slice of rows at a time. Values are
+    those `decode` gives."""
+    if not decodes_rows(parts, form):
+        return decode(parts, form, dtype)[rows]
+    if "shape" not in parts:
+        return parts["v"][rows].to(dtype)
+    rows_n, cols = _shape(parts)
+    if form.quant == "int8":
+        values = parts["q"].reshape(rows_n, cols)[rows].float().mul_(parts["scale"][rows].unsqueeze(-1))
+    else:
+        packed = parts["q"].reshape(rows_n, cols // 2)[rows]
+        absmax = parts["absmax"].reshape(rows_n, cols // NF4_BLOCK)[rows]
+        values = _nf4_decode(packed.reshape(-1), absmax.reshape(-1), packed.numel() * 2)
+        values = values.reshape(*packed.shape[:-1], cols)
+    return values.to(dtype)
 
 
 def _prune_mask(matrix: torch.Tensor, form: TensorForm) -> torch.Tensor:

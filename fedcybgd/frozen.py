@@ -4,7 +4,7 @@ A visit trains one block; every other matrix only carries activations forward (a
 block, gradients back). Expanded to fp32 those matrices would cost the client the whole model's
 fp32 size, whatever the download saved. `load` keeps each frozen matrix of a linear or embedding
 module in the form it travelled in (`compact`: int8, NF4, pruned, or dense as sent) or in bf16,
-and expands it one module at a time when that module runs: in forward, and again in backward
+and expands it when its module runs, a slice of rows at a time: in forward, and again in backward
 rather than keeping the expanded copy for it (autograd would otherwise hold every expanded
 matrix above the block until the backward pass reaches it). `fp32` expands everything up front,
 as ordinary parameters. Norms, biases and the block itself are always fp32 parameters.
@@ -22,12 +22,29 @@ from fedcybgd.compression import DENSE, Encoded
 from fedcybgd.config import FROZEN_FORMS
 
 
+# A frozen matrix is expanded a slice of rows at a time, each about this size, so a visit's
+# transient is a slice, not the largest matrix (SmolLM2's tied head: 113 MB in fp32). Measured on
+# the 2-core CPU (2026-12-07, batch 4 x 128, int8, one fresh process per row, three runs each,
+# alternating with the whole-matrix code): visit peak of the top block 481 -> 385 MB, middle
+# 974 -> 848 MB, bottom 1,500 -> 1,369 MB; step time unchanged (top block, both ways alternating
+# in one process: 1.051 s whole, 1.064 s in slices). Slices much smaller than this cost Python
+# overhead per slice for no memory that matters.
+EXPAND_CHUNK_BYTES = 4 << 20
+
+
+def expansion_rows(rows: int, cols: int, itemsize: int) -> int:
+    """How many of a matrix's `rows` (of `cols` values) are expanded at once to `itemsize`-byte
+    values: the memory estimate counts the same."""
+    return min(rows, max(1, EXPAND_CHUNK_BYTES // (cols * itemsize)))
+
+
 class FrozenWeight(nn.Module):
     """One frozen matrix in its compact parts (buffers, so `.to(device)` moves them)."""
 
     def __init__(self, encoded: Encoded) -> None:
         super().__init__()
         self.form = encoded.form
+        self.matrix_shape = encoded.shape
         self.part_names = tuple(encoded.parts)
         for part, tensor in encoded.parts.items():
             self.register_buffer(part, tensor, persistent=False)
@@ -35,9 +52,22 @@ class FrozenWeight(nn.Module):
     def parts(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.part_names}
 
-    def expand(self, dtype: torch.dtype) -> torch.Tensor:
-        """The whole matrix in `dtype`, for one use."""
-        return compression.decode(self.parts(), self.form, dtype)
+    def expand(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+        """Rows `rows` of the matrix (all of it by default) in `dtype`, for one use."""
+        if rows == slice(None):
+            return compression.decode(self.parts(), self.form, dtype)
+        return compression.decode_rows(self.parts(), self.form, rows, dtype)
+
+    def row_slices(self, dtype: torch.dtype) -> list[slice]:
+        """The slices of rows to expand one at a time (see EXPAND_CHUNK_BYTES): the whole matrix
+        where its form cannot expand a slice alone, or where expanding it copies nothing."""
+        parts = self.parts()
+        copies = not (self.form == DENSE and parts["v"].dtype == dtype)
+        if len(self.matrix_shape) != 2 or not copies or not compression.decodes_rows(parts, self.form):
+            return [slice(None)]
+        rows, cols = self.matrix_shape
+        step = expansion_rows(rows, cols, dtype.itemsize)
+        return [slice(None)] if step == rows else [slice(start, start + step) for start in range(0, rows, step)]
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` in fp32, expanding only those where the form allows."""
@@ -45,6 +75,26 @@ class FrozenWeight(nn.Module):
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.parts().values())
+
+
+def _times_transposed(x: torch.Tensor, weight: FrozenWeight, dtype: torch.dtype) -> torch.Tensor:
+    """`x @ W.T`, W expanded a slice of rows (a slice of the output's features) at a time."""
+    slices = weight.row_slices(dtype)
+    if len(slices) == 1:
+        return F.linear(x, weight.expand(dtype))
+    out = x.new_empty(*x.shape[:-1], weight.matrix_shape[0])
+    for rows in slices:
+        out[..., rows] = F.linear(x, weight.expand(dtype, rows))
+    return out
+
+
+def _times(x: torch.Tensor, weight: FrozenWeight, dtype: torch.dtype) -> torch.Tensor:
+    """`x @ W`, W expanded a slice of rows (a slice of x's features) at a time, summed."""
+    out = None
+    for rows in weight.row_slices(dtype):
+        part = x[..., rows] @ weight.expand(dtype, rows)
+        out = part if out is None else out.add_(part)
+    return out
 
 
 class _ExpandedLinear(torch.autograd.Function):
@@ -55,13 +105,12 @@ class _ExpandedLinear(torch.autograd.Function):
                 transposed: bool) -> torch.Tensor:
         dtype = _compute_dtype(x)
         ctx.weight, ctx.transposed, ctx.input_dtype = weight, transposed, x.dtype
-        w = weight.expand(dtype)
-        return F.linear(x.to(dtype), w.T if transposed else w, None if bias is None else bias.to(dtype))
+        out = (_times if transposed else _times_transposed)(x.to(dtype), weight, dtype)
+        return out if bias is None else out.add_(bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # noqa: ANN001
-        w = ctx.weight.expand(grad.dtype)
-        grad_input = grad @ (w.T if ctx.transposed else w)
+        grad_input = (_times_transposed if ctx.transposed else _times)(grad, ctx.weight, grad.dtype)
         return grad_input.to(ctx.input_dtype), None, None, None
 
 

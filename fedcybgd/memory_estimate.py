@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from fedcybgd.blocks import find_layer_path, partition_blocks
 from fedcybgd.compression import NF4_BLOCK
+from fedcybgd.frozen import expansion_rows
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
@@ -64,7 +65,7 @@ class TrainingMemory:
     activations: int  # tensors autograd keeps from the forward pass for backward
     logits_buffers: int  # LOGITS_BUFFERS x fp32 (tokens x vocab)
     optimizer_scratch: int  # transient fp32 buffer of the AdamW update (see _training_memory)
-    expansion: int  # one frozen matrix expanded for its module's forward or backward (compact forms)
+    expansion: int  # the largest slice of a frozen matrix expanded at once for its module (compact forms)
     total: int  # every component above as if all held at once (how Fig. 1 stacks them)
     peak: int  # the larger of the two moments that really hold the most: see _training_memory
 
@@ -242,8 +243,7 @@ def _block_training_memory(config: PretrainedConfig, model: torch.nn.Module, nam
         held, expansion = width * sum(math.prod(shape) for shape in frozen), 0
     else:
         held = sum(held_bytes(shape, frozen_form) for shape in frozen)
-        matrices = [math.prod(shape) for shape in frozen if len(shape) >= 2]
-        expansion = width * max(matrices) if matrices and frozen_form != "fp32" else 0
+        expansion = max((expanded_bytes(shape, frozen_form, width) for shape in frozen), default=0)
     tokens = batch_size * seq_len
     lowest = min(layers, default=config.num_hidden_layers)
     activations = tokens * kept_activation_bytes(config, width, seq_len, lowest, layers,
@@ -272,6 +272,19 @@ def held_bytes(shape: tuple[int, ...], form: str) -> int:
     if form == "int8":
         return n + FP32 * shape[0]
     return -(-n // NF4_BLOCK) * (NF4_BLOCK // 2 + FP32)
+
+
+def expanded_bytes(shape: tuple[int, ...], form: str, width: int) -> int:
+    """The most bytes of one frozen parameter, held in `form`, expanded at once for a module
+    computing at `width` bytes a value: a slice of rows (`fedcybgd.frozen.expansion_rows`) where
+    the form decodes rows alone, the whole matrix where it does not (NF4 blocks straddling rows),
+    nothing where the held form is what the module computes in."""
+    if len(shape) < 2 or form == "fp32" or (form == "bf16" and width == 2):
+        return 0
+    rows, cols = shape[0], math.prod(shape[1:])
+    if len(shape) > 2 or (form == "nf4" and cols % NF4_BLOCK):
+        return width * rows * cols
+    return width * expansion_rows(rows, cols, width) * cols
 
 
 def _require_activation_formula(config: PretrainedConfig) -> None:
@@ -344,7 +357,7 @@ def _training_memory(weights: int, trainable: int, width: int, activations: int,
     larger of
       - the start of backward (from the second step, when AdamW's state exists): weights, master
         copy, optimizer state, all kept activations, the logits buffers and, for compact frozen
-        weights, the head's matrix expanded for lm_head's backward;
+        weights, the slice of the head's matrix expanded for lm_head's backward;
       - the optimizer step: weights, master copy, optimizer state, gradients, and the scratch of
         the update: the foreach AdamW (PyTorch's default on CUDA) computes sqrt(v) for all
         trainable parameters at once, one fp32 copy of them (the per-tensor CPU loop needs less).
