@@ -169,13 +169,12 @@ def test_bad_inputs_are_named(tmp_path):
         estimate(LLAMA_2_7B, weight_dtype="float8")
 
 
-@pytest.mark.parametrize("form", ["int8", "nf4", "bf16", "fp32"])
-def test_frozen_bytes_are_what_the_client_holds(form):
-    from fedcybgd import compression, frozen, models
+def held_model(form: str) -> tuple[LlamaConfig, torch.nn.Module, set[str]]:
+    """A tiny tied Llama as a client holds it to train block 0, the rest in `form`."""
+    from fedcybgd import frozen, models
     from fedcybgd.compression import Encoded, TensorForm
 
     config = tiny_llama(tied=True)
-    est = estimate(config, "float32", frozen_form=form)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     block = set(partition_blocks(model, 1)[0].names)
@@ -185,9 +184,43 @@ def test_frozen_bytes_are_what_the_client_holds(form):
                for n, t in models.named_tensors(model).items()}
     skeleton, _ = models.build_skeleton(models.model_spec(model))
     frozen.load(skeleton, tensors, block, "compact" if form in ("int8", "nf4") else form)
+    return config, skeleton, block
+
+
+@pytest.mark.parametrize("form", ["int8", "nf4", "bf16", "fp32"])
+def test_frozen_bytes_are_what_the_client_holds(form):
+    from fedcybgd import frozen
+
+    config, skeleton, _ = held_model(form)
+    est = estimate(config, "float32", frozen_form=form)
     held = frozen.frozen_bytes(skeleton) + sum(4 * p.numel() for p in skeleton.parameters())
     shape_parts = sum(16 for m in skeleton.modules() if isinstance(m, frozen.FrozenWeight) and "shape" in m.part_names)
     assert est.block.weights == held - shape_parts  # each compact matrix also keeps its shape (2 int64)
+
+
+@pytest.mark.parametrize("form", ["int8", "nf4", "bf16", "fp32"])
+def test_the_expansion_counted_is_the_largest_the_client_makes(form, monkeypatch):
+    from fedcybgd import frozen
+
+    # 16 rows of 64 fp32 values a slice; down_proj's 172 columns are not whole NF4 blocks, so NF4
+    # expands that matrix whole.
+    monkeypatch.setattr(frozen, "EXPAND_CHUNK_BYTES", 4096)
+    config, skeleton, block = held_model(form)
+    sizes = [0]
+    expand = frozen.FrozenWeight.expand
+
+    def recording(self, dtype, rows=slice(None)):
+        matrix = expand(self, dtype, rows)
+        sizes.append(matrix.numel() * matrix.element_size())
+        return matrix
+
+    monkeypatch.setattr(frozen.FrozenWeight, "expand", recording)
+    for name, param in skeleton.named_parameters():
+        param.requires_grad_(name in block)
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    skeleton(input_ids=ids, labels=ids).loss.backward()  # block 0: backward through every layer above
+    assert max(sizes) == estimate(config, "float32", frozen_form=form).block.expansion
+    assert max(sizes) == {"int8": 4096, "bf16": 4096, "nf4": 4 * 64 * 172, "fp32": 0}[form]
 
 
 def test_llama_2_7b_trains_all_parameters_in_12_gb_with_nf4_frozen_weights():
