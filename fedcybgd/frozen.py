@@ -29,13 +29,13 @@ from fedcybgd.config import FROZEN_FORMS
 # 974 -> 848 MB, bottom 1,500 -> 1,369 MB; step time unchanged (top block, both ways alternating
 # in one process: 1.051 s whole, 1.064 s in slices). Slices much smaller than this cost Python
 # overhead per slice for no memory that matters.
-EXPAND_CHUNK_BYTES = 4 << 20
+EXPAND_SLICE_BYTES = 4 << 20
 
 
 def expansion_rows(rows: int, cols: int, itemsize: int) -> int:
     """How many of a matrix's `rows` (of `cols` values) are expanded at once to `itemsize`-byte
     values: the memory estimate counts the same."""
-    return min(rows, max(1, EXPAND_CHUNK_BYTES // (cols * itemsize)))
+    return min(rows, max(1, EXPAND_SLICE_BYTES // (cols * itemsize)))
 
 
 class FrozenWeight(nn.Module):
@@ -59,7 +59,7 @@ class FrozenWeight(nn.Module):
         return compression.decode_rows(self.parts(), self.form, rows, dtype)
 
     def row_slices(self, dtype: torch.dtype) -> list[slice]:
-        """The slices of rows to expand one at a time (see EXPAND_CHUNK_BYTES): the whole matrix
+        """The slices of rows to expand one at a time (see EXPAND_SLICE_BYTES): the whole matrix
         where its form cannot expand a slice alone, or where expanding it copies nothing."""
         parts = self.parts()
         copies = not (self.form == DENSE and parts["v"].dtype == dtype)

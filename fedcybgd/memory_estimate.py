@@ -162,7 +162,7 @@ def estimate(
     """Memory of full fine-tuning and of training the first (worst-case) block, in bytes.
 
     `frozen_form` (one of HELD_FORMS): how block training holds everything outside the block,
-    as `fedcybgd.frozen` does (vectors fp32; compact matrices expanded one at a time in the
+    as `fedcybgd.frozen` does (vectors fp32; compact matrices expanded a slice at a time in the
     compute dtype, `weight_dtype`); None: the whole model at `weight_dtype`, as ordinary weights.
     `gradient_checkpointing`: `train.gradient_checkpointing` (see `kept_activation_bytes`).
     """

@@ -193,7 +193,7 @@ def test_matrices_expanded_a_slice_at_a_time_give_the_same_loss_and_gradients(
     spec, tensors = encoded_model(structure, form)
     whole = loss_and_grads(*loaded(spec, tensors, 1, "compact"))
     cap = 1024
-    monkeypatch.setattr(frozen, "EXPAND_CHUNK_BYTES", cap)
+    monkeypatch.setattr(frozen, "EXPAND_SLICE_BYTES", cap)
     expanded: list[tuple[int, bool]] = []  # bytes expanded at once, and whether rows could be sliced
     expand = frozen.FrozenWeight.expand
 

@@ -204,7 +204,7 @@ def test_the_expansion_counted_is_the_largest_the_client_makes(form, monkeypatch
 
     # 16 rows of 64 fp32 values a slice; down_proj's 172 columns are not whole NF4 blocks, so NF4
     # expands that matrix whole.
-    monkeypatch.setattr(frozen, "EXPAND_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(frozen, "EXPAND_SLICE_BYTES", 4096)
     config, skeleton, block = held_model(form)
     sizes = [0]
     expand = frozen.FrozenWeight.expand
