@@ -85,9 +85,7 @@ class Encoded:
     @property
     def shape(self) -> tuple[int, ...]:
         """The tensor's shape, without decoding it."""
-        if "shape" in self.parts:
-            return _shape(self.parts)
-        return tuple(self.parts["v"].shape)
+        return parts_shape(self.parts)
 
 
 def applies_to(tensor: torch.Tensor) -> bool:
@@ -179,12 +177,15 @@ def _shape(parts: dict[str, torch.Tensor]) -> tuple[int, ...]:
     return tuple(int(d) for d in parts["shape"])
 
 
-def decodes_rows(parts: dict[str, torch.Tensor], form: TensorForm) -> bool:
-    """Whether `decode_rows` expands only the rows it reads: dense, int8, and NF4 with whole
-    NF4_BLOCK-value blocks per row. Otherwise it expands the whole matrix first."""
-    if "shape" not in parts:
-        return True
-    shape = _shape(parts)
+def parts_shape(parts: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """The shape of the tensor `parts` encode (any form), without decoding it."""
+    return _shape(parts) if "shape" in parts else tuple(parts["v"].shape)
+
+
+def decodes_rows(shape: tuple[int, ...], form: TensorForm) -> bool:
+    """Whether `decode_rows` expands only the rows it reads of a `shape` tensor held in `form`:
+    an unpruned matrix, dense, int8, or NF4 with whole NF4_BLOCK-value blocks per row. Otherwise
+    it expands the whole tensor first."""
     return len(shape) == 2 and not form.prunes and (form.quant != "nf4" or shape[1] % NF4_BLOCK == 0)
 
 
@@ -193,11 +194,12 @@ def decode_rows(parts: dict[str, torch.Tensor], form: TensorForm, rows: torch.Te
     """Rows `rows` (a slice, or indices of any shape) of the matrix `parts` encode, in `dtype`:
     an embedding lookup, or a frozen matrix expanded a slice of rows at a time. Values are
     those `decode` gives."""
-    if not decodes_rows(parts, form):
+    shape = parts_shape(parts)
+    if not decodes_rows(shape, form):
         return decode(parts, form, dtype)[rows]
     if "shape" not in parts:
         return parts["v"][rows].to(dtype)
-    rows_n, cols = _shape(parts)
+    rows_n, cols = shape
     if form.quant == "int8":
         values = parts["q"].reshape(rows_n, cols)[rows].float().mul_(parts["scale"][rows].unsqueeze(-1))
     else:

@@ -61,9 +61,8 @@ class FrozenWeight(nn.Module):
     def row_slices(self, dtype: torch.dtype) -> list[slice]:
         """The slices of rows to expand one at a time (see EXPAND_SLICE_BYTES): the whole matrix
         where its form cannot expand a slice alone, or where expanding it copies nothing."""
-        parts = self.parts()
-        copies = not (self.form == DENSE and parts["v"].dtype == dtype)
-        if len(self.matrix_shape) != 2 or not copies or not compression.decodes_rows(parts, self.form):
+        copies = not (self.form == DENSE and self.v.dtype == dtype)
+        if not copies or not compression.decodes_rows(self.matrix_shape, self.form):
             return [slice(None)]
         rows, cols = self.matrix_shape
         step = expansion_rows(rows, cols, dtype.itemsize)

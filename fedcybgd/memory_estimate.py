@@ -25,7 +25,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from fedcybgd.blocks import find_layer_path, partition_blocks
-from fedcybgd.compression import NF4_BLOCK
+from fedcybgd.compression import DENSE, NF4_BLOCK, TensorForm, decodes_rows
 from fedcybgd.frozen import expansion_rows
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -282,7 +282,7 @@ def expanded_bytes(shape: tuple[int, ...], form: str, width: int) -> int:
     if len(shape) < 2 or form == "fp32" or (form == "bf16" and width == 2):
         return 0
     rows, cols = shape[0], math.prod(shape[1:])
-    if len(shape) > 2 or (form == "nf4" and cols % NF4_BLOCK):
+    if not decodes_rows(shape, TensorForm(quant=form) if form in ("int8", "nf4") else DENSE):
         return width * rows * cols
     return width * expansion_rows(rows, cols, width) * cols
 

@@ -46,6 +46,24 @@ def out_dir(tmp_path: Path) -> Path:
     return tmp_path / "out"
 
 
+@pytest.fixture
+def expansions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """Every frozen matrix expanded from here on (fedcybgd/frozen.py): the bytes expanded at
+    once, and whether its form lets rows be expanded alone."""
+    from fedcybgd import compression, frozen
+
+    seen: list[tuple[int, bool]] = []
+    expand = frozen.FrozenWeight.expand
+
+    def recording(self: frozen.FrozenWeight, dtype, rows: slice = slice(None)):  # noqa: ANN001, ANN202
+        matrix = expand(self, dtype, rows)
+        seen.append((matrix.numel() * matrix.element_size(), compression.decodes_rows(self.matrix_shape, self.form)))
+        return matrix
+
+    monkeypatch.setattr(frozen.FrozenWeight, "expand", recording)
+    return seen
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--long", action="store_true",
                      help="also run the tests marked `long` (`make test-all`; about 8 more minutes on 2 cores)")
