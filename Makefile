@@ -57,8 +57,10 @@ test-deploy: setup
 # DEPLOY_FLAGS=--own-data: each node gets a data file of its own and evaluates on it; the
 # server holds no data (README, "Evaluation on the nodes").
 DEPLOY_FLAGS ?=
+# Each SuperNode runs its ClientApps from client_app.forkserver (docs/deployment.md, section 4);
+# `$(PY) -m scripts.deploy --supernodes 3` without --forkserver runs Flower's own SuperExec.
 deploy: setup
-	$(PY) -m scripts.deploy --supernodes 3 $(DEPLOY_FLAGS) --workdir $(DEPLOY_OUT)/work output_dir=$(DEPLOY_OUT)
+	$(PY) -m scripts.deploy --supernodes 3 --forkserver $(DEPLOY_FLAGS) --workdir $(DEPLOY_OUT)/work output_dir=$(DEPLOY_OUT)
 
 # A private CA, the SuperLink's certificate and two SuperNode key pairs, in certs/.
 certs: setup

@@ -35,6 +35,7 @@ from scripts.certs import DEFAULT_HOSTS, NodeKeys, ServerCredentials, generate_n
 from scripts.flower import free_port
 
 DEFAULT_CONNECTION = "loopback"
+FORKSERVER_LOG_SUFFIX = "-forkserver"  # supernode-1.log, and supernode-1-forkserver.log beside it
 
 
 # -- how each process starts (shared with compose.yaml) --------------------------------------
@@ -87,6 +88,7 @@ class SuperNodeProcess:
     name: str
     port: int
     process: flower.Process
+    forkserver: flower.Process | None = None  # what runs its ClientApps, with `--forkserver`
 
     def log_text(self) -> str:
         return self.process.log_text()
@@ -102,6 +104,9 @@ class LoopbackDeployment:
     """A SuperLink and SuperNodes as separate processes on 127.0.0.1; use it as a context manager.
 
     `workdir` receives the FLWR_HOME, the certificates (with `tls`) and one log per process.
+    With `forkserver`, each SuperNode runs with `--isolation process` and `client_app.forkserver`
+    as its SuperExec (its ClientApp processes are forked from one that has imported torch);
+    otherwise Flower's own SuperExec starts a fresh Python for every message.
     `host` is the SuperLink's address for the nodes and the CLI; other than loopback, the
     SuperLink listens on all its addresses and its certificate names `host` too (scripts/edge.py).
     """
@@ -113,6 +118,7 @@ class LoopbackDeployment:
     connection: str = DEFAULT_CONNECTION
     database: str | None = None
     port: int = 0
+    forkserver: bool = False
     credentials: ServerCredentials | None = None
     supernodes: list[SuperNodeProcess] = field(default_factory=list)
     _superlink: flower.Process | None = None
@@ -225,11 +231,13 @@ class LoopbackDeployment:
 
     def add_supernode(self, node_config: Mapping[str, object], *, keys: NodeKeys | None = None,
                       max_retries: int | None = None) -> SuperNodeProcess:
-        """Start one SuperNode with its own Runtime API port and `--node-config`."""
+        """Start one SuperNode with its own Runtime API port and `--node-config` (and, with
+        `forkserver`, the fork server that runs its ClientApps)."""
         name = f"supernode-{len(self.supernodes) + 1}"
         port = free_port()
         flags = supernode_flags(
-            superlink=self.address, host="127.0.0.1", port=port, isolation="subprocess",
+            superlink=self.address, host="127.0.0.1", port=port,
+            isolation="process" if self.forkserver else "subprocess",
             root_cert=self.credentials.ca_cert if self.credentials else None,
             auth_key=keys.private_key if keys else None, node_config=node_config,
             max_retries=max_retries,
@@ -237,7 +245,13 @@ class LoopbackDeployment:
         # A FLWR_HOME per node, as on separate hosts: the FABs each one installs stay apart.
         env = {**self.env, "FLWR_HOME": str(self.workdir / f"{name}-home")}
         process = self._spawn(["flower-supernode", *flags], self.logs / f"{name}.log", env)
-        node = SuperNodeProcess(name, port, process)
+        forkserver = None
+        if self.forkserver:
+            exec_flags = superexec_flags(runtime_api=f"127.0.0.1:{port}", root_cert=None)  # a local API
+            forkserver = self._spawn([sys.executable, "-m", "client_app.forkserver", *exec_flags,
+                                      "--parent-pid", str(process.pid)],
+                                     self.logs / f"{name}{FORKSERVER_LOG_SUFFIX}.log", env)
+        node = SuperNodeProcess(name, port, process, forkserver)
         self.supernodes.append(node)
         return node
 
@@ -326,25 +340,42 @@ def message_timeline(logs: Path) -> dict[str, list[float]]:
     received to `flwr-clientapp` started: the SuperExec's poll, a new Python and Flower's imports)
     and `clientapp` (process started to reply sent: our imports, the visit, the reply)."""
     messages = []
-    for log in sorted(logs.glob("supernode-*.log")):
+    for log in sorted(p for p in logs.glob("supernode-*.log") if not p.stem.endswith(FORKSERVER_LOG_SUFFIX)):
+        # A fork server logs the starts of the node's ClientApps in a file of its own.
+        forked = [at for at, event in _stamped_events(log.with_stem(log.stem + FORKSERVER_LOG_SUFFIX))
+                  if event.startswith("Start")]
         current: dict[str, float] = {}
-        for match in _STAMPED.finditer(log.read_text(errors="replace")):
-            hours, minutes, seconds, event = match.groups()
-            at = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+        for at, event in _stamped_events(log):
             if event == "Receiving: train":
                 current = {"received": at}
             elif event.startswith("Start") and "received" in current:
                 current.setdefault("started", at)
-            elif event == "Sending: train" and "started" in current:
-                messages.append({**current, "sent": at})
+            elif event == "Sending: train" and "received" in current:
+                received, reply = current["received"], _since(at, current["received"])
+                starts = [t for t in forked if _since(t, received) <= reply]
+                started = current.get("started", min(starts, key=lambda t: _since(t, received), default=None))
+                if started is not None:
+                    messages.append({"received": received, "started": started, "sent": at})
                 current = {}
     messages.sort(key=lambda m: m["received"])
-    day = 24 * 3600.0  # a run across midnight: the clock restarts
     return {
-        "pickup": [(b["received"] - a["sent"]) % day for a, b in zip(messages, messages[1:])],
-        "process_start": [(m["started"] - m["received"]) % day for m in messages],
-        "clientapp": [(m["sent"] - m["started"]) % day for m in messages],
+        "pickup": [_since(b["received"], a["sent"]) for a, b in zip(messages, messages[1:])],
+        "process_start": [_since(m["started"], m["received"]) for m in messages],
+        "clientapp": [_since(m["sent"], m["started"]) for m in messages],
     }
+
+
+def _since(at: float, start: float) -> float:
+    """Seconds from `start` to `at`, both seconds into a day: a run may cross midnight."""
+    return (at - start) % (24 * 3600.0)
+
+
+def _stamped_events(log: Path) -> list[tuple[float, str]]:
+    """(seconds into the day, event) of each stamped line of `log` that `message_timeline` reads."""
+    if not log.exists():
+        return []
+    return [(int(h) * 3600 + int(m) * 60 + float(s), event)
+            for h, m, s, event in _STAMPED.findall(log.read_text(errors="replace"))]
 
 
 def timeline_summary(timeline: dict[str, list[float]]) -> str:
@@ -368,6 +399,9 @@ def main() -> int:
                              "<workdir>/node-data/; the server then needs none (eval.where=auto)")
     parser.add_argument("--memory-budget-mb", nargs="*", default=None, metavar="MB",
                         help="one per SuperNode: its memory-budget-mb node config, or 'none' for no limit")
+    parser.add_argument("--forkserver", action="store_true",
+                        help="each SuperNode runs its ClientApps from client_app.forkserver (--isolation "
+                             "process): forked from a process that has imported torch, not a fresh Python")
     parser.add_argument("--tls", action="store_true", help="TLS with a fresh private CA")
     parser.add_argument("--node-auth", action="store_true", help="SuperNode authentication (implies --tls)")
     parser.add_argument("--workdir", type=Path, default=None, help="logs, FLWR_HOME, certificates")
@@ -396,7 +430,8 @@ def main() -> int:
     if "algorithm.min_nodes" not in overrides:  # start only when every node is there
         overrides = f"{overrides} algorithm.min_nodes={args.supernodes}".strip()
     started = time.perf_counter()
-    with LoopbackDeployment(workdir, tls=args.tls or args.node_auth, node_auth=args.node_auth) as dep:
+    with LoopbackDeployment(workdir, tls=args.tls or args.node_auth, node_auth=args.node_auth,
+                            forkserver=args.forkserver) as dep:
         for i in range(args.supernodes):
             cache = {"cache-dir": str(dep.workdir / f"node-{i + 1}-cache"),
                      **({} if budgets[i] is None else {"memory-budget-mb": budgets[i]})}

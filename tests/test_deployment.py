@@ -325,10 +325,12 @@ def test_message_timeline_splits_each_train_message_into_its_legs(tmp_path: Path
         "23:59:50.000 INFO :      Receiving: train message (ID: a)\n"
         "23:59:51.000 INFO :      Start `flwr-clientapp` process\n"
         "23:59:55.500 INFO :      Sending: train message (ID: b)\n")
+    # Node 2's ClientApps come from a fork server, which logs their starts in a file of its own.
     (tmp_path / "supernode-2.log").write_text(
         "23:59:58.000 INFO :      Receiving: train message (ID: c)\n"
-        "23:59:59.250 INFO :      Start `flwr-clientapp` process\n"
         "00:00:09.250 INFO :      Sending: train message (ID: d)\n")
+    (tmp_path / "supernode-2-forkserver.log").write_text(
+        "23:59:59.250 [forkserver] task 7 of run 1: Start `flwr-clientapp` process (forked)\n")
     timeline = message_timeline(tmp_path)
     assert timeline == {"pickup": [2.5], "process_start": [1.0, 1.25], "clientapp": [4.5, 10.0]}
     assert timeline_summary({k: [0.0] * 3 + v for k, v in timeline.items()}).startswith(
