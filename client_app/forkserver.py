@@ -64,7 +64,7 @@ def run_task(token: str, runtime_api: str, insecure: bool, certificates: bytes |
         run_clientapp(runtime_api_address=runtime_api, token=token, insecure=insecure,
                       certificates=certificates, parent_pid=os.getppid(), runtime_dependency_install=False)
     except SystemExit as stop:  # Flower's runtime ends every task with sys.exit
-        return stop.code if isinstance(stop.code, int) else 1
+        return 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
     except BaseException:  # noqa: BLE001 - the child must exit here, never return to the loop
         traceback.print_exc()
         return 1
