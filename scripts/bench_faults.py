@@ -51,11 +51,12 @@ class Plan:
     hang_seconds: float = 100.0
 
 
-def run_faults(workdir: Path, out: Path, plan: Plan, timeout: float = 3600.0) -> dict:
-    """One deployment run with `plan`'s faults; returns the run status, the rows and the node IDs."""
+def run_faults(workdir: Path, out: Path, plan: Plan, timeout: float = 3600.0, forkserver: bool = False) -> dict:
+    """One deployment run with `plan`'s faults (the nodes' ClientApps from fork servers with
+    `forkserver`); returns the run status, the rows and the node IDs."""
     workdir.mkdir(parents=True, exist_ok=True)
     overrides = _overrides(plan, out)
-    with LoopbackDeployment(workdir / "deploy") as dep:
+    with LoopbackDeployment(workdir / "deploy", forkserver=forkserver) as dep:
         dep.env[faults.ENV] = "1"
         configs = [{"partition-id": i, "num-partitions": 3, "cache-dir": str(workdir / f"node-{i + 1}-cache"),
                     "fault": spec, "fault-hang-s": plan.hang_seconds}
@@ -86,8 +87,15 @@ def _wait_for_train_start(node: SuperNodeProcess, visit: int, timeout: float) ->
     can answer, so a kill now always lands mid-visit. A fixed wait after the start did not: a
     tiny model's visit can end within it, and the kill then missed the visit (a CI failure)."""
     def started() -> bool:
-        visits = re.split(r"Receiving: train message", node.log_text())[1:]  # its log from each on
-        return len(visits) >= visit and "Start `flwr-clientapp` process" in visits[visit - 1]
+        log = node.log_text()
+        trains = [m.end() for m in re.finditer(r"Receiving: train message", log)]
+        if len(trains) < visit:
+            return False
+        if node.forkserver is None:
+            return "Start `flwr-clientapp` process" in log[trains[visit - 1]:]
+        # A fork server logs the starts in its own log, one per message the node has received.
+        messages = len(re.findall(r"Receiving: \w+ message", log[:trains[visit - 1]]))
+        return node.forkserver.log_text().count("Start `flwr-clientapp` process") >= messages
 
     flower.poll(started, timeout, f"{node.name} did not start its train visit {visit}", interval=0.1)
 

@@ -232,14 +232,16 @@ def test_a_node_config_of_the_wrong_type_names_the_key(out_dir, node_config, mes
 # -- 3: a SuperNode killed mid-visit, in a real loopback deployment ---------------------------
 @pytest.mark.slow
 @pytest.mark.long
-def test_a_supernode_killed_mid_visit_fails_over_when_flower_reports_it(tmp_path):
+@pytest.mark.parametrize("forkserver", [False, True], ids=["flower-superexec", "forkserver"])
+def test_a_supernode_killed_mid_visit_fails_over_when_flower_reports_it(tmp_path, forkserver):
     """Flower reports the dead node (from the SuperLink, node 1) within 2 heartbeats (60 s):
-    the round ends then, well inside its 300 s timeout, and the block goes to the next node."""
+    the round ends then, well inside its 300 s timeout, and the block goes to the next node.
+    The same with fork servers running the ClientApps: the restarted node comes with a new one."""
     from scripts.bench_faults import Plan, fault_rows, run_faults
 
     plan = Plan(node_faults=("", "", ""), kill_node=0, kill_at_visit=1, rounds=3, round_timeout=300)
     out = tmp_path / "out"
-    run = run_faults(tmp_path, out, plan, timeout=900)
+    run = run_faults(tmp_path, out, plan, timeout=900, forkserver=forkserver)
     assert run["status"]["status"] == "finished:completed", run["status"]
     r = rows(out)
     assert [row["round"] for row in r] == [1, 2, 3]
