@@ -337,8 +337,9 @@ def message_timeline(logs: Path) -> dict[str, list[float]]:
     """Seconds spent in each leg of every train message, from the SuperNodes' logs (each line
     stamped by flower.Process): `pickup` (the previous reply sent, by any node, to this message
     received: the ServerApp's work and polling, and the node's idle poll), `process_start` (message
-    received to `flwr-clientapp` started: the SuperExec's poll, a new Python and Flower's imports)
-    and `clientapp` (process started to reply sent: our imports, the visit, the reply)."""
+    received to `flwr-clientapp` started: the SuperExec's poll, then a new Python and Flower's
+    imports, or a fork server's poll and fork) and `clientapp` (process started to reply sent:
+    our imports, the visit, the reply)."""
     messages = []
     for log in sorted(p for p in logs.glob("supernode-*.log") if not p.stem.endswith(FORKSERVER_LOG_SUFFIX)):
         # A fork server logs the starts of the node's ClientApps in a file of its own.
