@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -71,8 +72,10 @@ def run_task(token: str, runtime_api: str, insecure: bool, certificates: bytes |
     return 0
 
 
-def serve(runtime_api: str, insecure: bool, certificates: bytes | None, poll_seconds: float) -> None:
-    """Ask the SuperNode for ClientApp tasks until killed; fork a child for each."""
+def serve(runtime_api: str, insecure: bool, certificates: bytes | None, poll_seconds: float,
+          children: set[int]) -> None:
+    """Ask the SuperNode for ClientApp tasks until killed; fork a child for each (its PID in
+    `children` until it has exited)."""
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api, insecure=insecure, root_certificates=certificates,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
@@ -80,16 +83,18 @@ def serve(runtime_api: str, insecure: bool, certificates: bytes | None, poll_sec
     )
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
     while True:
-        _reap_children()
+        _reap_children(children)
         reply = client.AcquireTask(request)
         if reply.HasField("task") and reply.token:
             print(f"[forkserver] task {reply.task.task_id} of run {reply.task.run_id}: "
                   "Start `flwr-clientapp` process (forked)", flush=True)
-            if os.fork() == 0:
+            pid = os.fork()
+            if pid == 0:
                 code = run_task(reply.token, runtime_api, insecure, certificates)
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)  # not sys.exit: the loop's atexit handlers and client belong to the parent
+            children.add(pid)
         time.sleep(poll_seconds)
 
 
@@ -106,7 +111,7 @@ def poll_interval(value: str | None) -> float:
     return seconds
 
 
-def _reap_children() -> None:
+def _reap_children(children: set[int]) -> None:
     """Collect the children that have exited, and say how each ended."""
     while True:
         try:
@@ -115,19 +120,30 @@ def _reap_children() -> None:
             return
         if pid == 0:
             return
+        children.discard(pid)
         code = os.waitstatus_to_exitcode(status)
         if code != 0:
             print(f"[forkserver] ClientApp process {pid} exited with {code}", flush=True)
 
 
-def _watch_parent(parent_pid: int) -> None:
-    """Exit when `parent_pid` (the SuperNode) has: our children watch this process in turn."""
+def watch_supernode(parent_pid: int, children: set[int]) -> None:
+    """When `parent_pid` (the SuperNode) has exited, kill `children` and exit.
+
+    A child would notice this process gone and exit gracefully, which means telling the
+    SuperNode: with the SuperNode dead, a child did that forever (its exit handlers blocked). Its
+    visit cannot be answered any more, as with Flower's SuperExec, whose ClientApps die with the
+    SuperNode's process group."""
     def watch() -> None:
         while True:
             time.sleep(0.5)
             try:
                 os.kill(parent_pid, 0)
             except ProcessLookupError:
+                for pid in list(children):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 os._exit(0)
 
     threading.Thread(target=watch, daemon=True).start()
@@ -150,9 +166,10 @@ def main() -> None:
     print(f"[forkserver] preloaded {', '.join(args.preload)} in {time.perf_counter() - started:.1f} s "
           f"({len(sys.modules)} modules kept, {len(forgotten)} of the app's own left to each task); "
           f"resident {memory.current_rss_bytes() / 2**20:.0f} MB, shared with each task", flush=True)
+    children: set[int] = set()
     if args.parent_pid is not None:
-        _watch_parent(args.parent_pid)
-    serve(args.runtime_api_address, args.insecure, certificates, poll_seconds)
+        watch_supernode(args.parent_pid, children)
+    serve(args.runtime_api_address, args.insecure, certificates, poll_seconds, children)
 
 
 if __name__ == "__main__":

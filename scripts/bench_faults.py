@@ -66,10 +66,15 @@ def run_faults(workdir: Path, out: Path, plan: Plan, timeout: float = 3600.0, fo
         node_ids = {n.name: n.node_id() for n in nodes}
         run_id = dep.submit(overrides)
         killed = restarted = None
+        victim_processes: list[int] = []
         if plan.kill_node is not None:
             victim = nodes[plan.kill_node]
             _wait_for_train_start(victim, plan.kill_at_visit, timeout)
             killed = victim.node_id()
+            # What ran the victim's ClientApps: none of it may outlive it (checked by the test).
+            victim_processes = flower.descendants(victim.process.pid)
+            if victim.forkserver is not None:
+                victim_processes += [victim.forkserver.pid, *flower.descendants(victim.forkserver.pid)]
             os.killpg(victim.process.pid, signal.SIGKILL)
             again = dep.add_supernode(configs[plan.kill_node])
             restarted = flower.poll(again.node_id, 120, f"{again.name} did not connect")
@@ -77,7 +82,8 @@ def run_faults(workdir: Path, out: Path, plan: Plan, timeout: float = 3600.0, fo
         status = dep.wait(run_id, timeout=timeout)
         log = dep.run_log(run_id)
     (workdir / "serverapp.log").write_text(log)
-    return {"status": status, "node_ids": node_ids, "killed": killed, "restarted": restarted}
+    return {"status": status, "node_ids": node_ids, "killed": killed, "restarted": restarted,
+            "victim_processes": victim_processes}
 
 
 def _wait_for_train_start(node: SuperNodeProcess, visit: int, timeout: float) -> None:
@@ -93,9 +99,11 @@ def _wait_for_train_start(node: SuperNodeProcess, visit: int, timeout: float) ->
             return False
         if node.forkserver is None:
             return "Start `flwr-clientapp` process" in log[trains[visit - 1]:]
-        # A fork server logs the starts in its own log, one per message the node has received.
+        # A fork server logs the starts in its own log, one per message the node has received,
+        # just before it forks: the start is there once its child is.
         messages = len(re.findall(r"Receiving: \w+ message", log[:trains[visit - 1]]))
-        return node.forkserver.log_text().count("Start `flwr-clientapp` process") >= messages
+        return (node.forkserver.log_text().count("Start `flwr-clientapp` process") >= messages
+                and bool(flower.descendants(node.forkserver.pid)))
 
     flower.poll(started, timeout, f"{node.name} did not start its train visit {visit}", interval=0.1)
 

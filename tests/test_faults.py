@@ -238,11 +238,15 @@ def test_a_supernode_killed_mid_visit_fails_over_when_flower_reports_it(tmp_path
     the round ends then, well inside its 300 s timeout, and the block goes to the next node.
     The same with fork servers running the ClientApps: the restarted node comes with a new one."""
     from scripts.bench_faults import Plan, fault_rows, run_faults
+    from scripts.flower import is_alive
 
     plan = Plan(node_faults=("", "", ""), kill_node=0, kill_at_visit=1, rounds=3, round_timeout=300)
     out = tmp_path / "out"
     run = run_faults(tmp_path, out, plan, timeout=900, forkserver=forkserver)
     assert run["status"]["status"] == "finished:completed", run["status"]
+    # The killed node's ClientApp (and fork server) went with it: nothing of it outlived the run.
+    assert len(run["victim_processes"]) >= 2, run["victim_processes"]  # SuperExec or fork server, and the ClientApp
+    assert not [pid for pid in run["victim_processes"] if is_alive(pid)]
     r = rows(out)
     assert [row["round"] for row in r] == [1, 2, 3]
     rejected = [x for row in r for x in row["rejected"]]

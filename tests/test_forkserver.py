@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +40,43 @@ def test_poll_interval_is_flower_superexecs_setting_and_a_bad_one_is_named() -> 
     for bad in ("fast", "0", "nan", "61"):
         with pytest.raises(SystemExit, match=f"FLWR_SUPEREXEC_TASK_POLL_INTERVAL must be .* got '{bad}'"):
             poll_interval(bad)
+
+
+def test_when_its_supernode_exits_the_fork_server_kills_its_children_and_exits() -> None:
+    # Left to exit by themselves, children of a dead SuperNode's fork server could block forever
+    # telling it so (seen in the killed-SuperNode scenario). Here the "SuperNode" is a sleeper
+    # and the child sleeps: only the fork server's watch can end it.
+    supernode = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    script = ("import os, time\n"
+              "from client_app.forkserver import watch_supernode\n"
+              "children = set()\n"
+              "pid = os.fork()\n"
+              "if pid == 0:\n"
+              "    time.sleep(600)\n"
+              "    os._exit(0)\n"
+              "children.add(pid)\n"
+              f"watch_supernode({supernode.pid}, children)\n"
+              "print(pid, flush=True)\n"
+              "time.sleep(600)\n")
+    server = subprocess.Popen([sys.executable, "-c", script], cwd=APP_DIR, stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        child = int(server.stdout.readline())
+        time.sleep(1)
+        assert is_alive(child) and server.poll() is None  # nothing happens while the SuperNode lives
+        supernode.kill()
+        supernode.wait()
+        assert server.wait(timeout=10) == 0
+        deadline = time.monotonic() + 5
+        while is_alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not is_alive(child)
+    finally:
+        for process in (supernode, server):
+            process.kill()
+            process.wait()
+        if child is not None and is_alive(child):  # a failed test leaves nothing behind
+            os.kill(child, signal.SIGKILL)
 
 
 @pytest.mark.slow
