@@ -89,9 +89,11 @@ def run_faults(workdir: Path, out: Path, plan: Plan, timeout: float = 3600.0, fo
 def _wait_for_train_start(node: SuperNodeProcess, visit: int, timeout: float) -> None:
     """Until the node's `visit`-th train message has started its ClientApp (mid-visit).
 
-    Returns within 0.1 s of the start: the ClientApp spends seconds importing torch before it
-    can answer, so a kill now always lands mid-visit. A fixed wait after the start did not: a
-    tiny model's visit can end within it, and the kill then missed the visit (a CI failure)."""
+    Returns within 0.1 s of the start: a fresh ClientApp spends seconds importing torch before it
+    can answer, so a kill now always lands mid-visit (with a fork server, whose children import
+    nothing, once the child exists; its first visit, downloading the whole model, still lasts).
+    A fixed wait after the start did not: a tiny model's visit can end within it, and the kill
+    then missed the visit (a CI failure)."""
     def started() -> bool:
         log = node.log_text()
         trains = [m.end() for m in re.finditer(r"Receiving: train message", log)]
